@@ -1,0 +1,3 @@
+"""zdyn: broker-less disaggregated LLM serving on ZeroMQ."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Load generator for OpenAI-compatible endpoints (``zdyn bench``), with vLLM ``bench serve`` metrics."""

@@ -1,0 +1,48 @@
+"""YAML deployment configs: a ``Common`` section shared by all roles plus one section per role.
+
+Like Dynamo's configs, each key becomes a command-line flag (``block-size: 32`` -> ``--block-size 32``,
+``true`` -> ``--flag``, ``false`` -> omitted, lists repeat the flag, dicts become JSON). Common keys are
+passed only to roles that understand them; flags given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def load_sections(path: str | Path) -> dict[str, dict[str, Any]]:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"{path}: expected sections of key: value pairs (Common:, Frontend:, Worker:, ...)")
+    return data
+
+
+def to_argv(options: dict[str, Any]) -> list[str]:
+    argv: list[str] = []
+    for key, value in options.items():
+        flag = "--" + str(key)
+        if value is True:
+            argv.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, list):
+            for item in value:
+                argv += [flag, str(item)]
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def config_argv(parser: argparse.ArgumentParser, path: str | Path, section: str) -> list[str]:
+    """Flags from the file's ``Common`` (those ``parser`` knows) and ``section`` sections."""
+    sections = load_sections(path)
+    known = set(parser._option_string_actions)
+    common = {k: v for k, v in sections.get("Common", {}).items() if f"--{k}" in known}
+    return to_argv({**common, **sections.get(section, {})})

@@ -1,0 +1,24 @@
+"""Simulated vLLM engine ("mocker"): real scheduling and KV-cache accounting, modelled compute time."""
+
+from zdyn.engines.mocker.config import MockerConfig, add_cli_args, from_cli_args
+from zdyn.engines.mocker.engine import MockerEngine
+from zdyn.engines.mocker.kv_manager import KvBlockManager, hash_block
+from zdyn.engines.mocker.scheduler import MockSequence, Scheduler, new_sequence, sample_token
+from zdyn.engines.mocker.timing import InterpolatedTiming, PolynomialTiming, StepComposition, TimingModel
+
+__all__ = [
+    "InterpolatedTiming",
+    "KvBlockManager",
+    "MockSequence",
+    "MockerConfig",
+    "MockerEngine",
+    "PolynomialTiming",
+    "Scheduler",
+    "StepComposition",
+    "TimingModel",
+    "add_cli_args",
+    "from_cli_args",
+    "hash_block",
+    "new_sequence",
+    "sample_token",
+]

@@ -1,0 +1,164 @@
+"""MockerEngine: a simulated vLLM worker engine that costs no GPU and almost no CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import zmq
+
+from zdyn.engines.base import EngineDeadError, EngineInfo
+from zdyn.engines.mocker.config import MockerConfig
+from zdyn.engines.mocker.scheduler import Scheduler, new_sequence
+from zdyn.engines.mocker.timing import InterpolatedTiming, PolynomialTiming, StepComposition, TimingModel
+from zdyn.kv_events import KvEventPublisher
+from zdyn.protocol import Delta, Generate, Heartbeat
+
+log = logging.getLogger(__name__)
+
+MIN_SLEEP_S = 1e-4  # below this a step just yields to the event loop
+
+
+class MockerEngine:
+    """Implements zdyn's Engine protocol with a real scheduler and KV block manager but simulated compute.
+
+    One asyncio task steps the scheduler while there is work, sleeping for each step's modelled duration,
+    and publishes the step's KV events in vLLM's wire format when an endpoint is configured.
+    """
+
+    def __init__(
+        self,
+        config: MockerConfig,
+        *,
+        timing: TimingModel | None = None,
+        publisher: KvEventPublisher | None = None,
+    ) -> None:
+        self.config = config
+        if timing is None:
+            timing = InterpolatedTiming.from_file(config.timing_file) if config.timing_file else PolynomialTiming()
+        self.timing = timing
+        self.scheduler = Scheduler(config)
+        self.info = EngineInfo(
+            model=config.model_name,
+            engine="mocker",
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            block_size=config.block_size,
+            num_kv_blocks=config.num_blocks,
+        )
+        self._publisher = publisher
+        self._owns_publisher = False
+        self._queues: dict[str, asyncio.Queue[Delta | Exception]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._dead: EngineDeadError | None = None
+        self.num_steps = 0
+        self.simulated_ms = 0.0  # modelled engine time before the speed-up, summed over all steps
+        self.last_step: tuple[StepComposition, float] | None = None
+
+    @property
+    def publisher(self) -> KvEventPublisher | None:
+        return self._publisher
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        if self._publisher is None and self.config.kv_events_endpoint:
+            self._publisher = KvEventPublisher(
+                self.config.kv_events_endpoint,
+                replay_endpoint=self.config.kv_events_replay_endpoint,
+                topic=self.config.kv_events_topic,
+                buffer_steps=self.config.kv_events_buffer_steps,
+            )
+            self._owns_publisher = True
+        if self._publisher is not None:
+            await self._publisher.start()
+        self._task = asyncio.create_task(self._run(), name="mocker-engine")
+
+    async def generate(self, request: Generate) -> AsyncIterator[Delta]:
+        if self._dead is not None:
+            raise self._dead
+        if self._task is None:
+            raise EngineDeadError("mocker engine not started")
+        seq = new_sequence(request, self.config)
+        self.scheduler.add(seq)
+        queue: asyncio.Queue[Delta | Exception] = asyncio.Queue()
+        self._queues[seq.request_id] = queue
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                delta = await queue.get()
+                if isinstance(delta, Exception):
+                    raise delta
+                finished = delta.finish is not None
+                yield delta
+        finally:
+            self._queues.pop(seq.request_id, None)
+            if not finished:
+                self.scheduler.abort(seq.request_id)
+
+    def load(self) -> Heartbeat:
+        return Heartbeat(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=self.scheduler.kv.usage,
+        )
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop all cached blocks (AllBlocksCleared goes out with the next step's events, as in vLLM)."""
+        return self.scheduler.kv.reset_prefix_cache()
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._fail(EngineDeadError("mocker engine shut down"))
+        if self._publisher is not None and self._owns_publisher:
+            await self._publisher.close()
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                if not self.scheduler.has_work():
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                await self._step()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("mocker engine failed")
+            self._fail(EngineDeadError(f"mocker engine failed: {e!r}"))
+
+    async def _step(self) -> None:
+        started = time.monotonic()
+        plan = self.scheduler.schedule()
+        duration_ms = self.timing(plan.composition)
+        self.num_steps += 1
+        self.simulated_ms += duration_ms
+        self.last_step = (plan.composition, duration_ms)
+        remaining = started + duration_ms / 1000 / self.config.speedup - time.monotonic()
+        await asyncio.sleep(remaining if remaining > MIN_SLEEP_S else 0)
+        for delta in self.scheduler.update(plan):
+            queue = self._queues.get(delta.request_id)
+            if queue is not None:
+                queue.put_nowait(delta)
+        events = self.scheduler.kv.take_events()
+        if events and self._publisher is not None:
+            try:
+                await self._publisher.publish(events)
+            except zmq.ZMQError:
+                log.exception("could not publish KV events")  # best effort, like vLLM's publisher
+
+    def _fail(self, error: EngineDeadError) -> None:
+        if self._dead is None:
+            self._dead = error
+        for request_id, queue in list(self._queues.items()):
+            self.scheduler.abort(request_id)
+            queue.put_nowait(error)

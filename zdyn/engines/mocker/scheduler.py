@@ -1,0 +1,286 @@
+"""Continuous batching like vLLM V1: chunked prefill, a per-step token budget, recompute preemption."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import xxhash
+
+from zdyn.engines.base import RequestError
+from zdyn.engines.mocker.config import MockerConfig
+from zdyn.engines.mocker.kv_manager import KvBlockManager
+from zdyn.engines.mocker.timing import StepComposition
+from zdyn.protocol import Delta, Finish, Generate
+
+SEED_MASK = (1 << 64) - 1
+
+
+def sample_token(seed: int, index: int, vocab_size: int) -> int:
+    """The ``index``-th output token of a request: uniform over the vocabulary, fixed by the seed."""
+    return xxhash.xxh3_64_intdigest(index.to_bytes(8, "little"), seed=seed) % vocab_size
+
+
+class MockSequence:
+    """One request inside the simulated engine."""
+
+    __slots__ = (
+        "eos_token_id",
+        "finish",
+        "in_prefill",
+        "max_tokens",
+        "min_tokens",
+        "num_cached_tokens",
+        "num_computed",
+        "prompt_len",
+        "request_id",
+        "seed",
+        "stop_token_ids",
+        "token_ids",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt: list[int],
+        *,
+        max_tokens: int,
+        seed: int,
+        min_tokens: int = 0,
+        stop_token_ids: frozenset[int] = frozenset(),
+        eos_token_id: int | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.token_ids = list(prompt)  # prompt followed by the output so far
+        self.prompt_len = len(prompt)
+        self.max_tokens = max_tokens
+        self.min_tokens = min_tokens
+        self.stop_token_ids = stop_token_ids
+        self.eos_token_id = eos_token_id  # None when ignore_eos
+        self.seed = seed & SEED_MASK
+        self.num_computed = 0  # tokens whose KV is in the cache
+        self.num_cached_tokens = -1  # prefix hit at first admission; -1 until then
+        self.in_prefill = True  # (re)computing the context rather than decoding
+        self.finish: Finish | None = None
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+
+def new_sequence(request: Generate, config: MockerConfig) -> MockSequence:
+    """Validate a request the way vLLM does and turn it into a sequence; bad ones raise RequestError."""
+    prompt, sampling = request.token_ids, request.sampling
+    if not prompt:
+        raise RequestError("the prompt is empty")
+    if len(prompt) > config.max_model_len:
+        raise RequestError(
+            f"the prompt has {len(prompt)} tokens, more than the maximum model length of {config.max_model_len}"
+        )
+    bad = next((t for t in prompt if not 0 <= t < config.vocab_size), None)
+    if bad is not None:
+        raise RequestError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
+    if sampling.max_tokens < 1:
+        raise RequestError(f"max_tokens must be at least 1, got {sampling.max_tokens}")
+    if len(prompt) + sampling.max_tokens > config.max_model_len:
+        raise RequestError(
+            f"this model's maximum context length is {config.max_model_len} tokens, but {len(prompt)} prompt "
+            f"tokens plus max_tokens {sampling.max_tokens} were requested"
+        )
+    if not 0 <= sampling.min_tokens <= sampling.max_tokens:
+        raise RequestError(f"min_tokens {sampling.min_tokens} must be in [0, max_tokens {sampling.max_tokens}]")
+    if sampling.seed is not None:
+        seed = sampling.seed
+    else:
+        seed = xxhash.xxh3_64_intdigest(request.request_id.encode(), seed=config.seed & SEED_MASK)
+    return MockSequence(
+        request.request_id,
+        request.token_ids,
+        max_tokens=sampling.max_tokens,
+        min_tokens=sampling.min_tokens,
+        seed=seed,
+        stop_token_ids=frozenset(sampling.stop_token_ids),
+        eos_token_id=None if sampling.ignore_eos else config.eos_token_id,
+    )
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    seq: MockSequence
+    num_new_tokens: int
+    is_prefill: bool
+
+
+@dataclass(slots=True)
+class StepPlan:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    composition: StepComposition = field(default_factory=StepComposition)
+
+
+class Scheduler:
+    """Decides what each engine step computes and produces its output tokens; no clocks, no IO."""
+
+    def __init__(self, config: MockerConfig, kv: KvBlockManager | None = None) -> None:
+        self.config = config
+        self.kv = kv or KvBlockManager(
+            config.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
+        )
+        self.waiting: deque[MockSequence] = deque()
+        self.running: list[MockSequence] = []  # in admission order
+        self._seqs: dict[str, MockSequence] = {}
+        self.num_preemptions = 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def add(self, seq: MockSequence) -> None:
+        if seq.request_id in self._seqs:
+            raise RequestError(f"request id {seq.request_id} is already running")
+        self._seqs[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its blocks; False if it is unknown or already finished."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.kv.free(request_id)
+        seq.finish = Finish(reason="abort", prompt_tokens=seq.prompt_len, completion_tokens=seq.num_output)
+        return True
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.config.max_num_batched_tokens
+        chunked = self.config.enable_chunked_prefill
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = len(seq.token_ids) - seq.num_computed
+            if chunked:
+                num_new = min(num_new, budget)
+            elif num_new > budget:
+                i += 1
+                continue
+            while not self.kv.allocate(seq.request_id, seq.token_ids, seq.num_computed + num_new):
+                victim = self.running.pop()  # the most recently admitted request yields (vLLM V1, FCFS)
+                self._preempt(victim)
+                plan.preempted.append(victim.request_id)
+                if victim is seq:
+                    break
+            else:
+                plan.chunks.append(ScheduledChunk(seq, num_new, seq.in_prefill))
+                budget -= num_new
+                i += 1
+                continue
+            break
+        # Like vLLM, admit nobody in a step that had to preempt: memory is short.
+        while not plan.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            num_cached = self.kv.match_prefix(seq.request_id, seq.token_ids)
+            num_new = len(seq.token_ids) - num_cached
+            if not chunked and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            if not self.kv.allocate(
+                seq.request_id, seq.token_ids, num_cached + num_new, reserve=self.config.watermark_blocks
+            ):
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            seq.num_computed = num_cached
+            if seq.num_cached_tokens < 0:
+                seq.num_cached_tokens = num_cached
+            plan.chunks.append(ScheduledChunk(seq, num_new, True))
+            budget -= num_new
+        plan.composition = self._compose(plan)
+        return plan
+
+    def update(self, plan: StepPlan) -> list[Delta]:
+        """Finish the step: advance the computed tokens, sample one token per completed context, stop requests."""
+        deltas: list[Delta] = []
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            if seq.finish is not None:  # aborted while the step ran
+                continue
+            seq.num_computed += chunk.num_new_tokens
+            if seq.num_computed < len(seq.token_ids):
+                continue  # a prefill chunk that did not reach the end of the context
+            seq.in_prefill = False
+            token = self._sample(seq)
+            seq.token_ids.append(token)
+            seq.finish = self._check_stop(seq, token)
+            deltas.append(Delta(request_id=seq.request_id, token_ids=[token], finish=seq.finish))
+            if seq.finish is not None:
+                self.kv.free(seq.request_id)
+                del self._seqs[seq.request_id]
+        if any(d.finish is not None for d in deltas):
+            self.running = [s for s in self.running if s.finish is None]
+        return deltas
+
+    def step(self) -> list[Delta]:
+        return self.update(self.schedule())
+
+    def _preempt(self, seq: MockSequence) -> None:
+        self.kv.free(seq.request_id)
+        seq.num_computed = 0
+        seq.in_prefill = True
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _compose(self, plan: StepPlan) -> StepComposition:
+        prefill = [c for c in plan.chunks if c.is_prefill]
+        return StepComposition(
+            prefill_tokens=tuple(c.num_new_tokens for c in prefill),
+            prefill_context=tuple(c.seq.num_computed for c in prefill),
+            decode_context=tuple(len(c.seq.token_ids) for c in plan.chunks if not c.is_prefill),
+            kv_usage=self.kv.usage,
+        )
+
+    def _sample(self, seq: MockSequence) -> int:
+        vocab = self.config.vocab_size
+        token = sample_token(seq.seed, seq.num_output, vocab)
+        if seq.num_output < seq.min_tokens:
+            # vLLM masks stop ids until min_tokens is reached; shift to the next non-stop id instead.
+            stops = seq.stop_token_ids if seq.eos_token_id is None else seq.stop_token_ids | {seq.eos_token_id}
+            for _ in range(min(len(stops), vocab - 1)):
+                if token not in stops:
+                    break
+                token = (token + 1) % vocab
+        return token
+
+    def _check_stop(self, seq: MockSequence, token: int) -> Finish | None:
+        reason: str | None = None
+        stop_reason: int | None = None
+        if seq.num_output >= seq.min_tokens:
+            if token == seq.eos_token_id:
+                reason = "stop"
+            elif token in seq.stop_token_ids:
+                reason, stop_reason = "stop", token
+        if reason is None and (seq.num_output >= seq.max_tokens or len(seq.token_ids) >= self.config.max_model_len):
+            reason = "length"
+        if reason is None:
+            return None
+        return Finish(
+            reason=reason,
+            stop_reason=stop_reason,
+            prompt_tokens=seq.prompt_len,
+            completion_tokens=seq.num_output,
+            cached_tokens=max(seq.num_cached_tokens, 0),
+        )

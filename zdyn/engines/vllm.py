@@ -1,0 +1,184 @@
+"""vLLM's AsyncLLM behind the Engine interface. The only module that imports vLLM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+from zdyn.engines.base import EngineDeadError, EngineInfo, RequestError
+from zdyn.protocol import Delta, Finish, Generate, Heartbeat, SamplingParams, TokenLogprob, TopLogprob
+
+log = logging.getLogger(__name__)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Every vLLM engine argument (``--max-model-len``, ``--block-size``, ...) on the worker's command line."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    AsyncEngineArgs.add_cli_args(parser)  # type: ignore[arg-type]
+
+
+def make_parser(**kwargs: Any) -> argparse.ArgumentParser:
+    """vLLM's own parser class understands its JSON- and dict-valued flags."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return FlexibleArgumentParser(**kwargs)
+
+
+class VllmEngine:
+    """Token ids in, token deltas out, one ``AsyncLLM`` (its EngineCore runs in a child process)."""
+
+    def __init__(self, args: argparse.Namespace, served_model_name: str) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        self.engine_args = AsyncEngineArgs.from_cli_args(args)
+        self.served_model_name = served_model_name
+        self.info = EngineInfo(served_model_name, "vllm", 0, 0, 0, 0)
+        self._load = Heartbeat()
+        self._llm: Any = None
+
+    async def start(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        engine = self
+
+        class LoadLogger(_stat_logger_base()):  # type: ignore[misc]
+            """Keeps the scheduler's latest running/waiting/KV-usage figures for heartbeats."""
+
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
+                if scheduler_stats is not None:
+                    engine._load = Heartbeat(
+                        num_running=scheduler_stats.num_running_reqs,
+                        num_waiting=scheduler_stats.num_waiting_reqs,
+                        kv_usage=float(scheduler_stats.kv_cache_usage),
+                    )
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        os.environ[WORKER_PID_ENV] = str(os.getpid())  # see die_with_worker()
+        self._llm = AsyncLLM.from_engine_args(self.engine_args, stat_loggers=[LoadLogger])
+        config = self._llm.vllm_config
+        self.info = EngineInfo(
+            model=self.served_model_name,
+            engine="vllm",
+            max_model_len=config.model_config.max_model_len,
+            max_num_seqs=config.scheduler_config.max_num_seqs,
+            block_size=config.cache_config.block_size,
+            num_kv_blocks=config.cache_config.num_gpu_blocks or 0,
+        )
+
+    def load(self) -> Heartbeat:
+        return self._load
+
+    async def generate(self, request: Generate) -> AsyncIterator[Delta]:
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
+
+        rid = request.request_id
+        prompt = {"prompt_token_ids": request.token_ids}
+        num_prompt = len(request.token_ids)
+        num_output = 0
+        first = True
+        try:
+            async for out in self._llm.generate(prompt, to_vllm_sampling(request.sampling), rid):
+                completion = out.outputs[0]
+                token_ids = list(completion.token_ids)
+                num_output += len(token_ids)
+                delta = Delta(request_id=rid, token_ids=token_ids)
+                if first:
+                    delta.num_cached_tokens = out.num_cached_tokens or 0
+                    first = False
+                if request.sampling.logprobs is not None and completion.logprobs:
+                    delta.logprobs = convert_logprobs(token_ids, completion.logprobs, request.sampling.logprobs)
+                if out.finished:
+                    delta.finish = Finish(
+                        reason=completion.finish_reason or "stop",
+                        stop_reason=completion.stop_reason,
+                        prompt_tokens=num_prompt,
+                        completion_tokens=num_output,
+                        cached_tokens=out.num_cached_tokens or 0,
+                    )
+                yield delta
+        except VllmEngineDead as e:
+            raise EngineDeadError(str(e)) from e
+        except (ValueError, TypeError) as e:  # vLLM's input validation (VLLMValidationError is a ValueError)
+            raise RequestError(str(e)) from e
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+
+def to_vllm_sampling(params: SamplingParams) -> Any:
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return VllmSamplingParams(
+        n=1,
+        max_tokens=params.max_tokens,
+        min_tokens=params.min_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        min_p=params.min_p,
+        seed=params.seed,
+        stop_token_ids=params.stop_token_ids,
+        ignore_eos=params.ignore_eos,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        logprobs=params.logprobs,
+        detokenize=False,  # the processor detokenizes
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def convert_logprobs(token_ids: list[int], positions: Iterable[Mapping[int, Any]], num_top: int) -> list[TokenLogprob]:
+    """vLLM's per-position {token id: Logprob} maps -> the sampled token's logprob plus the top ``num_top``."""
+    result = []
+    for token_id, candidates in zip(token_ids, positions, strict=False):
+        ranked = sorted(candidates.items(), key=lambda item: item[1].rank or 0)
+        chosen = candidates.get(token_id)
+        result.append(
+            TokenLogprob(
+                token_id=token_id,
+                logprob=float(chosen.logprob) if chosen is not None else float("-inf"),
+                top=[
+                    TopLogprob(token_id=t, logprob=float(lp.logprob))
+                    for t, lp in ranked
+                    if lp.rank and lp.rank <= num_top
+                ],
+            )
+        )
+    return result
+
+
+def _stat_logger_base() -> type:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    return StatLoggerBase
+
+
+WORKER_PID_ENV = "ZDYN_WORKER_PID"
+
+
+def die_with_worker() -> None:
+    """vLLM general plugin, run in every vLLM process: an EngineCore whose zdyn worker dies (even by
+    SIGKILL) gets SIGTERM from the kernel instead of living on as an orphan holding the model's memory."""
+    import ctypes
+    import signal
+
+    if os.environ.get(WORKER_PID_ENV) != str(os.getppid()) or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    if os.environ.get(WORKER_PID_ENV) != str(os.getppid()):  # the worker died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)

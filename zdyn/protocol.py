@@ -1,0 +1,204 @@
+"""Wire messages exchanged between zdyn processes, and nothing else.
+
+Every message travels as two frames, ``[type byte][MessagePack map]`` (ROUTER sockets add the peer
+identity in front). Payloads are plain MessagePack maps keyed by field name, so any MessagePack
+library can read them and a reader ignores fields it does not know. This module must not import
+vLLM, torch or starlette.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class MsgType(IntEnum):
+    READY = 0x01
+    REFUSED = 0x02
+    HEARTBEAT = 0x03
+    GENERATE = 0x10
+    OUTPUTS = 0x11
+    CANCEL = 0x12
+    ERROR = 0x13
+    PROCESS = 0x20
+
+
+class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Base of all wire messages (map encoded, defaults omitted)."""
+
+
+class SamplingParams(Message):
+    """Sampling settings the engine honours. Stop strings are applied by the processor."""
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    min_p: float = 0.0
+    seed: int | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # number of top logprobs per token; None = no logprobs
+
+
+class Ready(Message):
+    """First message of a peer to a hub: who it is and what it serves."""
+
+    peer_id: str
+    role: str  # "worker" | "processor"
+    protocol_version: int = PROTOCOL_VERSION
+    model: str = ""
+    engine: str = ""  # "vllm" | "mocker" | ...
+    max_num_seqs: int = 0
+    max_model_len: int = 0
+    block_size: int = 0
+    num_kv_blocks: int = 0
+    kv_events_endpoint: str = ""  # where the worker's KV-event replay can be asked for (later issues)
+    data_parallel_rank: int = 0
+
+
+class Refused(Message):
+    """A hub's answer to a Ready it will not accept."""
+
+    reason: str
+
+
+class Heartbeat(Message):
+    """Liveness beacon, both directions. A worker's beat also carries its load."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0  # fraction of KV blocks in use, 0..1
+    num_workers: int = 0  # a separate processor's live workers
+
+
+class Generate(Message):
+    """Processor -> worker: run this prompt."""
+
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    model: str = ""
+
+
+class TextRequest(Message):
+    """A validated OpenAI request as the processor needs it: a chat or a plain prompt."""
+
+    messages: list[dict[str, Any]] | None = None  # chat
+    prompt: str | list[int] | None = None  # completions: text or token ids
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    max_tokens: int | None = None  # None: up to the model's context limit
+    stop: list[str] = []
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    n: int = 1
+    echo: bool = False
+    chat_template_kwargs: dict[str, Any] = {}
+
+
+class Process(Message):
+    """Frontend -> separate processor: run a validated OpenAI request."""
+
+    request_id: str
+    request: TextRequest
+
+
+class Cancel(Message):
+    request_id: str
+
+
+class TopLogprob(Message):
+    token_id: int
+    logprob: float
+    token: str = ""  # filled in by the processor
+
+
+class TokenLogprob(Message):
+    token_id: int
+    logprob: float
+    token: str = ""  # filled in by the processor
+    top: list[TopLogprob] = []
+
+
+class Finish(Message):
+    reason: str  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended the output
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Delta(Message):
+    """New output of one request from one engine step (or one detokenizer step).
+
+    Workers fill ``token_ids``; processors also fill ``text``. ``finish`` marks the last delta.
+    """
+
+    request_id: str
+    index: int = 0
+    token_ids: list[int] = []
+    text: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int | None = None  # prefix-cache hit, on a request's first delta
+    finish: Finish | None = None
+
+
+class Outputs(Message):
+    """A batch of deltas for many requests, sent once per engine step, not once per token."""
+
+    deltas: list[Delta]
+
+
+class Error(Message):
+    """A request failed. ``status`` follows HTTP (400 bad request, 503 no capacity, 500 engine)."""
+
+    request_id: str
+    message: str
+    status: int = 500
+    type: str = "internal_error"
+
+
+TYPE_OF: dict[type[Message], MsgType] = {
+    Ready: MsgType.READY,
+    Refused: MsgType.REFUSED,
+    Heartbeat: MsgType.HEARTBEAT,
+    Generate: MsgType.GENERATE,
+    Outputs: MsgType.OUTPUTS,
+    Cancel: MsgType.CANCEL,
+    Error: MsgType.ERROR,
+    Process: MsgType.PROCESS,
+}
+CLASS_OF: dict[int, type[Message]] = {int(t): cls for cls, t in TYPE_OF.items()}
+_TYPE_FRAMES: dict[type[Message], bytes] = {cls: bytes([t]) for cls, t in TYPE_OF.items()}
+_DECODERS = {int(t): msgspec.msgpack.Decoder(cls) for cls, t in TYPE_OF.items()}
+_encoder = msgspec.msgpack.Encoder()
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid zdyn message."""
+
+
+def encode(msg: Message) -> list[bytes]:
+    """Return the two frames ``[type byte, payload]`` of a message."""
+    return [_TYPE_FRAMES[type(msg)], _encoder.encode(msg)]
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Decode ``[type byte, payload]``; raise ProtocolError for anything malformed."""
+    if len(frames) != 2 or len(frames[0]) != 1:
+        raise ProtocolError(f"expected 2 frames [type, payload], got {len(frames)}")
+    decoder = _DECODERS.get(frames[0][0])
+    if decoder is None:
+        raise ProtocolError(f"unknown message type 0x{frames[0][0]:02x}")
+    try:
+        return decoder.decode(frames[1])  # type: ignore[no-any-return]
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ProtocolError(f"bad {CLASS_OF[frames[0][0]].__name__} payload: {e}") from e

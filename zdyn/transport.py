@@ -1,0 +1,119 @@
+"""The one place zdyn creates ZeroMQ sockets, plus the frame-level send/receive helpers."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from zdyn.protocol import Message, ProtocolError, decode, encode
+
+log = logging.getLogger(__name__)
+
+# Messages queued per peer before a send waits. Request paths never drop: DEALER blocks at the HWM and
+# ROUTER sockets run with ROUTER_MANDATORY, so a full or unknown peer is an error, not a silent loss.
+DEFAULT_HWM = 100_000
+SCHEMES = ("tcp://", "ipc://", "inproc://")
+
+
+class TransportError(Exception):
+    """A socket could not be created, bound or used."""
+
+
+@dataclass(slots=True)
+class Liveness:
+    """Heartbeat settings: a peer silent for ``interval_s * misses`` seconds is dead."""
+
+    interval_s: float = 1.0
+    misses: int = 3
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0 or self.misses < 1:
+            raise ValueError(f"heartbeat interval must be > 0 and misses >= 1, got {self}")
+
+    @property
+    def expiry_s(self) -> float:
+        return self.interval_s * self.misses
+
+
+def check_endpoint(endpoint: str) -> str:
+    if not endpoint.startswith(SCHEMES):
+        raise TransportError(f"endpoint {endpoint!r} must start with one of {', '.join(SCHEMES)}")
+    return endpoint
+
+
+def bind_address(endpoint: str) -> str:
+    """``tcp://host:port`` -> ``tcp://*:port`` so a hub listens on every interface of its host."""
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://") :].rpartition(":")
+        if host not in ("*", "0.0.0.0", "127.0.0.1", "localhost", "::", "[::]"):
+            return f"tcp://*:{port}"
+    return endpoint
+
+
+def make_socket(
+    ctx: zmq.asyncio.Context,
+    kind: int,
+    endpoint: str,
+    *,
+    bind: bool | None = None,
+    identity: bytes | None = None,
+    hwm: int = DEFAULT_HWM,
+) -> zmq.asyncio.Socket:
+    """Create, configure and bind or connect a socket. ``bind`` defaults to True for ROUTER and PUB."""
+    check_endpoint(endpoint)
+    if bind is None:
+        bind = kind in (zmq.ROUTER, zmq.PUB)
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if kind == zmq.SUB:
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    if endpoint.startswith("tcp://"):
+        sock.setsockopt(zmq.IPV6, 1)
+    try:
+        if bind:
+            sock.bind(endpoint)
+        else:
+            sock.connect(endpoint)
+    except zmq.ZMQError as e:
+        sock.close()
+        verb = "bind" if bind else "connect"
+        raise TransportError(f"cannot {verb} {endpoint}: {e}") from e
+    return sock
+
+
+class MalformedCounter:
+    """Counts dropped frames and logs the first few and then every hundredth."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.count = 0
+
+    def drop(self, reason: str) -> None:
+        self.count += 1
+        if self.count <= 5 or self.count % 100 == 0:
+            log.warning("%s: dropped malformed message #%d: %s", self.where, self.count, reason)
+
+
+def decode_or_count(frames: list[bytes], malformed: MalformedCounter) -> Message | None:
+    try:
+        return decode(frames)
+    except ProtocolError as e:
+        malformed.drop(str(e))
+        return None
+
+
+def send(sock: zmq.asyncio.Socket, msg: Message, identity: bytes | None = None) -> zmq.asyncio.Future:
+    """Queue a message for sending; the returned future fails if the peer is unknown (ROUTER)."""
+    frames = encode(msg)
+    if identity is not None:
+        frames.insert(0, identity)
+    return sock.send_multipart(frames, copy=False)  # type: ignore[return-value]

@@ -1,0 +1,187 @@
+"""``zdyn worker``: an inference engine (vLLM or the mocker) serving one or more processors.
+
+Every vLLM engine argument can be given on the command line (``zdyn worker --max-model-len 2048 ...``).
+The worker connects to each processor it is given, registers with READY, streams one Outputs message per
+engine step, and beats its load (running, waiting, KV usage) to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from zdyn.cli import add_common_args, liveness, parse_args, run, setup_logging
+from zdyn.engines.base import Engine, EngineDeadError
+from zdyn.errors import RequestError
+from zdyn.protocol import Delta, Generate, Ready
+from zdyn.rpc import RefusedError, Request, Spoke
+
+log = logging.getLogger(__name__)
+ENGINES = ("vllm", "mocker")
+CPU_KV_CACHE_BYTES = 512 * 2**20  # vLLM on CPU needs an explicit KV cache size
+
+
+def add_worker_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("zdyn worker")
+    group.add_argument("--engine", default="vllm", choices=ENGINES, help="inference engine")
+    group.add_argument(
+        "--connect",
+        action="append",
+        help="processor endpoint(s) to serve, repeatable or comma-separated (default tcp://127.0.0.1:5555)",
+    )
+    group.add_argument("--worker-id", help="unique id (default: worker-<host>-<pid>)")
+    add_common_args(parser)
+
+
+def build_parser(engine: str) -> argparse.ArgumentParser:
+    if engine == "vllm":
+        from zdyn.engines import vllm
+
+        parser = vllm.make_parser(prog="zdyn worker", description=__doc__)
+        vllm.add_cli_args(parser)
+        add_worker_args(parser)
+        parser.set_defaults(model=None)  # no --model: the embedded default model
+    else:
+        from zdyn.engines.mocker import config as mocker
+
+        parser = argparse.ArgumentParser(prog="zdyn worker", description=__doc__)
+        add_worker_args(parser)
+        parser.add_argument("--model", help="model folder: only config.json and the tokenizer are used")
+        parser.add_argument("--served-model-name", help="name clients use (default: the model folder's name)")
+        mocker.add_cli_args(parser)
+    return parser
+
+
+def make_engine(args: argparse.Namespace) -> Engine:
+    from zdyn.models import resolve_model, served_model_name
+
+    model = resolve_model(args.model)
+    if args.engine == "vllm":
+        from zdyn.engines.vllm import VllmEngine
+
+        names = args.served_model_name or [served_model_name(model)]
+        args.model, args.served_model_name = model, names
+        if args.kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and _on_cpu():
+            args.kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+            log.info("CPU: KV cache size set to %d MiB (--kv-cache-memory-bytes)", CPU_KV_CACHE_BYTES >> 20)
+        return VllmEngine(args, names[0])
+    from zdyn.engines.mocker.config import from_cli_args
+    from zdyn.engines.mocker.engine import MockerEngine
+
+    args.model_path = model
+    args.model_name = args.served_model_name or served_model_name(model)
+    return MockerEngine(from_cli_args(args))
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+class Worker:
+    """One engine served to every processor in ``hubs``."""
+
+    def __init__(self, engine: Engine, hubs: list[str], worker_id: str, args: argparse.Namespace) -> None:
+        self.engine = engine
+        self.hubs = hubs
+        self.worker_id = worker_id
+        self.liveness = liveness(args)
+        self.spoke: Spoke | None = None
+        self.engine_dead = False
+
+    async def run(self) -> int:
+        started = time.perf_counter()
+        await self.engine.start()
+        info = self.engine.info
+        log.info(
+            "worker %s: %s engine for %s ready in %.1fs (max_model_len=%d max_num_seqs=%d block_size=%d kv_blocks=%d)",
+            self.worker_id, info.engine, info.model, time.perf_counter() - started, info.max_model_len,
+            info.max_num_seqs, info.block_size, info.num_kv_blocks,
+        )  # fmt: skip
+        ready = Ready(
+            peer_id=self.worker_id,
+            role="worker",
+            model=info.model,
+            engine=info.engine,
+            max_num_seqs=info.max_num_seqs,
+            max_model_len=info.max_model_len,
+            block_size=info.block_size,
+            num_kv_blocks=info.num_kv_blocks,
+        )
+        self.spoke = Spoke(self.hubs, ready, self.handle, load=self.engine.load, liveness=self.liveness)
+        log.info("worker %s serving processors at %s", self.worker_id, ", ".join(self.hubs))
+        try:
+            await self.spoke.run()
+        except RefusedError as e:
+            log.error("%s", e)
+            return 2
+        finally:
+            await self.engine.shutdown()
+        return 1 if self.engine_dead else 0
+
+    def close(self) -> None:
+        if self.spoke is not None:
+            self.spoke.close()
+
+    async def handle(self, request: Request) -> AsyncIterator[Delta]:
+        if not isinstance(request, Generate):
+            raise RequestError("a worker serves Generate requests, not text requests", 400)
+        try:
+            async for delta in self.engine.generate(request):
+                yield delta
+        except EngineDeadError as e:
+            log.error("engine died: %s; worker %s exits", e, self.worker_id)
+            self.engine_dead = True
+            self.close()
+            raise RequestError(f"worker {self.worker_id}'s engine died", 503, "unavailable") from e
+
+
+def hub_endpoints(values: list[str] | None) -> list[str]:
+    endpoints = [e.strip() for value in values or ["tcp://127.0.0.1:5555"] for e in value.split(",") if e.strip()]
+    return list(dict.fromkeys(endpoints))
+
+
+async def serve(args: argparse.Namespace) -> int:
+    worker = Worker(make_engine(args), hub_endpoints(args.connect), args.worker_id, args)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, worker.close)
+    return await worker.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--engine", default=None)
+    pre.add_argument("-f", "--config-file")
+    known, _ = pre.parse_known_args(argv)
+    engine = known.engine or _engine_from_config(known.config_file) or "vllm"
+    if engine not in ENGINES:
+        print(f"zdyn worker: --engine must be one of {', '.join(ENGINES)}", file=sys.stderr)
+        return 2
+    args = parse_args(build_parser(engine), argv, "Worker")
+    args.worker_id = args.worker_id or f"worker-{socket.gethostname()}-{os.getpid()}"
+    setup_logging(args)
+    return run(serve(args))
+
+
+def _engine_from_config(path: str | None) -> Any:
+    if not path:
+        return None
+    from zdyn.config import load_sections
+
+    sections = load_sections(path)
+    return sections.get("Worker", {}).get("engine") or sections.get("Common", {}).get("engine")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
