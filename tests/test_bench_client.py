@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import shlex
 import socket
+import statistics
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from zdyn.bench.arrivals import gamma_offsets
 from zdyn.bench.cli import main
 from zdyn.bench.client import ClientConfig, OpenAIClient
 from zdyn.bench.datasets import PrefixDataset, RandomDataset
@@ -41,9 +45,8 @@ async def _models(request: Request) -> Response:
 async def _complete(request: Request) -> Response:
     """Streams ``max_tokens`` tokens; the body's ``fake`` object sets delays (ms) and failure modes."""
     body = await request.json()
-    SEEN.append(
-        {"body": body, "port": request.client.port if request.client else None, "t": time.perf_counter()}
-    )
+    port = request.client.port if request.client else None
+    SEEN.append({"body": body, "port": port, "auth": request.headers.get("authorization")})
     fake = body.get("fake", {})
     chat = request.url.path.endswith("/chat/completions")
     n, per_chunk, mode = body["max_tokens"], fake.get("per_chunk", 1), fake.get("mode", "ok")
@@ -124,15 +127,22 @@ async def _stream(
     base_url: str, body: dict[str, Any], path: str = "/v1/chat/completions", **config: Any
 ) -> RequestRecord:
     async with OpenAIClient(ClientConfig(base_url, **config)) as client:
-        return await client.stream(path, {"model": "m", "stream": True, **body}, 0, prompt_len=11)
+        return await client.stream(path, {"model": "m", "stream": True, **body}, 0, 11, keep_text=True)
+
+
+def assert_delay(measured: float, expected: float, late: float = 0.1, early: float = 0.005) -> None:
+    """Server-side sleeps bound a delay measured from the send from below; CPU contention can only make it
+    longer. Gaps between chunks can also shrink when the earlier chunk was read late (raise ``early``)."""
+    assert expected - early <= measured <= expected + late
 
 
 async def test_chat_stream_timing_and_usage(base_url: str) -> None:
     rec = await _stream(base_url, {"max_tokens": 6, "fake": {"ttft_ms": 150, "itl_ms": 40}})
     assert rec.success and rec.error is None and rec.status == 200
-    assert rec.ttft == pytest.approx(0.150, abs=0.04)  # the role chunk at t=0 is not the first token
-    assert len(rec.itl) == 5 and all(gap == pytest.approx(0.040, abs=0.025) for gap in rec.itl)
-    assert rec.latency == pytest.approx(0.150 + 5 * 0.040, abs=0.06)
+    assert_delay(rec.ttft, 0.150)  # the role chunk sent at once is not the first token
+    assert len(rec.itl) == 5 and statistics.median(rec.itl) == pytest.approx(0.040, abs=0.015)
+    assert_delay(sum(rec.itl), 5 * 0.040, early=0.03)
+    assert_delay(rec.latency, 0.150 + 5 * 0.040, late=0.15)
     assert rec.latency >= rec.ttft + sum(rec.itl) - 1e-9
     assert (rec.output_tokens, rec.prompt_tokens, rec.cached_tokens, rec.num_chunks) == (6, 7, 3, 6)
     assert rec.text == " tok" * 6
@@ -147,7 +157,7 @@ async def test_completions_without_usage_counts_chunks(base_url: str) -> None:
 async def test_multi_token_chunks_give_one_itl_per_chunk(base_url: str) -> None:
     rec = await _stream(base_url, {"max_tokens": 9, "fake": {"per_chunk": 4, "itl_ms": 30}})
     assert rec.success and rec.num_chunks == 3 and len(rec.itl) == 2 and rec.output_tokens == 9
-    assert all(gap == pytest.approx(0.030, abs=0.02) for gap in rec.itl)
+    assert_delay(sum(rec.itl), 0.060, early=0.03)
 
 
 @pytest.mark.parametrize(
@@ -185,7 +195,7 @@ async def test_keep_alive_policy(base_url: str, keep_alive: bool, connections: i
     async with OpenAIClient(ClientConfig(base_url, keep_alive=keep_alive)) as client:
         for i in range(3):
             rec = await client.stream("/v1/completions", {"model": "m", "prompt": "x", "max_tokens": 2}, i, 1)
-            assert rec.success
+            assert rec.success and rec.text == ""  # text is kept only for multi-turn history
     assert len({seen["port"] for seen in SEEN}) == connections
 
 
@@ -221,9 +231,9 @@ async def test_closed_loop_with_warmup(base_url: str, tokenizer_dir: Path) -> No
     assert [r.index for r in result.records] == list(range(8))
     m = result.metrics
     assert m.completed == 8 and m.max_concurrency == 2 and m.total_output_tokens == 32
-    assert m.ttft.median == pytest.approx(60, abs=30)
+    assert_delay(m.ttft.median / 1000, 0.060)
     # 4 waves of 2 requests, each ~60 + 3*10 ms: the duration excludes the warm-up
-    assert 0.3 < m.duration_s < 0.8
+    assert 0.36 < m.duration_s < 1.5
     warm_prompts = [s["body"]["messages"][0]["content"] for s in SEEN[:2]]
     measured = [s["body"]["messages"][0]["content"] for s in SEEN[2:]]
     assert not set(warm_prompts) & set(measured)  # warm-up content differs, lengths match
@@ -237,10 +247,11 @@ async def test_open_loop_rate_duration_and_sweep(base_url: str, tokenizer_dir: P
     async with OpenAIClient(ClientConfig(base_url)) as client:
         results = await run_sweep(client, RandomDataset(10, 2), synth, points, settings)
     low, high = (r.metrics.completed for r in results)
-    assert 3 <= low <= 25 and high > low
+    for rate, count in ((20.0, low), (60.0, high)):  # every arrival before the deadline, none after
+        assert count == sum(t < 0.5 for t in itertools.islice(gamma_offsets(rate, 1.0, 2), 200))
+    assert 3 <= low < high
     for result in results:
-        sent = [r.start - result.origin for r in result.records]
-        assert max(sent) < 0.55
+        assert max(r.scheduled or 0.0 for r in result.records) - result.origin < 0.5
         assert all(r.scheduled is not None and r.start >= r.scheduled - 1e-3 for r in result.records)
     first_point = {s["body"]["messages"][0]["content"] for s in SEEN[:low]}
     second_point = {s["body"]["messages"][0]["content"] for s in SEEN[low:]}
@@ -268,38 +279,19 @@ def test_cli_run_json_and_plot(
     base_url: str, tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "result.json"
-    argv = [
-        "--base-url",
-        base_url,
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--api",
-        "completions",
-        "--input-len",
-        "16",
-        "--output-len",
-        "3",
-        "--num-requests",
-        "6",
-        "--concurrency",
-        "1,3",
-        "--goodput",
-        "ttft:1000",
-        "--extra-body",
-        '{"fake": {"ttft_ms": 10}}',
-        "--ignore-eos",
-        "--result-json",
-        str(out),
-        "--save-requests",
-        "--label",
-        "fake",
-        "--no-progress",
-    ]
+    argv = shlex.split(
+        f"--base-url {base_url} --tokenizer {tokenizer_dir} --api completions --ignore-eos --input-len 16 "
+        "--output-len 3 --num-requests 6 --concurrency 1,3 --goodput ttft:1000 --api-key sk-secret "
+        f"--result-json {out} --save-requests --label fake --no-progress "
+        """--extra-body '{"fake": {"ttft_ms": 10}}'"""
+    )
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.count("Serving Benchmark Result") == 2 and "Command: zdyn bench --base-url" in printed
     data = json.loads(out.read_text())
-    assert data["command"].startswith("zdyn bench --base-url") and data["argv"] == argv
+    assert data["command"].startswith("zdyn bench --base-url") and data["argv"][:4] == argv[:4]
+    assert "sk-secret" not in out.read_text() and "sk-secret" not in printed and "--api-key '***'" in printed
+    assert {s["auth"] for s in SEEN} == {"Bearer sk-secret"}
     assert data["config"]["model"] == "fake-model" and data["config"]["request_rate"] is None
     assert [run["point"]["concurrency"] for run in data["runs"]] == [1, 3]
     run = data["runs"][1]
@@ -332,3 +324,31 @@ def test_cli_rejects_bad_combinations(tokenizer_dir: Path) -> None:
         )
     with pytest.raises(SystemExit):
         main(["--tokenizer", str(tokenizer_dir), "--goodput", "itl:5"])
+
+
+def test_cli_replays_mooncake_trace(base_url: str, tokenizer_dir: Path, tmp_path: Path) -> None:
+    lines = [
+        {"timestamp": 0, "input_length": 700, "output_length": 2, "hash_ids": [0, 1]},
+        {"timestamp": 200, "input_length": 600, "output_length": 2, "hash_ids": [0, 2]},
+        "not json",
+        {"timestamp": 400, "input_length": 100, "output_length": 2, "hash_ids": [3]},
+        {"timestamp": 800, "input_length": 512, "output_length": 2, "hash_ids": [0]},
+    ]
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "replay.json"
+    base = shlex.split(
+        f"--base-url {base_url} --tokenizer {tokenizer_dir} --dataset mooncake --dataset-path {trace} "
+        "--api completions --prompt-format tokens --no-progress --speed 2"
+    )
+    assert main(base) == 1  # the malformed line 3 stops the run before anything is sent
+    assert SEEN == []
+    assert main([*base, "--on-bad-line", "skip", "--result-json", str(out), "--save-requests"]) == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["skipped_trace_lines"] == 1
+    starts = [r["start_s"] for r in data["runs"][0]["requests"]]
+    for start, expected in zip(starts, [0.0, 0.1, 0.2, 0.4], strict=True):  # trace timestamps / speed
+        assert_delay(start, expected, late=0.05)
+    prompts = [s["body"]["prompt"] for s in SEEN]
+    assert [len(p) for p in prompts] == [700, 600, 100, 512]
+    assert prompts[0][:512] == prompts[1][:512] == prompts[3] and prompts[0][512:] != prompts[1][512:600]

@@ -550,3 +550,6 @@ async def test_real_vllm_and_mocker_events_have_the_same_structure(tmp_path: Pat
 
 if __name__ == "__main__":
     run_vllm(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # everything is delivered; skip vLLM's ~4 s interpreter teardown

@@ -152,11 +152,12 @@ async def test_step_time_follows_the_polynomial_at_speedup_1() -> None:
 
 
 async def test_speedup_divides_wall_time() -> None:
-    eng = MockerEngine(config(speedup=10.0))
+    eng = MockerEngine(config(speedup=10.0, max_model_len=8192, num_blocks=1024))
     await eng.start()
     started = time.monotonic()
-    await collect(eng.generate(request("a", list(range(1, 513)), max_tokens=3, ignore_eos=True)))
+    await collect(eng.generate(request("a", [7] * 4000, max_tokens=3, ignore_eos=True)))
     elapsed = time.monotonic() - started
+    assert eng.simulated_ms > 350  # a 4000-token prefill alone models ~343 ms
     assert eng.simulated_ms / 10 / 1000 * 0.95 <= elapsed < eng.simulated_ms / 1000
     await eng.shutdown()
 

@@ -166,6 +166,28 @@ def test_preempted_request_goes_to_the_front_of_the_queue() -> None:
     assert sched.waiting[0].num_computed == 0
 
 
+def test_no_admission_in_a_step_that_preempted() -> None:
+    # 4 blocks, 16-token budget: b's chunked prefill runs out of blocks and preempts itself. Its freed block
+    # would let it back in at once, but vLLM admits nobody in such a step, to avoid thrashing.
+    sched = Scheduler(config(num_blocks=4, max_model_len=64, max_num_batched_tokens=16, max_num_seqs=2, watermark=0))
+    add(sched, "a", list(range(1, 17)), max_tokens=40, ignore_eos=True)
+    add(sched, "b", list(range(101, 149)), max_tokens=4, ignore_eos=True)
+    steps = []
+    for _ in range(4):
+        plan = sched.schedule()
+        steps.append(([(c.seq.request_id, c.num_new_tokens) for c in plan.chunks], plan.preempted))
+        sched.update(plan)
+    assert steps == [
+        ([("a", 16)], []),
+        ([("a", 1), ("b", 15)], []),
+        ([("a", 1), ("b", 15)], []),
+        ([("a", 1)], ["b"]),
+    ]
+    assert [s.request_id for s in sched.waiting] == ["b"]
+    tokens, finishes = run(sched)
+    assert finishes["b"].completion_tokens == 4 and finishes["a"].completion_tokens == 40
+
+
 def test_tokens_are_deterministic_per_seed() -> None:
     prompt = list(range(1, 20))
     first, _ = generate_one(prompt, max_tokens=20, ignore_eos=True)

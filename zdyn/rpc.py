@@ -286,6 +286,7 @@ class _Link:
     sock: zmq.asyncio.Socket | None = None
     reader: asyncio.Task[None] | None = None
     last_seen: float = 0.0
+    heard: bool = False  # the hub has answered since this socket was opened
     requests: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     pending: list[Delta] = field(default_factory=list)
 
@@ -344,14 +345,18 @@ class Spoke:
         identity = f"{self.ready.peer_id}".encode()
         link.sock = make_socket(self.ctx, zmq.DEALER, link.endpoint, bind=False, identity=identity)
         link.last_seen = now
+        link.heard = False
         send(link.sock, self.ready).add_done_callback(_ignore)
         link.reader = asyncio.get_running_loop().create_task(self._read(link))
 
     def _reset(self, link: _Link, now: float) -> None:
-        log.warning(
-            "hub %s silent for %.1fs: cancelling %d request(s), reconnecting",
-            link.endpoint, now - link.last_seen, len(link.requests),
-        )  # fmt: skip
+        if link.heard:
+            log.warning(
+                "hub %s silent for %.1fs: cancelling %d request(s), reconnecting",
+                link.endpoint, now - link.last_seen, len(link.requests),
+            )  # fmt: skip
+        else:
+            log.info("no answer from hub %s yet; announcing %s again", link.endpoint, self.ready.peer_id)
         self._close_link(link)
         self._open(link, now)
 
@@ -385,6 +390,7 @@ class Spoke:
             if msg is None:
                 continue
             link.last_seen = loop.time()
+            link.heard = True
             if isinstance(msg, Generate | Process):
                 if msg.request_id in link.requests:
                     self.malformed.drop(f"duplicate request id {msg.request_id!r}")

@@ -38,6 +38,9 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         help="processor endpoint(s) to serve, repeatable or comma-separated (default tcp://127.0.0.1:5555)",
     )
     group.add_argument("--worker-id", help="unique id (default: worker-<host>-<pid>)")
+    group.add_argument(
+        "--num-workers", type=int, default=1, help="mocker only: this many simulated workers in one process"
+    )
     add_common_args(parser)
 
 
@@ -60,7 +63,8 @@ def build_parser(engine: str) -> argparse.ArgumentParser:
     return parser
 
 
-def make_engine(args: argparse.Namespace) -> Engine:
+def make_engine(args: argparse.Namespace, index: int = 0) -> Engine:
+    """The engine the flags describe; ``index`` numbers the simulated workers of one process."""
     from zdyn.models import resolve_model, served_model_name
 
     model = resolve_model(args.model)
@@ -78,7 +82,19 @@ def make_engine(args: argparse.Namespace) -> Engine:
 
     args.model_path = model
     args.model_name = args.served_model_name or served_model_name(model)
-    return MockerEngine(from_cli_args(args))
+    config = from_cli_args(args)
+    config.seed += index
+    config.kv_events_endpoint = offset_port(config.kv_events_endpoint, index)
+    config.kv_events_replay_endpoint = offset_port(config.kv_events_replay_endpoint, index)
+    return MockerEngine(config)
+
+
+def offset_port(endpoint: str | None, index: int) -> str | None:
+    """``tcp://host:5557`` -> ``tcp://host:(5557 + index)``, as vLLM offsets data-parallel ranks."""
+    if not endpoint or index == 0 or not endpoint.startswith("tcp://"):
+        return endpoint
+    head, _, port = endpoint.rpartition(":")
+    return f"{head}:{int(port) + index}" if port.isdigit() else endpoint
 
 
 def _on_cpu() -> bool:
@@ -151,11 +167,17 @@ def hub_endpoints(values: list[str] | None) -> list[str]:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    worker = Worker(make_engine(args), hub_endpoints(args.connect), args.worker_id, args)
+    if args.num_workers > 1 and args.engine != "mocker":
+        log.error("--num-workers > 1 is for the mocker; start one process per vLLM worker")
+        return 2
+    hubs = hub_endpoints(args.connect)
+    ids = [args.worker_id] if args.num_workers == 1 else [f"{args.worker_id}-{i}" for i in range(args.num_workers)]
+    workers = [Worker(make_engine(args, i), hubs, worker_id, args) for i, worker_id in enumerate(ids)]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, worker.close)
-    return await worker.run()
+        loop.add_signal_handler(sig, lambda: [w.close() for w in workers])
+    codes = await asyncio.gather(*(w.run() for w in workers))
+    return max(codes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,13 +30,9 @@ DEFAULT_RANDOM_REQUESTS = 1000
 def _number_list(cast: type[int] | type[float], name: str) -> Any:
     def parse(text: str) -> list[Any]:
         try:
-            values = [
-                cast(v) if v.strip().lower() != "inf" else math.inf for v in text.split(",") if v.strip()
-            ]
+            values = [cast(v) if v.strip().lower() != "inf" else math.inf for v in text.split(",") if v.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{name}: expected comma-separated numbers, got {text!r}"
-            ) from None
+            raise argparse.ArgumentTypeError(f"{name}: expected comma-separated numbers, got {text!r}") from None
         if not values or any(v <= 0 for v in values):
             raise argparse.ArgumentTypeError(f"{name}: values must be positive")
         return values
@@ -70,9 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("target")
     g.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (default %(default)s)")
     g.add_argument("--api", choices=("chat", "completions"), default="chat", help="default %(default)s")
-    g.add_argument(
-        "--endpoint", help="path overriding the API's default (/v1/chat/completions, /v1/completions)"
-    )
+    g.add_argument("--endpoint", help="path overriding the API's default (/v1/chat/completions, /v1/completions)")
     g.add_argument("--model", help="model name (default: the first one /v1/models lists)")
     g.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
     g.add_argument("--header", type=_header, action="append", default=[], metavar="NAME:VALUE")
@@ -84,9 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="text",
         help="completions only: prompt as text or as a list of token ids (default %(default)s)",
     )
-    g.add_argument(
-        "--ignore-eos", action="store_true", help="send ignore_eos=true so output lengths are honoured"
-    )
+    g.add_argument("--ignore-eos", action="store_true", help="send ignore_eos=true so output lengths are honoured")
     g.add_argument("--temperature", type=float, default=0.0, help="default %(default)s")
     g.add_argument(
         "--extra-body",
@@ -100,12 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", choices=("random", "prefix", *TRACE_DATASETS), default="random")
     g.add_argument("--dataset-path", help="trace file (mooncake JSONL, azure CSV)")
     g.add_argument(
-        "--tokenizer", required=False, metavar="DIR", help="local Hugging Face tokenizer folder (required)"
+        "--tokenizer",
+        required=True,
+        metavar="DIR",
+        help="local Hugging Face tokenizer folder (no hub access)",
     )
     g.add_argument("--input-len", type=int, default=1024, help="random: prompt tokens (default %(default)s)")
-    g.add_argument(
-        "--output-len", type=int, default=128, help="random, prefix: max_tokens (default %(default)s)"
-    )
+    g.add_argument("--output-len", type=int, default=128, help="random, prefix: max_tokens (default %(default)s)")
     g.add_argument("--range-ratio", type=float, default=0.0, help="random: lengths uniform in len·(1±r)")
     g.add_argument("--num-prefixes", type=int, default=10, help="prefix: shared system prompts")
     g.add_argument("--users-per-prefix", type=int, default=4, help="prefix: sessions per system prompt")
@@ -118,9 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="model",
         help="prefix: previous answers resent as generated (model) or synthetic of output-len tokens",
     )
-    g.add_argument(
-        "--block-size", type=int, default=512, help="mooncake: tokens per hash id (default %(default)s)"
-    )
+    g.add_argument("--block-size", type=int, default=512, help="mooncake: tokens per hash id (default %(default)s)")
     g.add_argument(
         "--on-bad-line",
         choices=("skip", "stop"),
@@ -136,9 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R[,R..]",
         help="open-loop requests/s, 'inf' = all at once (default inf)",
     )
-    g.add_argument(
-        "--burstiness", type=float, default=1.0, help="Gamma shape of gaps; 1 = Poisson (default 1)"
-    )
+    g.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape of gaps; 1 = Poisson (default 1)")
     g.add_argument(
         "--concurrency",
         type=_number_list(int, "--concurrency"),
@@ -168,9 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("client")
-    g.add_argument(
-        "--timeout", type=float, default=600.0, help="per-request timeout in s (default %(default)s)"
-    )
+    g.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in s (default %(default)s)")
     g.add_argument("--no-keep-alive", action="store_true", help="a new connection per request")
     g.add_argument("--max-connections", type=int, default=0, help="connection pool limit, 0 = none")
 
@@ -178,9 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--result-json", metavar="FILE", help="write config, metrics and command line here")
     g.add_argument("--save-requests", action="store_true", help="add per-request records to the JSON")
     g.add_argument("--label", default="", help="name of this run in plots")
-    g.add_argument(
-        "--goodput", nargs="+", default=[], metavar="NAME:MS", help="SLOs, e.g. ttft:500 tpot:50 e2el:5000"
-    )
+    g.add_argument("--goodput", nargs="+", default=[], metavar="NAME:MS", help="SLOs, e.g. ttft:500 tpot:50 e2el:5000")
     g.add_argument(
         "--percentiles",
         type=_number_list(float, "--percentiles"),
@@ -194,19 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_plot_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="zdyn bench plot", description="Latency CDFs and sweep curves of results."
-    )
+    p = argparse.ArgumentParser(prog="zdyn bench plot", description="Latency CDFs and sweep curves of results.")
     p.add_argument("results", nargs="+", metavar="RESULT.json")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png")
     p.add_argument("--labels", help="comma-separated names for the result files")
     return p
 
 
-def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, float]:
+    """Exits with a usage error on inconsistent flags; returns the goodput SLOs."""
     is_trace = args.dataset in TRACE_DATASETS
-    if not args.tokenizer:
-        p.error("--tokenizer DIR is required (prompts are built from its vocabulary)")
     if is_trace and not args.dataset_path:
         p.error(f"--dataset {args.dataset} needs --dataset-path")
     if is_trace and args.request_rate:
@@ -220,7 +202,7 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.num_requests is not None and args.num_requests < 1:
         p.error("--num-requests must be at least 1")
     try:
-        args.goodput_slos = parse_goodput(args.goodput)
+        return parse_goodput(args.goodput)
     except ValueError as e:
         p.error(str(e))
 
@@ -230,16 +212,16 @@ def load_points(args: argparse.Namespace) -> list[LoadPoint]:
     concurrencies: list[int | None] = list(args.concurrency or [None])
     speeds: list[float | None] = list(args.speed or [1.0]) if args.dataset in TRACE_DATASETS else [None]
     return [
-        LoadPoint(request_rate=r, concurrency=c, speed=s)
-        for r, c, s in itertools.product(rates, concurrencies, speeds)
+        LoadPoint(request_rate=r, concurrency=c, speed=s) for r, c, s in itertools.product(rates, concurrencies, speeds)
     ]
 
 
-def load_dataset(args: argparse.Namespace) -> Dataset:
+def load_dataset(args: argparse.Namespace) -> tuple[Dataset, int]:
+    """The dataset and the number of malformed trace lines skipped."""
     if args.dataset == "random":
-        return RandomDataset(args.input_len, args.output_len, args.range_ratio)
+        return RandomDataset(args.input_len, args.output_len, args.range_ratio), 0
     if args.dataset == "prefix":
-        return PrefixDataset(
+        prefix = PrefixDataset(
             args.num_prefixes,
             args.users_per_prefix,
             args.turns,
@@ -247,6 +229,7 @@ def load_dataset(args: argparse.Namespace) -> Dataset:
             args.suffix_len,
             args.output_len,
         )
+        return prefix, 0
     if args.dataset == "mooncake":
         trace = load_mooncake(
             args.dataset_path,
@@ -256,10 +239,9 @@ def load_dataset(args: argparse.Namespace) -> Dataset:
         )
     else:
         trace = load_azure(args.dataset_path, on_bad_line=args.on_bad_line, limit=args.num_requests)
-    args.skipped_lines = len(trace.bad_lines)
     if not trace.entries:
         raise ValueError(f"{args.dataset_path}: no usable requests")
-    return TraceDataset(tuple(trace.entries), args.block_size)
+    return TraceDataset(tuple(trace.entries), args.block_size), len(trace.bad_lines)
 
 
 def _jsonable(value: Any) -> Any:
@@ -272,19 +254,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-async def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    dataset = load_dataset(args)
+async def _run(args: argparse.Namespace, argv: Sequence[str], slos: dict[str, float]) -> int:
+    dataset, skipped_lines = load_dataset(args)
     synth = TokenSynth(load_tokenizer(args.tokenizer), seed=args.seed)
     if not synth.exact:
-        log.warning(
-            "tokenizer has no exact word pool: prompt lengths are fitted by re-tokenizing (approximate)"
-        )
+        log.warning("tokenizer has no exact word pool: prompt lengths are fitted by re-tokenizing (approximate)")
     headers = dict(args.header)
     if args.api_key:
         headers["Authorization"] = f"Bearer {args.api_key}"
-    client_config = ClientConfig(
-        args.base_url, not args.no_keep_alive, args.max_connections, args.timeout, headers
-    )
+    client_config = ClientConfig(args.base_url, not args.no_keep_alive, args.max_connections, args.timeout, headers)
     num_requests = args.num_requests
     if num_requests is None and args.dataset == "random" and args.duration is None:
         num_requests = DEFAULT_RANDOM_REQUESTS
@@ -307,24 +285,25 @@ async def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             history=args.history,
             reuse_prompts=args.reuse_prompts,
             progress=not args.no_progress,
-            goodput_slos_ms=args.goodput_slos,
+            goodput_slos_ms=slos,
             percentiles=args.percentiles,
         )
         results = await run_sweep(client, dataset, synth, points, settings)
-    if getattr(args, "skipped_lines", 0):
-        print(f"Skipped malformed trace lines: {args.skipped_lines}")
+    if skipped_lines:
+        print(f"Skipped malformed trace lines: {skipped_lines}")
     for result in results:
         print(format_summary(result.metrics, result.point.label() if len(results) > 1 else ""))
         for sample in [r for r in result.records if not r.success][:3]:
             print(f"  failed request {sample.index}: {sample.error} {sample.error_detail}")
     print(f"Command: {command}")
     if args.result_json:
-        config = {k: v for k, v in vars(args).items() if k not in ("goodput_slos", "header", "api_key")}
+        config = {k: v for k, v in vars(args).items() if k not in ("header", "api_key")}
         config.update(
             model=model,
             num_requests=num_requests,
             header_names=sorted(headers),
             points=[p.to_json() for p in points],
+            skipped_trace_lines=skipped_lines,
         )
         write_json(
             args.result_json,
@@ -360,10 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     parser = build_parser()
     args = parser.parse_args(argv)
-    _validate(parser, args)
+    slos = _validate(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        return asyncio.run(_run(args, argv))
+        return asyncio.run(_run(args, argv, slos))
     except BadLineError as e:
         print(f"error: malformed trace line: {e}", file=sys.stderr)
     except (OSError, ValueError) as e:

@@ -83,8 +83,9 @@ class SseStream:
     tokens is one ITL sample, as in vLLM's benchmark.
     """
 
-    def __init__(self, record: RequestRecord) -> None:
+    def __init__(self, record: RequestRecord, keep_text: bool = False) -> None:
         self.record = record
+        self.keep_text = keep_text
         self.done = False
         self.event = ""
         self.first_choice_at: float | None = None
@@ -125,7 +126,8 @@ class SseStream:
         piece = _choice_text(choices[0])
         if not piece:
             return
-        self.pieces.append(piece)
+        if self.keep_text:
+            self.pieces.append(piece)
         rec = self.record
         if self.last_token_at is None:
             rec.ttft = now - rec.start
@@ -189,11 +191,14 @@ class OpenAIClient:
             resp.raise_for_status()
             return await resp.json(content_type=None)
 
-    async def stream(self, path: str, body: dict[str, Any], index: int, prompt_len: int) -> RequestRecord:
-        """Send one streaming request; never raises for request failures, which end up in the record."""
+    async def stream(
+        self, path: str, body: dict[str, Any], index: int, prompt_len: int, *, keep_text: bool = False
+    ) -> RequestRecord:
+        """Send one streaming request; never raises for request failures, which end up in the record.
+        The generated text is kept only when asked (multi-turn history), to bound memory on long runs."""
         record = RequestRecord(index=index)
         data = _dumps(body)
-        stream = SseStream(record)
+        stream = SseStream(record, keep_text)
         record.start = time.perf_counter()
         try:
             async with self.session.post(path.lstrip("/"), data=data) as resp:

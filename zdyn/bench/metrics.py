@@ -58,9 +58,7 @@ def parse_goodput(items: Iterable[str]) -> dict[str, float]:
         name, sep, value = item.partition(":")
         name = name.strip().lower()
         if not sep or name not in SLO_METRICS:
-            raise ValueError(
-                f"goodput SLO {item!r}: expected NAME:MS with NAME one of {', '.join(SLO_METRICS)}"
-            )
+            raise ValueError(f"goodput SLO {item!r}: expected NAME:MS with NAME one of {', '.join(SLO_METRICS)}")
         try:
             ms = float(value)
         except ValueError:

@@ -21,9 +21,7 @@ SWEEP_AXES = (
 )
 
 
-def load_results(
-    paths: Sequence[str | Path], labels: Sequence[str] | None = None
-) -> list[tuple[str, dict[str, Any]]]:
+def load_results(paths: Sequence[str | Path], labels: Sequence[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
     """(label, result) pairs; the label is the given one, else the run's ``--label``, else the file name."""
     out = []
     for i, path in enumerate(paths):
@@ -102,9 +100,7 @@ def plot_results(results: Sequence[tuple[str, dict[str, Any]]], out: str | Path)
                 suffixes = [f" p{q}" for q in quantiles] or [""]
                 for j, suffix in enumerate(suffixes):
                     style = "-o" if j == 0 else "--s"
-                    ax.plot(
-                        [x for x, _ in points], [v[j] for _, v in points], style, label=f"{label}{suffix}"
-                    )
+                    ax.plot([x for x, _ in points], [v[j] for _, v in points], style, label=f"{label}{suffix}")
                 ax.set_xlabel(axis_title)
             ax.set_ylabel(ylabel)
             ax.set_title(f"{ylabel} vs load")

@@ -16,6 +16,7 @@ from zdyn.bench.runner import PointResult
 RESULT_FORMAT = 1
 _WIDTH = 50
 _MAX_ERROR_SAMPLES = 10
+_SECRET_FLAGS = ("--api-key", "--header")
 _LATENCIES = (
     ("ttft", "TTFT", "Time to First Token"),
     ("tpot", "TPOT", "Time per Output Token (excl. 1st token)"),
@@ -24,8 +25,32 @@ _LATENCIES = (
 )
 
 
+def redact(argv: Sequence[str]) -> list[str]:
+    """argv with the values of --api-key and --header replaced, so results can be shared."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        flag, eq, _ = arg.partition("=")
+        if hide_next:
+            out.append(_redact_value(out[-1], arg))
+            hide_next = False
+        elif eq and flag in _SECRET_FLAGS:
+            out.append(f"{flag}={_redact_value(flag, arg[len(flag) + 1 :])}")
+        else:
+            out.append(arg)
+            hide_next = arg in _SECRET_FLAGS
+    return out
+
+
+def _redact_value(flag: str, value: str) -> str:
+    if flag == "--header":
+        name, sep, _ = value.partition(":")
+        return f"{name}:***" if sep else "***"
+    return "***"
+
+
 def command_line(argv: Sequence[str]) -> str:
-    return shlex.join(["zdyn", "bench", *argv])
+    return shlex.join(["zdyn", "bench", *redact(argv)])
 
 
 def _row(name: str, value: object) -> str:
@@ -85,9 +110,7 @@ def format_summary(metrics: BenchMetrics, title: str = "") -> str:
 
 def error_samples(result: PointResult) -> list[dict[str, Any]]:
     failed = [r for r in result.records if not r.success][:_MAX_ERROR_SAMPLES]
-    return [
-        {"index": r.index, "error": r.error, "status": r.status, "detail": r.error_detail} for r in failed
-    ]
+    return [{"index": r.index, "error": r.error, "status": r.status, "detail": r.error_detail} for r in failed]
 
 
 def result_json(
@@ -117,7 +140,7 @@ def result_json(
         "format": RESULT_FORMAT,
         "label": label,
         "command": command_line(argv),
-        "argv": list(argv),
+        "argv": redact(argv),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
         "config": config,

@@ -72,9 +72,7 @@ class PointResult:
     metrics: BenchMetrics
 
 
-def schedule(
-    requests: Iterator[BenchRequest], point: LoadPoint, settings: RunSettings
-) -> Iterator[Scheduled]:
+def schedule(requests: Iterator[BenchRequest], point: LoadPoint, settings: RunSettings) -> Iterator[Scheduled]:
     """Pairs each request with its send offset: its trace time, else the Gamma/Poisson process."""
     arrivals: Iterator[float] | None = None
     for request in requests:
@@ -119,9 +117,9 @@ class _Run:
                 await asyncio.sleep(delay)
             if self.slots is not None:
                 await self.slots.acquire()
-            if duration_s is not None and time.perf_counter() - start >= duration_s:
-                self._release()
-                break
+                if duration_s is not None and time.perf_counter() - start >= duration_s:
+                    self._release()  # the run ended while this request waited for a slot
+                    break
             previous = None
             done = asyncio.Event()
             if with_history and request.session is not None:
@@ -150,7 +148,8 @@ class _Run:
             if previous is not None:
                 await previous.wait()  # a turn needs the answer to the previous turn
             body = self.builder.body(request, with_history=with_history)
-            record = await self.client.stream(self.path, body, request.index, request.prompt_len)
+            keep_text = with_history and request.session is not None and self.builder.history_mode == "model"
+            record = await self.client.stream(self.path, body, request.index, request.prompt_len, keep_text=keep_text)
             record.scheduled = scheduled
             if with_history:
                 self.builder.remember(request, record)

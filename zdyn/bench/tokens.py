@@ -118,9 +118,7 @@ class TokenSynth:
     identical lengths that share no prefix.
     """
 
-    def __init__(
-        self, tokenizer: Tokenizer, seed: int = 0, salt: int = 0, *, vocab: Vocab | None = None
-    ) -> None:
+    def __init__(self, tokenizer: Tokenizer, seed: int = 0, salt: int = 0, *, vocab: Vocab | None = None) -> None:
         self.tokenizer = tokenizer
         self.seed = seed
         self.salt = salt
@@ -172,14 +170,21 @@ class TokenSynth:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def fitted_ids(self, key: tuple[int, ...], n: int) -> list[int]:
-        """Like ``ids`` but, for tokenizers without an exact pool, trimmed or extended until the text
+        """Like ``ids`` but, for tokenizers without an exact pool, resized in proportion until the text
         re-tokenizes to n tokens (a few rounds, then the closest result)."""
         ids = self.ids(key, n)
         if self.vocab.exact or n == 0:
             return ids
+        best, best_error = ids, n
         for round_no in range(_MAX_FIT_ROUNDS):
-            diff = n - len(self.encode(self.text(ids)))
-            if diff == 0:
+            got = len(self.encode(self.text(ids)))
+            if abs(got - n) < best_error:
+                best, best_error = ids, abs(got - n)
+            if got == n:
                 break
-            ids = ids + self.ids((*key, 1 + round_no), diff) if diff > 0 else ids[: max(1, len(ids) + diff)]
-        return ids
+            size = max(1, round(len(ids) * n / got)) if got else len(ids) + 1
+            if size == len(ids):
+                size += 1 if got < n else -1
+            extra = self.ids((*key, 1 + round_no), size - len(ids)) if size > len(ids) else []
+            ids = ids[:size] + extra
+        return best

@@ -125,9 +125,7 @@ def _rebase(entries: list[TraceEntry]) -> list[TraceEntry]:
     if not entries:
         return entries
     origin = min(e.arrival_ms for e in entries)
-    rebased = [
-        TraceEntry(e.arrival_ms - origin, e.input_length, e.output_length, e.hash_ids) for e in entries
-    ]
+    rebased = [TraceEntry(e.arrival_ms - origin, e.input_length, e.output_length, e.hash_ids) for e in entries]
     return sorted(rebased, key=lambda e: e.arrival_ms)
 
 
@@ -154,9 +152,7 @@ def load_mooncake(
     return TraceLoad(_rebase(entries), bad.finish())
 
 
-def load_azure(
-    path: str | Path, *, on_bad_line: BadLinePolicy = "stop", limit: int | None = None
-) -> TraceLoad:
+def load_azure(path: str | Path, *, on_bad_line: BadLinePolicy = "stop", limit: int | None = None) -> TraceLoad:
     """Read an Azure LLM inference trace CSV (``TIMESTAMP,ContextTokens,GeneratedTokens``)."""
     bad = _BadLines(str(path), on_bad_line)
     rows: list[tuple[datetime, int, int]] = []

@@ -39,6 +39,7 @@ class VllmEngine:
         self.served_model_name = served_model_name
         self.info = EngineInfo(served_model_name, "vllm", 0, 0, 0, 0)
         self._load = Heartbeat()
+        self._num_inflight = 0
         self._llm: Any = None
 
     async def start(self) -> None:
@@ -63,7 +64,7 @@ class VllmEngine:
             def log_engine_initialized(self) -> None:
                 pass
 
-        os.environ[WORKER_PID_ENV] = str(os.getpid())  # see die_with_worker()
+        os.environ[WORKER_PID_ENV] = str(os.getpid())  # see _die_with_worker()
         self._llm = AsyncLLM.from_engine_args(self.engine_args, stat_loggers=[LoadLogger])
         config = self._llm.vllm_config
         self.info = EngineInfo(
@@ -76,6 +77,8 @@ class VllmEngine:
         )
 
     def load(self) -> Heartbeat:
+        if self._num_inflight == 0:  # vLLM reports stats per step, so the last ones go stale when it idles
+            return Heartbeat(kv_usage=self._load.kv_usage)
         return self._load
 
     async def generate(self, request: Generate) -> AsyncIterator[Delta]:
@@ -86,6 +89,7 @@ class VllmEngine:
         num_prompt = len(request.token_ids)
         num_output = 0
         first = True
+        self._num_inflight += 1
         try:
             async for out in self._llm.generate(prompt, to_vllm_sampling(request.sampling), rid):
                 completion = out.outputs[0]
@@ -110,6 +114,8 @@ class VllmEngine:
             raise EngineDeadError(str(e)) from e
         except (ValueError, TypeError) as e:  # vLLM's input validation (VLLMValidationError is a ValueError)
             raise RequestError(str(e)) from e
+        finally:
+            self._num_inflight -= 1
 
     async def shutdown(self) -> None:
         if self._llm is not None:
@@ -168,15 +174,42 @@ def _stat_logger_base() -> type:
 
 
 WORKER_PID_ENV = "ZDYN_WORKER_PID"
+ARCH_REQ_XCOMP_PERM = 0x1023
+XFEATURE_XTILEDATA = 18
+SYS_ARCH_PRCTL = 158  # x86_64
 
 
-def die_with_worker() -> None:
-    """vLLM general plugin, run in every vLLM process: an EngineCore whose zdyn worker dies (even by
-    SIGKILL) gets SIGTERM from the kernel instead of living on as an orphan holding the model's memory."""
+def setup_vllm_process() -> None:
+    """vLLM general plugin: vLLM calls it at the start of each of its processes (EngineCore, workers)."""
+    if sys.platform.startswith("linux"):
+        _allow_amx()
+        _die_with_worker()
+
+
+def _allow_amx() -> None:
+    """Ask Linux for the AMX tile state before any kernel uses it: without that permission the first AMX
+    instruction (vLLM's CPU bf16 kernels on AMX Xeons) kills the process with SIGILL."""
+    import ctypes
+    import platform
+
+    if platform.machine() != "x86_64":
+        return
+    try:
+        with open("/proc/cpuinfo") as f:
+            has_amx = "amx_tile" in f.read()
+    except OSError:
+        return
+    if has_amx:
+        ctypes.CDLL(None, use_errno=True).syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+
+
+def _die_with_worker() -> None:
+    """An EngineCore whose zdyn worker dies (even by SIGKILL) gets SIGTERM from the kernel instead of living
+    on as an orphan holding the model's memory."""
     import ctypes
     import signal
 
-    if os.environ.get(WORKER_PID_ENV) != str(os.getppid()) or not sys.platform.startswith("linux"):
+    if os.environ.get(WORKER_PID_ENV) != str(os.getppid()):
         return
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))

@@ -19,6 +19,7 @@ from zdyn.protocol import Delta, Generate, Heartbeat
 log = logging.getLogger(__name__)
 
 MIN_SLEEP_S = 1e-4  # below this a step just yields to the event loop
+IDLE_RETRY_S = 0.01
 
 
 class MockerEngine:
@@ -81,7 +82,7 @@ class MockerEngine:
         if self._dead is not None:
             raise self._dead
         if self._task is None:
-            raise EngineDeadError("mocker engine not started")
+            raise RuntimeError("call start() before generate()")
         seq = new_sequence(request, self.config)
         self.scheduler.add(seq)
         queue: asyncio.Queue[Delta | Exception] = asyncio.Queue()
@@ -130,8 +131,6 @@ class MockerEngine:
                     await self._wake.wait()
                     continue
                 await self._step()
-        except asyncio.CancelledError:
-            raise
         except Exception as e:
             log.exception("mocker engine failed")
             self._fail(EngineDeadError(f"mocker engine failed: {e!r}"))
@@ -139,6 +138,10 @@ class MockerEngine:
     async def _step(self) -> None:
         started = time.monotonic()
         plan = self.scheduler.schedule()
+        if not plan.chunks:  # cannot happen with a validated config; never spin if it does
+            log.error("mocker scheduled nothing with %d waiting", self.scheduler.num_waiting)
+            await asyncio.sleep(IDLE_RETRY_S)
+            return
         duration_ms = self.timing(plan.composition)
         self.num_steps += 1
         self.simulated_ms += duration_ms

@@ -167,41 +167,50 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        budget = self.config.max_num_batched_tokens
-        chunked = self.config.enable_chunked_prefill
+        budget = self._schedule_running(plan, self.config.max_num_batched_tokens)
+        if not plan.preempted:  # like vLLM, admit nobody in a step that had to preempt: memory is short
+            self._schedule_waiting(plan, budget)
+        plan.composition = self._compose(plan)
+        return plan
+
+    def _schedule_running(self, plan: StepPlan, budget: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = len(seq.token_ids) - seq.num_computed
-            if chunked:
+            if self.config.enable_chunked_prefill:
                 num_new = min(num_new, budget)
             elif num_new > budget:
                 i += 1
                 continue
-            while not self.kv.allocate(seq.request_id, seq.token_ids, seq.num_computed + num_new):
-                victim = self.running.pop()  # the most recently admitted request yields (vLLM V1, FCFS)
-                self._preempt(victim)
-                plan.preempted.append(victim.request_id)
-                if victim is seq:
-                    break
-            else:
-                plan.chunks.append(ScheduledChunk(seq, num_new, seq.in_prefill))
-                budget -= num_new
-                i += 1
-                continue
-            break
-        # Like vLLM, admit nobody in a step that had to preempt: memory is short.
-        while not plan.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            if not self._allocate_or_preempt(seq, seq.num_computed + num_new, plan):
+                break  # seq itself was preempted, and it was the last one running
+            plan.chunks.append(ScheduledChunk(seq, num_new, seq.in_prefill))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _allocate_or_preempt(self, seq: MockSequence, num_tokens: int, plan: StepPlan) -> bool:
+        """Preempt the most recently admitted requests (vLLM V1, FCFS) until seq fits; False if seq was one."""
+        while not self.kv.allocate(seq.request_id, seq.token_ids, num_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            plan.preempted.append(victim.request_id)
+            if victim is seq:
+                return False
+        return True
+
+    def _schedule_waiting(self, plan: StepPlan, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             num_cached = self.kv.match_prefix(seq.request_id, seq.token_ids)
             num_new = len(seq.token_ids) - num_cached
-            if not chunked and num_new > budget:
-                break
+            if not self.config.enable_chunked_prefill and num_new > budget:
+                return
             num_new = min(num_new, budget)
-            if not self.kv.allocate(
-                seq.request_id, seq.token_ids, num_cached + num_new, reserve=self.config.watermark_blocks
-            ):
-                break
+            reserve = self.config.watermark_blocks
+            if not self.kv.allocate(seq.request_id, seq.token_ids, num_cached + num_new, reserve=reserve):
+                return
             self.waiting.popleft()
             self.running.append(seq)
             seq.num_computed = num_cached
@@ -209,8 +218,6 @@ class Scheduler:
                 seq.num_cached_tokens = num_cached
             plan.chunks.append(ScheduledChunk(seq, num_new, True))
             budget -= num_new
-        plan.composition = self._compose(plan)
-        return plan
 
     def update(self, plan: StepPlan) -> list[Delta]:
         """Finish the step: advance the computed tokens, sample one token per completed context, stop requests."""

@@ -1,0 +1,219 @@
+"""The agg scenario end to end: real frontend and vLLM worker processes on loopback, driven by openai."""
+
+import json
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+from e2e import deployment
+from transformers import AutoTokenizer
+
+from zdyn.launch import get_json, wait_for_workers
+
+pytestmark = pytest.mark.slow
+
+LONG_PROMPT = "def fibonacci(n):\n    " + " ".join(f"value_{i} = {i} * n" for i in range(60))
+
+
+@pytest.fixture(scope="module")
+def agg(tiny_model, tmp_path_factory):
+    with deployment(tmp_path_factory.mktemp("agg"), tiny_model) as dep:
+        yield dep
+
+
+def test_models_and_health(agg):
+    models = agg.client().models.list()
+    assert [m.id for m in models.data] == ["tiny-llama"]
+    status, health = get_json(f"{agg.base_url}/health")
+    assert status == 200 and health["status"] == "healthy"
+    assert len(health["workers"]) == 1 and health["workers"][0]["engine"] == "vllm"
+
+
+def test_chat_non_streaming(agg, tiny_model):
+    r = agg.client().chat.completions.create(
+        model=agg.model, messages=[{"role": "user", "content": "Hello there"}], max_tokens=12, temperature=0
+    )
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("length", "stop")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Hello there"}], tokenize=False, add_generation_prompt=True
+    )
+    assert r.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False))
+    assert 1 <= r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_equals_non_streaming_and_reports_usage(agg):
+    client = agg.client()
+    kw = dict(model=agg.model, messages=[{"role": "user", "content": "Count to ten"}], max_tokens=20, temperature=0)
+    whole = client.chat.completions.create(**kw, extra_body={"ignore_eos": True})
+    chunks = list(
+        client.chat.completions.create(
+            **kw, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_streaming_and_not(agg):
+    client = agg.client()
+    r = client.completions.create(model=agg.model, prompt="def add(a, b):", max_tokens=8, temperature=0)
+    assert r.object == "text_completion" and r.usage.completion_tokens <= 8
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(
+            model=agg.model, prompt="def add(a, b):", max_tokens=8, temperature=0, stream=True
+        )
+    ]
+    assert "".join(pieces) == r.choices[0].text
+    by_ids = client.completions.create(model=agg.model, prompt=[5, 6, 7, 8], max_tokens=3, temperature=0)
+    assert by_ids.usage.prompt_tokens == 4
+
+
+def test_repeated_prompt_reports_cached_tokens(agg):
+    client = agg.client()
+    first = client.completions.create(model=agg.model, prompt=LONG_PROMPT, max_tokens=2, temperature=0)
+    second = client.completions.create(model=agg.model, prompt=LONG_PROMPT, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens > 100
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 96 and cached % 32 == 0  # whole 32-token blocks from vLLM's prefix cache
+
+
+def test_sampling_fields_take_effect(agg):
+    client = agg.client()
+    kw = dict(model=agg.model, prompt="import os\n", max_tokens=16)
+    a = client.completions.create(**kw, temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+    b = client.completions.create(**kw, temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+    c = client.completions.create(**kw, temperature=1.0, seed=8, extra_body={"ignore_eos": True})
+    assert a.choices[0].text == b.choices[0].text != c.choices[0].text
+    greedy = client.completions.create(**kw, temperature=0, extra_body={"ignore_eos": True})
+    assert greedy.usage.completion_tokens == 16
+    # stop at a string taken from the greedy output's middle
+    text = greedy.choices[0].text
+    cut = text[len(text) // 2 : len(text) // 2 + 3]
+    stopped = client.completions.create(**kw, temperature=0, stop=[cut], extra_body={"ignore_eos": True})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == text[: text.index(cut)]
+
+
+def test_logprobs_and_n(agg):
+    client = agg.client()
+    r = client.chat.completions.create(
+        model=agg.model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 2
+        assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
+        assert item.top_logprobs[0].logprob >= item.logprob - 1e-4  # greedy: the sampled token is the best
+    assert "".join(i.token for i in content) == r.choices[0].message.content
+    many = client.chat.completions.create(
+        model=agg.model, messages=[{"role": "user", "content": "hi"}], max_tokens=6, n=3, seed=1, temperature=1.0
+    )
+    assert sorted(c.index for c in many.choices) == [0, 1, 2]
+    assert len({c.message.content for c in many.choices}) > 1
+    assert 3 <= many.usage.completion_tokens <= 18
+
+
+@pytest.mark.parametrize(
+    "body, status, fragment",
+    [
+        (b"{not json", 400, "invalid JSON"),
+        (b'{"model": "tiny-llama", "messages": "hi"}', 400, "messages"),
+        (b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404, "does not exist"),
+        (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 400, "least 1"),
+        (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "temperature": "a"}', 400, "float"),
+        (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "tools": []}', 400, "tools"),
+        (
+            b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}',
+            400,
+            "context",
+        ),
+    ],
+)
+def test_bad_input_gets_openai_errors(agg, body, status, fragment):
+    r = httpx.post(f"{agg.base_url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert fragment in error["message"] and error["type"] and error["code"] == status
+
+
+def test_prompt_longer_than_the_model_limit(agg):
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        agg.client().completions.create(model=agg.model, prompt="word " * 3000, max_tokens=4)
+    r = httpx.post(f"{agg.base_url}/v1/nowhere", json={})
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(f"{agg.base_url}/v1/chat/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_client_disconnect_aborts_in_vllm(agg):
+    body = {"model": agg.model, "prompt": "x", "max_tokens": 900, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{agg.base_url}/v1/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                request_id = json.loads(line[6:])["id"].removeprefix("cmpl-")
+                break  # hang up after the first chunk
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if f"Aborted request(s) {request_id}" in agg.group.log("worker0"):
+            break
+        time.sleep(0.1)
+    assert f"Aborted request(s) {request_id}" in agg.group.log("worker0")
+    assert f"request {request_id}: " in agg.group.log("frontend") and "cancelled" in agg.group.log("frontend")
+
+
+def test_metrics_count_requests_and_latencies(agg):
+    agg.client().completions.create(model=agg.model, prompt="a", max_tokens=2)
+    text = httpx.get(f"{agg.base_url}/metrics").text
+    for name in (
+        "zdyn_requests_total",
+        "zdyn_time_to_first_token_seconds_bucket",
+        "zdyn_inter_token_latency_seconds_bucket",
+        "zdyn_request_latency_seconds_count",
+        "zdyn_requests_in_flight",
+        "zdyn_live_workers 1.0",
+    ):
+        assert name in text
+    assert 'zdyn_requests_total{endpoint="completions",status="success"}' in text
+    assert 'status="error_400"' in text
+
+
+def test_worker_death_fails_its_streams_and_a_new_worker_is_used(tiny_model, tmp_path):
+    with deployment(tmp_path, tiny_model) as dep:
+        body = {"model": dep.model, "prompt": "x", "max_tokens": 900, "stream": True, "ignore_eos": True}
+        got_error = None
+        with httpx.stream("POST", f"{dep.base_url}/v1/completions", json=body, timeout=30) as r:
+            for n, line in enumerate(r.iter_lines()):
+                if n == 10:
+                    killed = time.monotonic()
+                    dep.group.kill("worker0", signal.SIGKILL)
+                if line.startswith('data: {"error"'):
+                    got_error = json.loads(line[6:])["error"]
+        assert got_error is not None and got_error["code"] == 503
+        assert time.monotonic() - killed < 3.0
+        assert get_json(f"{dep.base_url}/health")[0] == 503
+        with pytest.raises(openai.APIStatusError) as unavailable:
+            dep.client().completions.create(model=dep.model, prompt="x", max_tokens=2)
+        assert unavailable.value.status_code == 503
+        dep.add_worker(tiny_model)  # joins at run time, nothing restarted
+        wait_for_workers(dep.base_url, 1, timeout_s=240)
+        r = dep.client().completions.create(model=dep.model, prompt="x", max_tokens=2)
+        assert r.usage.completion_tokens == 2

@@ -1,0 +1,106 @@
+import msgpack
+import pytest
+
+from zdyn.protocol import (
+    CLASS_OF,
+    PROTOCOL_VERSION,
+    TYPE_OF,
+    Cancel,
+    Delta,
+    Error,
+    Finish,
+    Generate,
+    Heartbeat,
+    Outputs,
+    Process,
+    ProtocolError,
+    Ready,
+    Refused,
+    SamplingParams,
+    TextRequest,
+    TokenLogprob,
+    TopLogprob,
+    decode,
+    encode,
+)
+
+EXAMPLES = [
+    Ready(peer_id="w1", role="worker", model="m", engine="vllm", max_num_seqs=8, block_size=32, num_kv_blocks=100),
+    Refused(reason="protocol version 9 is not 1"),
+    Heartbeat(num_running=3, num_waiting=1, kv_usage=0.25),
+    Generate(request_id="r", token_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=5, seed=7, stop_token_ids=[2])),
+    Outputs(
+        deltas=[
+            Delta(request_id="a", token_ids=[5], num_cached_tokens=32),
+            Delta(
+                request_id="b",
+                token_ids=[6, 7],
+                text="hi",
+                logprobs=[TokenLogprob(token_id=6, logprob=-0.5, top=[TopLogprob(token_id=6, logprob=-0.5)])],
+                finish=Finish(reason="stop", stop_reason="\n", prompt_tokens=3, completion_tokens=2),
+            ),
+        ]
+    ),
+    Cancel(request_id="r"),
+    Error(request_id="r", message="boom", status=400, type="invalid_request_error"),
+    Process(request_id="p", request=TextRequest(messages=[{"role": "user", "content": "hi"}], stop=["x"], n=2)),
+]
+
+
+def test_every_message_type_has_an_example():
+    assert {type(m) for m in EXAMPLES} == set(TYPE_OF)
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg):
+    frames = encode(msg)
+    assert frames[0] == bytes([TYPE_OF[type(msg)]])
+    assert decode(frames) == msg
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_payload_is_plain_messagepack_map(msg):
+    payload = msgpack.unpackb(encode(msg)[1], raw=False)
+    assert isinstance(payload, dict)
+    for name in payload:
+        assert name in msg.__struct_fields__
+
+
+def test_plain_msgpack_reader_sees_field_names_and_values():
+    generate = Generate(request_id="r1", token_ids=[10, 11], sampling=SamplingParams(max_tokens=4, temperature=0.0))
+    payload = msgpack.unpackb(encode(generate)[1], raw=False)
+    assert payload == {"request_id": "r1", "token_ids": [10, 11], "sampling": {"max_tokens": 4, "temperature": 0.0}}
+
+
+def test_written_by_plain_msgpack_is_readable():
+    payload = msgpack.packb({"request_id": "x", "token_ids": [1], "future_field": {"ignored": True}})
+    msg = decode([bytes([TYPE_OF[Generate]]), payload])
+    assert msg == Generate(request_id="x", token_ids=[1])
+
+
+def test_ready_carries_protocol_version_by_default():
+    payload = msgpack.unpackb(encode(Ready(peer_id="w", role="worker"))[1])
+    assert "protocol_version" not in payload or payload["protocol_version"] == PROTOCOL_VERSION
+    assert decode(encode(Ready(peer_id="w", role="worker"))).protocol_version == PROTOCOL_VERSION
+
+
+@pytest.mark.parametrize(
+    "frames, match",
+    [
+        ([b"\x10"], "expected 2 frames"),
+        ([b"\x10", b"x", b"y"], "expected 2 frames"),
+        ([b"\x7f", msgpack.packb({})], "unknown message type 0x7f"),
+        ([b"", msgpack.packb({})], "expected 2 frames"),
+        ([b"\x10", b"\xc1garbage"], "bad Generate payload"),
+        ([b"\x10", msgpack.packb({"request_id": "r"})], "bad Generate payload"),
+        ([b"\x10", msgpack.packb({"request_id": 5, "token_ids": []})], "bad Generate payload"),
+        ([b"\x11", msgpack.packb([1, 2, 3])], "bad Outputs payload"),
+    ],
+)
+def test_malformed_frames_raise_protocol_error(frames, match):
+    with pytest.raises(ProtocolError, match=match):
+        decode(frames)
+
+
+def test_type_table_is_one_to_one():
+    assert len(CLASS_OF) == len(TYPE_OF)
