@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ class Deployment:
 
     def add_worker(self, model: Path | str | None, extra: list[str] | None = None, name: str | None = None) -> str:
         name = name or f"worker{len(self.workers)}"
-        argv = ["zdyn", "worker", "--connect", self.workers_endpoint, "--heartbeat-interval", "0.5"]
+        argv = ["zdyn", "worker", "--connect", self.workers_endpoint]
         if model is not None:
             argv += ["--model", str(model)]
         self.group.start(name, argv + (extra if extra is not None else VLLM_TEST_ARGS))
@@ -65,11 +66,9 @@ def deployment(
     port = free_port()
     workers_endpoint = f"tcp://127.0.0.1:{free_port()}"
     group = ProcessGroup(tmp / "logs")
-    import os
-
     os.environ.update(scratch_env(tmp))
     argv = ["zdyn", "frontend", "--port", str(port), "--host", "127.0.0.1", "--workers-endpoint", workers_endpoint]
-    argv += ["--heartbeat-interval", "0.5"] + (["--model", str(model)] if model is not None else [])
+    argv += ["--model", str(model)] if model is not None else []
     group.start("frontend", argv + (frontend_args or []))
     dep = Deployment(f"http://127.0.0.1:{port}", workers_endpoint, group, "")
     try:

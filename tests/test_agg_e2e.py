@@ -1,6 +1,7 @@
 """The agg scenario end to end: real frontend and vLLM worker processes on loopback, driven by openai."""
 
 import json
+import os
 import signal
 import time
 
@@ -198,17 +199,19 @@ def test_metrics_count_requests_and_latencies(agg):
 
 def test_worker_death_fails_its_streams_and_a_new_worker_is_used(tiny_model, tmp_path):
     with deployment(tmp_path, tiny_model) as dep:
-        body = {"model": dep.model, "prompt": "x", "max_tokens": 900, "stream": True, "ignore_eos": True}
-        got_error = None
+        body = {"model": dep.model, "prompt": "x", "max_tokens": 1000, "stream": True, "ignore_eos": True}
+        got_error = killed = None
         with httpx.stream("POST", f"{dep.base_url}/v1/completions", json=body, timeout=30) as r:
-            for n, line in enumerate(r.iter_lines()):
-                if n == 10:
-                    killed = time.monotonic()
-                    dep.group.kill("worker0", signal.SIGKILL)
+            for line in r.iter_lines():
+                if killed is None and line.startswith("data: {"):
+                    killed = time.monotonic()  # streaming has begun: kill the worker process, not its EngineCore
+                    os.kill(dep.group.procs["worker0"].pid, signal.SIGKILL)
                 if line.startswith('data: {"error"'):
                     got_error = json.loads(line[6:])["error"]
         assert got_error is not None and got_error["code"] == 503
         assert time.monotonic() - killed < 3.0
+        dep.group.procs["worker0"].wait(5)  # reap it: a zombie would still count as a member of its group
+        assert_group_exits(dep.group.procs["worker0"].pid)  # vLLM's EngineCore did not outlive its worker
         assert get_json(f"{dep.base_url}/health")[0] == 503
         with pytest.raises(openai.APIStatusError) as unavailable:
             dep.client().completions.create(model=dep.model, prompt="x", max_tokens=2)
@@ -217,3 +220,14 @@ def test_worker_death_fails_its_streams_and_a_new_worker_is_used(tiny_model, tmp
         wait_for_workers(dep.base_url, 1, timeout_s=240)
         r = dep.client().completions.create(model=dep.model, prompt="x", max_tokens=2)
         assert r.usage.completion_tokens == 2
+
+
+def assert_group_exits(pgid: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"processes of group {pgid} still alive {timeout_s}s after their worker was killed")

@@ -208,9 +208,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:6]
-    tok.train(
-        files, trainers.BpeTrainer(vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    )
+    tok.train(files, trainers.BpeTrainer(vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     out = tmp_path_factory.mktemp("tok")
     tok.save(str(out / "tokenizer.json"))
     return out

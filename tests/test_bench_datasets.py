@@ -109,9 +109,7 @@ def test_salt_changes_content_not_length(synth: TokenSynth) -> None:
 
 
 def test_prefix_sessions_share_system_prompts_and_grow(synth: TokenSynth) -> None:
-    ds = PrefixDataset(
-        num_prefixes=2, users_per_prefix=3, turns=3, prefix_len=80, suffix_len=20, output_len=10
-    )
+    ds = PrefixDataset(num_prefixes=2, users_per_prefix=3, turns=3, prefix_len=80, suffix_len=20, output_len=10)
     reqs = list(ds.requests(seed=5))
     assert len(reqs) == ds.size() == 18
     assert [r.turn for r in reqs] == [0] * 6 + [1] * 6 + [2] * 6
@@ -149,9 +147,7 @@ def test_model_history_resends_generated_answer(synth: TokenSynth) -> None:
 
 def test_request_body_fields(synth: TokenSynth) -> None:
     req = next(RandomDataset(input_len=12, output_len=5).requests(seed=0))
-    chat = PromptBuilder(
-        synth, RequestOptions("m", ignore_eos=True, extra_body={"nvext": {"ignore_eos": True}})
-    )
+    chat = PromptBuilder(synth, RequestOptions("m", ignore_eos=True, extra_body={"nvext": {"ignore_eos": True}}))
     body = chat.body(req)
     assert body["model"] == "m" and body["max_tokens"] == 5 and body["stream"] is True
     assert body["stream_options"] == {"include_usage": True}

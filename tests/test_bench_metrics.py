@@ -135,9 +135,7 @@ def test_max_concurrency_touching_intervals_do_not_overlap() -> None:
 def test_summarize_cdf_and_empty() -> None:
     s = summarize([0.001 * v for v in range(1, 102)])  # 1..101 ms
     assert len(s.cdf) == 101
-    assert (
-        s.cdf[0] == pytest.approx(1) and s.cdf[50] == pytest.approx(51) and s.cdf[100] == pytest.approx(101)
-    )
+    assert s.cdf[0] == pytest.approx(1) and s.cdf[50] == pytest.approx(51) and s.cdf[100] == pytest.approx(101)
     empty = summarize([])
     assert empty.count == 0 and empty.mean == 0.0 and empty.cdf == []
 
@@ -145,9 +143,7 @@ def test_summarize_cdf_and_empty() -> None:
 def test_no_records_and_all_failed() -> None:
     assert compute_metrics([]).duration_s == 0.0
     m = compute_metrics([rec(0, 0, 2, error="connection")])
-    assert (
-        m.completed == 0 and m.request_throughput == 0.0 and m.ttft.count == 0 and m.cached_fraction is None
-    )
+    assert m.completed == 0 and m.request_throughput == 0.0 and m.ttft.count == 0 and m.cached_fraction is None
 
 
 def test_summary_printout(records: list[RequestRecord]) -> None:
@@ -204,8 +200,5 @@ def test_trace_timestamps_scaled_by_speed() -> None:
 
 def test_schedule_uses_gamma_process_for_synthetic_datasets() -> None:
     settings = RunSettings(path="/v1/completions", options=RequestOptions("m"), seed=3, burstiness=0.5)
-    got = [
-        t
-        for _, t in itertools.islice(schedule(RandomDataset(8, 2).requests(0), LoadPoint(2.0), settings), 20)
-    ]
+    got = [t for _, t in itertools.islice(schedule(RandomDataset(8, 2).requests(0), LoadPoint(2.0), settings), 20)]
     assert got == pytest.approx(list(itertools.islice(gamma_offsets(2.0, 0.5, 3), 20)))

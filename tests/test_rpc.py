@@ -3,7 +3,6 @@
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -169,7 +168,7 @@ async def test_killed_peer_fails_its_streams_before_heartbeat_expiry(endpoint, c
     slow = Liveness(interval_s=10.0, misses=3)  # expiry 30 s: only disconnect detection can be this fast
     hub = Hub(endpoint, role="worker", liveness=slow, ctx=ctx)
     await hub.start()
-    proc = subprocess.Popen([sys.executable, "-c", SPOKE_SCRIPT, endpoint])
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", SPOKE_SCRIPT, endpoint)
     try:
         await hub.wait_for_peers(1, timeout_s=20)
         stream = hub.stream(hub.live_peers()[0], Generate(request_id="r", token_ids=[1]))
@@ -183,8 +182,9 @@ async def test_killed_peer_fails_its_streams_before_heartbeat_expiry(endpoint, c
         assert failed.value.error.status == 503
         assert hub.live_peers() == []
     finally:
-        proc.kill()
-        proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
         await hub.close()
 
 

@@ -1,14 +1,16 @@
 """YAML deployment configs: a ``Common`` section shared by all roles plus one section per role.
 
 Like Dynamo's configs, each key becomes a command-line flag (``block-size: 32`` -> ``--block-size 32``,
-``true`` -> ``--flag``, ``false`` -> omitted, lists repeat the flag, dicts become JSON). Common keys are
-passed only to roles that understand them; flags given on the command line win over the file.
+``true`` -> ``--flag``, ``false`` -> omitted, lists repeat the flag, dicts become JSON). A role gets only the
+keys it has flags for (a mocker worker skips vLLM-only keys, and says so); flags given on the command line
+win over the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,4 +47,8 @@ def config_argv(parser: argparse.ArgumentParser, path: str | Path, section: str)
     sections = load_sections(path)
     known = set(parser._option_string_actions)
     common = {k: v for k, v in sections.get("Common", {}).items() if f"--{k}" in known}
-    return to_argv({**common, **sections.get(section, {})})
+    own = sections.get(section, {})
+    skipped = [k for k in own if f"--{k}" not in known]
+    if skipped:
+        print(f"{parser.prog}: {path} [{section}]: no such flags here, skipped: {', '.join(skipped)}", file=sys.stderr)
+    return to_argv({**common, **{k: v for k, v in own.items() if f"--{k}" in known}})

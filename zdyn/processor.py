@@ -7,9 +7,11 @@ the frontend as a peer, so several processors spread tokenization over several c
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -17,7 +19,7 @@ from transformers import AutoTokenizer
 
 from zdyn.detokenizer import Detokenizer
 from zdyn.errors import RequestError
-from zdyn.protocol import Delta, Finish, Generate, Ready, TextRequest, TokenLogprob, TopLogprob
+from zdyn.protocol import GENERATION_DEFAULTS, Delta, Finish, Generate, Ready, TextRequest, TokenLogprob, TopLogprob
 from zdyn.routing import Selector
 from zdyn.rpc import Hub, Peer, RequestFailed
 
@@ -34,6 +36,7 @@ class Processor:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.backend = self.tokenizer.backend_tokenizer  # the fast Rust tokenizer, for decoding
         self.max_model_len = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
+        self.sampling_defaults = generation_defaults(tokenizer_path)
         self._token_text: dict[int, str] = {}
 
     def tokenize(self, request: TextRequest) -> list[int]:
@@ -90,7 +93,8 @@ class Processor:
                 f"This model's maximum context length is {max_model_len} tokens. However, you requested "
                 f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} for the output)."
             )
-        return msgspec.structs.replace(request.sampling, max_tokens=max_tokens)
+        defaults = {k: v for k, v in self.sampling_defaults.items() if k not in request.sampling_set}
+        return msgspec.structs.replace(request.sampling, max_tokens=max_tokens, **defaults)
 
     async def _generate(
         self, rid: str, index: int, peer: Peer, token_ids: list[int], sampling: Any, request: TextRequest
@@ -155,6 +159,15 @@ class Processor:
         if text is None:
             text = self._token_text[token_id] = self.backend.decode([token_id], skip_special_tokens=False)
         return text
+
+
+def generation_defaults(model_path: str) -> dict[str, Any]:
+    """Sampling defaults from the model's generation_config.json, for fields a request leaves unset."""
+    path = Path(model_path) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    return {k: config[k] for k in GENERATION_DEFAULTS if config.get(k) is not None}
 
 
 def accept_model(name: str) -> Callable[[Ready], str | None]:

@@ -89,12 +89,17 @@ class Generate(Message):
     model: str = ""
 
 
+# Sampling fields a model's generation_config.json may give defaults for (vLLM applies them the same way).
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
 class TextRequest(Message):
     """A validated OpenAI request as the processor needs it: a chat or a plain prompt."""
 
     messages: list[dict[str, Any]] | None = None  # chat
     prompt: str | list[int] | None = None  # completions: text or token ids
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    sampling_set: list[str] = []  # sampling fields the client gave; the model's defaults fill the others
     max_tokens: int | None = None  # None: up to the model's context limit
     stop: list[str] = []
     include_stop_str_in_output: bool = False

@@ -64,6 +64,10 @@ case "$WHAT" in
 esac
 
 mkdir -p "$PEERS_DIR"
+PEERS_DIR="$(cd "$PEERS_DIR" && pwd)"  # absolute, since we cd there
+# Work from the peers folder, and run checks with python -I: from benchmarks/peers/ itself, the current folder on
+# sys.path would make `import dynamo` / `import aiperf` find this repo's dynamo.py / aiperf.py instead.
+cd "$PEERS_DIR"
 
 # constraints_args VENV NAME -- prints "-c FILE" (writing FILE into the venv) unless ZDYN_PEERS_UNPINNED=1
 constraints_args() {
@@ -90,7 +94,7 @@ make_venv() {
     local venv="$PEERS_DIR/$name"
     local stamp_file="$venv/.zdyn-peer-stamp"
     if [[ "$FORCE" != 1 && -f "$stamp_file" && "$(cat "$stamp_file")" == "$stamp" ]] &&
-        "$venv/bin/python" -c "$check" >/dev/null 2>&1; then
+        "$venv/bin/python" -I -c "$check" >/dev/null 2>&1; then
         log "$name: already installed (${stamp%;deps=*}) at $venv, skipping"
         return 0
     fi
@@ -103,7 +107,7 @@ make_venv() {
     "$PYTHON" -m venv "$venv"
     venv_pip "$venv" install --quiet --upgrade pip
     "install_${name%-venv}" "$venv"
-    "$venv/bin/python" -c "$check" 2>/dev/null || "$venv/bin/python" -c "$check"
+    "$venv/bin/python" -I -c "$check" 2>/dev/null || "$venv/bin/python" -I -c "$check"
     printf '%s' "$stamp" >"$stamp_file"
     log "$name: installed in $((SECONDS - t0)) s, $(du -sh "$venv" | cut -f1)"
 }
@@ -141,8 +145,9 @@ import aiperf  # noqa
 
 main() {
     if [[ "$WHAT" == all || "$WHAT" == dynamo ]]; then
-        make_venv dynamo-venv "ai-dynamo==${DYNAMO_VERSION};lock=$(lock_id dynamo);deps=$(printf '%s ' "${DYNAMO_DEPS[@]}")" \
-            "$DYNAMO_CHECK"
+        local deps
+        deps="$(printf '%s ' "${DYNAMO_DEPS[@]}")"
+        make_venv dynamo-venv "ai-dynamo==${DYNAMO_VERSION};lock=$(lock_id dynamo);deps=${deps}" "$DYNAMO_CHECK"
     fi
     if [[ "$WHAT" == all || "$WHAT" == aiperf ]]; then
         make_venv aiperf-venv "aiperf==${AIPERF_VERSION};lock=$(lock_id aiperf)" "$AIPERF_CHECK"
@@ -152,12 +157,12 @@ main() {
     log "peers directory: $PEERS_DIR"
     if [[ -x "$PEERS_DIR/dynamo-venv/bin/python" ]]; then
         log "  Dynamo: $PEERS_DIR/dynamo-venv/bin/python -m dynamo.frontend | -m dynamo.mocker" \
-            "(ai-dynamo $("$PEERS_DIR/dynamo-venv/bin/python" -c \
+            "(ai-dynamo $("$PEERS_DIR/dynamo-venv/bin/python" -I -c \
             "import importlib.metadata as m; print(m.version('ai-dynamo'))" 2>/dev/null || echo '?'))"
     fi
     if [[ -x "$PEERS_DIR/aiperf-venv/bin/aiperf" ]]; then
         log "  aiperf: $PEERS_DIR/aiperf-venv/bin/aiperf" \
-            "($("$PEERS_DIR/aiperf-venv/bin/python" -c \
+            "($("$PEERS_DIR/aiperf-venv/bin/python" -I -c \
             "import importlib.metadata as m; print(m.version('aiperf'))" 2>/dev/null || echo '?'))"
     fi
     log "use: python -m benchmarks.peers.dynamo --help (from the repo root)"

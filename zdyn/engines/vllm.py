@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
@@ -75,6 +76,17 @@ class VllmEngine:
             block_size=config.cache_config.block_size,
             num_kv_blocks=config.cache_config.num_gpu_blocks or 0,
         )
+        await self._warm_up()
+
+    async def _warm_up(self) -> None:
+        """One tiny request before serving: vLLM initialises parts of its client lazily, blocking the event
+        loop (and so the worker's heartbeats) for a second or more on the first real request."""
+        started = time.perf_counter()
+        warm_up = Generate(request_id=f"zdyn-warm-up-{os.getpid()}", token_ids=[0, 1, 2])
+        warm_up.sampling.max_tokens = 2
+        async for _ in self.generate(warm_up):
+            pass
+        log.info("engine warm-up took %.2fs", time.perf_counter() - started)
 
     def load(self) -> Heartbeat:
         if self._num_inflight == 0:  # vLLM reports stats per step, so the last ones go stale when it idles

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zdyn.errors import RequestError
-from zdyn.protocol import Delta, Finish, SamplingParams, TextRequest, TokenLogprob
+from zdyn.protocol import GENERATION_DEFAULTS, Delta, Finish, SamplingParams, TextRequest, TokenLogprob
 
 MAX_N = 16
 MAX_STOP = 16
@@ -75,6 +75,7 @@ def parse_request(endpoint: str, body: Any) -> ParsedRequest:
 
     text = TextRequest(
         sampling=_sampling(body, nvext),
+        sampling_set=sorted(k for k in GENERATION_DEFAULTS if body.get(k) is not None),
         max_tokens=_max_tokens(body),
         stop=_stop(body),
         n=_get(body, "n", int, 1, low=1, high=MAX_N),

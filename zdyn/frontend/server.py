@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import uvicorn
 from starlette.applications import Starlette
 
@@ -113,6 +114,10 @@ async def serve(args: argparse.Namespace) -> None:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Streaming responses use anyio task groups; anyio imports its backend lazily, which on the first
+        # request blocked the event loop (and every stream) for seconds. Take that cost at start-up.
+        async with anyio.create_task_group():
+            pass
         await hub.start()
         log.info("frontend on http://%s:%d: %s", args.host, args.port, where)
         try:
