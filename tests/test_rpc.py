@@ -72,18 +72,19 @@ async def test_stream_round_trip(endpoint, ctx):
     peer = hub.live_peers()[0]
     assert peer.id == "w1" and peer.ready.model == "m"
     deltas = [d async for d in hub.stream(peer, Generate(request_id="r1", token_ids=[1]))]
-    assert [d.token_ids for d in deltas] == [[0], [1], [2], [3]]
+    assert [t for d in deltas for t in d.token_ids] == [0, 1, 2, 3]
     assert deltas[-1].finish == Finish(reason="length", completion_tokens=4)
+    assert all(d.finish is None for d in deltas[:-1])
     results = await asyncio.gather(
         *[_collect(hub, peer, f"c{i}") for i in range(100)]
     )  # concurrent streams stay separate
-    assert all(r == [[0], [1], [2], [3]] for r in results)
+    assert all(r == [0, 1, 2, 3] for r in results)
     assert peer.num_inflight == 0
     await stop_pair(hub, spoke, task)
 
 
 async def _collect(hub, peer, rid):
-    return [d.token_ids async for d in hub.stream(peer, Generate(request_id=rid, token_ids=[1]))]
+    return [t async for d in hub.stream(peer, Generate(request_id=rid, token_ids=[1])) for t in d.token_ids]
 
 
 async def test_deltas_of_one_loop_turn_travel_as_one_message(endpoint, ctx):
@@ -228,7 +229,7 @@ async def test_malformed_frames_are_dropped_and_counted(endpoint, ctx):
         await asyncio.sleep(0.02)
     assert hub.malformed.count == 5
     deltas = [d async for d in hub.stream(hub.live_peers()[0], Generate(request_id="r", token_ids=[1]))]
-    assert len(deltas) == 4  # still serving
+    assert deltas[-1].finish is not None  # still serving
     dealer.close()
     await stop_pair(hub, spoke, task)
 
@@ -274,7 +275,7 @@ async def test_ipc_endpoints_work(tmp_path, ctx):
     endpoint = f"ipc://{tmp_path}/hub.sock"
     hub, spoke, task = await start_pair(endpoint, counting, ctx)
     deltas = [d async for d in hub.stream(hub.live_peers()[0], Generate(request_id="r", token_ids=[1]))]
-    assert len(deltas) == 4
+    assert sum(len(d.token_ids) for d in deltas) == 4
     await stop_pair(hub, spoke, task)
 
 
@@ -305,7 +306,7 @@ async def test_spoke_reregisters_with_a_restarted_hub(endpoint, ctx):
     await hub2.wait_for_peers(1, timeout_s=3)
     spoke.handler = counting
     deltas = [d async for d in hub2.stream(hub2.live_peers()[0], Generate(request_id="r2", token_ids=[1]))]
-    assert len(deltas) == 4
+    assert sum(len(d.token_ids) for d in deltas) == 4
     await stop_pair(hub2, spoke, task)
 
 
@@ -337,8 +338,29 @@ async def test_handler_errors_become_error_replies(endpoint, ctx):
         got = []
         with pytest.raises(RequestFailed) as failed:
             async for d in hub.stream(peer, Generate(request_id=rid, token_ids=[1])):
-                got.append(d.token_ids)
-        assert got == [[1]]  # the output before the error arrived first
+                got.extend(d.token_ids)
+        assert got == [1]  # the output before the error is handed out first
         assert failed.value.error.status == status and failed.value.error.message == text
     assert hub.live_peers() == [peer]  # a failed request does not drop the worker
     await stop_pair(hub, spoke, task)
+
+
+async def test_waiting_deltas_are_merged_and_errors_wait_their_turn():
+    from zdyn.protocol import Error, TokenLogprob
+    from zdyn.rpc import _Stream
+
+    stream = _Stream(b"w")
+    lp = [TokenLogprob(token_id=1, logprob=-0.5)]
+    stream.queue.put_nowait(Delta(request_id="r", token_ids=[1], text="a", logprobs=lp, num_cached_tokens=32))
+    stream.queue.put_nowait(Delta(request_id="r", token_ids=[2, 3], text="bc", logprobs=lp + lp))
+    stream.queue.put_nowait(Delta(request_id="r", token_ids=[4], finish=Finish(reason="stop")))
+    stream.queue.put_nowait(Delta(request_id="r", token_ids=[9]))  # never merged past a finish
+    merged = await stream.next()
+    assert merged.token_ids == [1, 2, 3, 4] and merged.text == "abc" and len(merged.logprobs) == 3
+    assert merged.num_cached_tokens == 32 and merged.finish == Finish(reason="stop")
+
+    stream = _Stream(b"w")
+    stream.queue.put_nowait(Delta(request_id="r", token_ids=[1]))
+    stream.queue.put_nowait(Error(request_id="r", message="boom"))
+    assert (await stream.next()).token_ids == [1]
+    assert isinstance(await stream.next(), Error)

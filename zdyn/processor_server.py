@@ -10,7 +10,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 
-from zdyn.cli import add_common_args, liveness, parse_args, run, setup_logging
+from zdyn.cli import add_common_args, freeze_startup_objects, liveness, parse_args, run, setup_logging
 from zdyn.errors import RequestError
 from zdyn.processor import Processor, accept_model
 from zdyn.protocol import Delta, Heartbeat, Process, Ready
@@ -55,6 +55,7 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, spoke.close)
     await workers.start()
+    freeze_startup_objects()
     log.info("processor %s serving %s: frontend %s, workers at %s", args.processor_id, name, args.frontend,
              args.workers_endpoint)  # fmt: skip
     try:

@@ -71,6 +71,32 @@ class _Stream:
     identity: bytes
     queue: asyncio.Queue[Delta | Error] = field(default_factory=asyncio.Queue)
     last_output: float = 0.0
+    error: Error | None = None  # an error that arrived behind output not yet handed out
+
+    async def next(self) -> Delta | Error:
+        """The next item; deltas already waiting are merged into one (one SSE write, not many)."""
+        if self.error is not None:
+            return self.error
+        item = await self.queue.get()
+        while isinstance(item, Delta) and item.finish is None and not self.queue.empty():
+            following = self.queue.get_nowait()
+            if isinstance(following, Error):
+                self.error = following
+                break
+            merge_into(item, following)
+        return item
+
+
+def merge_into(delta: Delta, following: Delta) -> None:
+    """Append ``following`` (the next delta of the same request) to ``delta``."""
+    delta.token_ids.extend(following.token_ids)
+    if following.text is not None:
+        delta.text = (delta.text or "") + following.text
+    if following.logprobs is not None:
+        delta.logprobs = (delta.logprobs or []) + following.logprobs
+    if delta.num_cached_tokens is None:
+        delta.num_cached_tokens = following.num_cached_tokens
+    delta.finish = following.finish
 
 
 class Hub:
@@ -160,7 +186,7 @@ class Hub:
                 done = True
                 raise RequestFailed(_error(rid, f"{self.role} {peer.id} is unreachable")) from e
             while True:
-                item = await stream.queue.get()
+                item = await stream.next()
                 if isinstance(item, Error):
                     done = True
                     raise RequestFailed(item)

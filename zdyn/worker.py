@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from zdyn.cli import add_common_args, liveness, parse_args, run, setup_logging
+from zdyn.cli import add_common_args, freeze_startup_objects, liveness, parse_args, run, setup_logging
 from zdyn.engines.base import Engine, EngineDeadError
 from zdyn.errors import RequestError
 from zdyn.protocol import Delta, Generate, Ready
@@ -137,6 +137,7 @@ class Worker:
             num_kv_blocks=info.num_kv_blocks,
         )
         self.spoke = Spoke(self.hubs, ready, self.handle, load=self.engine.load, liveness=self.liveness)
+        freeze_startup_objects()
         log.info("worker %s serving processors at %s", self.worker_id, ", ".join(self.hubs))
         try:
             await self.spoke.run()

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from zdyn.errors import RequestError
@@ -40,6 +40,44 @@ class Backend(Protocol):
 
 class ClientGone(Exception):
     pass
+
+
+class EventStream(Response):
+    """Server-sent events from an async iterator; a client that hangs up cancels the iteration.
+
+    Leaner than starlette's StreamingResponse (no anyio task group per response): one watcher task waits
+    for ``http.disconnect`` and cancels the sending task, whose iterator's cleanup then aborts the request.
+    """
+
+    media_type = "text/event-stream"
+    HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self.status_code = 200
+        self.raw_headers = list(self.HEADERS)
+        self.chunks = chunks
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        sender = asyncio.current_task()
+        assert sender is not None
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            sender.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not watcher.done():
+                raise  # cancelled by the server, not by the client
+        finally:
+            watcher.cancel()
+            await self.chunks.aclose()  # type: ignore[attr-defined]
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -144,8 +182,7 @@ class Frontend:
             return self._fail(endpoint, status, "no output", "client_closed_request")
         self.metrics.ttft.observe(time.perf_counter() - started)
         if parsed.stream:
-            stream = self._stream(parsed, request_id, first, deltas, started)
-            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return EventStream(self._stream(parsed, request_id, first, deltas, started))
         try:
             result = await until_disconnect(request, self._collect(parsed, request_id, first, deltas))
         except (RequestError, ClientGone) as e:

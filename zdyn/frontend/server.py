@@ -12,7 +12,7 @@ import anyio
 import uvicorn
 from starlette.applications import Starlette
 
-from zdyn.cli import add_common_args, liveness, parse_args, run, setup_logging
+from zdyn.cli import add_common_args, freeze_startup_objects, liveness, parse_args, run, setup_logging
 from zdyn.errors import RequestError
 from zdyn.frontend.app import Frontend
 from zdyn.processor import Processor, accept_model
@@ -119,6 +119,7 @@ async def serve(args: argparse.Namespace) -> None:
         async with anyio.create_task_group():
             pass
         await hub.start()
+        freeze_startup_objects()
         log.info("frontend on http://%s:%d: %s", args.host, args.port, where)
         try:
             yield
