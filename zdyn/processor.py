@@ -75,7 +75,7 @@ class Processor:
             self._generate(f"{request_id}-{i}", i, peer, token_ids, _choice_seed(sampling, i), request)
             for i in range(request.n)
         ]
-        async for delta in merge(streams):
+        async for delta in interleave(streams):
             delta.request_id = request_id
             yield delta
 
@@ -185,7 +185,7 @@ def _choice_seed(sampling: Any, index: int) -> Any:
     return msgspec.structs.replace(sampling, seed=seed)
 
 
-async def merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[Delta]:
+async def interleave(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[Delta]:
     """Interleave several delta streams; the first failure cancels the rest and is raised."""
     queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
 

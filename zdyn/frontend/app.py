@@ -178,8 +178,9 @@ class Frontend:
             await deltas.aclose()
             if isinstance(e, RequestError):
                 return self._fail(endpoint, e.status, e.message, e.type)
-            status = 499 if isinstance(e, ClientGone) else 502
-            return self._fail(endpoint, status, "no output", "client_closed_request")
+            if isinstance(e, ClientGone):
+                return self._fail(endpoint, 499, "client closed the request", "client_closed_request")
+            return self._fail(endpoint, 502, "the request ended without output", "bad_gateway")
         self.metrics.ttft.observe(time.perf_counter() - started)
         if parsed.stream:
             return EventStream(self._stream(parsed, request_id, first, deltas, started))
