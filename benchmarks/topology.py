@@ -158,19 +158,24 @@ class CpuSampler:
 
     def usage(self, start: float, end: float, labels: dict[int, str]) -> dict[str, float]:
         """Percent of one core used between ``start`` and ``end`` by each label (process group -> label), by the
-        whole machine ("machine", up to 100 x cores) and by everything else ("other")."""
-        inside = [s for s in self.samples if start - self.interval_s <= s.t <= end] or self.samples
-        first, last = inside[0], inside[-1]
-        span = last.t - first.t
-        if span <= 0:
+        whole machine ("machine", up to 100 x cores) and by everything else ("other"). A process counts from the
+        first to the last sample it appears in (the load generator exits at ``end``)."""
+        inside = [s for s in self.samples if start - self.interval_s <= s.t <= end + self.interval_s]
+        if len(inside) < 2 or inside[-1].t <= inside[0].t:
             return {}
+        span = inside[-1].t - inside[0].t
+        first: dict[int, float] = {}  # pid -> CPU seconds at the first and the last sample it appears in
+        last: dict[int, tuple[str, float]] = {}
+        for sample in inside:
+            for pid, (pgid, _, cpu_s) in sample.procs.items():
+                if pgid in labels:
+                    first.setdefault(pid, cpu_s)
+                    last[pid] = (labels[pgid], cpu_s)
         used: dict[str, float] = dict.fromkeys(labels.values(), 0.0)
-        for pid, (pgid, _, cpu_s) in last.procs.items():
-            label = labels.get(pgid)
-            if label is not None and pid in first.procs:
-                used[label] += cpu_s - first.procs[pid][2]
+        for pid, (label, cpu_s) in last.items():
+            used[label] += cpu_s - first[pid]
         out = {label: 100.0 * s / span for label, s in used.items()}
-        out["machine"] = 100.0 * (last.busy_s - first.busy_s) / span
+        out["machine"] = 100.0 * (inside[-1].busy_s - inside[0].busy_s) / span
         out["other"] = max(0.0, out["machine"] - sum(v for k, v in out.items() if k != "machine"))
         return {k: round(v, 1) for k, v in out.items()}
 
@@ -349,9 +354,7 @@ def bench_argv(args: argparse.Namespace, dep: Deployment, rate: float, out: Path
     return argv + passthrough
 
 
-def run_point(
-    args: argparse.Namespace, dep: Deployment, rate: float, out_dir: Path, passthrough: list[str]
-) -> Point:
+def run_point(args: argparse.Namespace, dep: Deployment, rate: float, out_dir: Path, passthrough: list[str]) -> Point:
     """One ``zdyn bench`` run at ``rate``, with the CPU use of every process group during its measured part."""
     result = out_dir / "raw" / f"w{dep.workers}-r{rate:g}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
@@ -363,11 +366,11 @@ def run_point(
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
         try:
             proc.wait(timeout)
+            ended = time.monotonic()
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # only does something on timeout or interrupt
-            proc.wait()
-        ended = time.monotonic()
+            if proc.poll() is None:  # timed out or interrupted
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     if proc.returncode != 0 or not result.exists():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
         raise RuntimeError(f"zdyn bench failed ({proc.returncode}) at rate {rate:g}:\n{tail}")
@@ -413,12 +416,16 @@ def format_table(points: Sequence[Point], offered: str = "rate") -> str:
 
 
 def saturation(points: Sequence[Point], attained: float = 0.9) -> dict[int, dict[str, float | None]]:
-    """Per worker count: the highest offered rate served within the SLO (goodput >= ``attained`` x offered; without
-    an SLO, throughput >= ``attained`` x offered), the first rate that was not, and the highest throughput seen."""
+    """Per worker count: the highest offered rate (below the first that is not) served within the SLO, meaning at
+    least ``attained`` of the requests met it (without an SLO: throughput >= ``attained`` x offered), the first rate
+    that was not, and the highest throughput seen."""
     out: dict[int, dict[str, float | None]] = {}
     for n in sorted({p.workers for p in points}):
         mine = sorted((p for p in points if p.workers == n), key=lambda p: p.rate)
-        ok = [(p.goodput if p.goodput is not None else p.request_throughput) >= attained * p.rate for p in mine]
+        ok = [
+            p.good_fraction >= attained if p.good_fraction is not None else p.request_throughput >= attained * p.rate
+            for p in mine
+        ]
         first_bad = next((i for i, good in enumerate(ok) if not good), len(mine))
         out[n] = {
             "sustained_rate": mine[first_bad - 1].rate if first_bad > 0 else None,
@@ -447,7 +454,10 @@ def plot(points: Sequence[Point], out_dir: Path, slo_ms: dict[str, float], title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_n = {n: sorted((p for p in points if p.workers == n), key=lambda p: p.rate) for n in sorted({p.workers for p in points})}
+    by_n = {
+        n: sorted((p for p in points if p.workers == n), key=lambda p: p.rate)
+        for n in sorted({p.workers for p in points})
+    }
     colors = plt.get_cmap("tab10")
     top = max(p.rate for p in points)
     paths = []
@@ -478,7 +488,9 @@ def plot(points: Sequence[Point], out_dir: Path, slo_ms: dict[str, float], title
             ax.plot(rates, [getattr(p, f"{metric}_p50") for p in ps], "-o", color=colors(i), label=f"{n} w p50")
             ax.plot(rates, [getattr(p, f"{metric}_p99") for p in ps], "--s", color=colors(i), label=f"{n} w p99")
         if slo:
-            ax.axhline(slo, color="red", lw=1, ls="-.", label=f"SLO {'TTFT' if metric == 'ttft' else 'TPOT'} {slo:g} ms")
+            ax.axhline(
+                slo, color="red", lw=1, ls="-.", label=f"SLO {'TTFT' if metric == 'ttft' else 'TPOT'} {slo:g} ms"
+            )
         ax.set_yscale("log")
         ax.set(xlabel="offered rate (req/s)", ylabel=f"{metric.upper()} (ms)", title=f"{metric.upper()} p50 / p99")
         ax.grid(True, which="both", alpha=0.3)
@@ -505,7 +517,7 @@ def write_report(out_dir: Path, summary: dict[str, Any]) -> list[Path]:
         f"Command: `{summary['command']}`",
         f"SLO for goodput: {slo_text}. Latencies in ms; CPU in % of one core (machine: all processes, 2 cores = 200).",
         table,
-        "Saturation (goodput >= 90 % of the offered rate):\n" + format_saturation(sat),
+        "Saturation (the highest rate at which >= 90 % of the requests met the SLO):\n" + format_saturation(sat),
     ])  # fmt: skip
     (out_dir / "table.md").write_text(text + "\n")
     (out_dir / "topology.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -613,7 +625,10 @@ def git_state() -> dict[str, Any]:
     head = git("rev-parse", "HEAD")
     if head.returncode != 0:
         return {}
-    return {"commit": head.stdout.strip(), "dirty": git("diff", "--quiet", "HEAD", "--", "zdyn", "examples").returncode != 0}
+    return {
+        "commit": head.stdout.strip(),
+        "dirty": git("diff", "--quiet", "HEAD", "--", "zdyn", "examples").returncode != 0,
+    }
 
 
 def _interrupt_on_sigterm() -> None:
@@ -668,7 +683,9 @@ def run(args: argparse.Namespace, passthrough: list[str], out_dir: Path, command
                 dep.start(args.start_timeout)
                 record["start_s"] = round(time.monotonic() - t0, 2)
                 record["roles"] = dep.roles()
-                print(f"   ready in {record['start_s']:.1f}s: {dep.live_workers()} workers at {dep.base_url}", flush=True)
+                print(
+                    f"   ready in {record['start_s']:.1f}s: {dep.live_workers()} workers at {dep.base_url}", flush=True
+                )
                 for rate in rates:
                     point = run_point(args, dep, rate, out_dir, passthrough)
                     summary["points"].append(vars(point))
@@ -682,7 +699,10 @@ def run(args: argparse.Namespace, passthrough: list[str], out_dir: Path, command
                 t1 = time.monotonic()
                 record["leftovers"] = dep.stop()
                 record["stop_s"] = round(time.monotonic() - t1, 2)
-                print(f"   stopped in {record['stop_s']:.1f}s; left behind: {record['leftovers'] or 'nothing'}", flush=True)
+                print(
+                    f"   stopped in {record['stop_s']:.1f}s; left behind: {record['leftovers'] or 'nothing'}",
+                    flush=True,
+                )
                 (out_dir / "topology.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -347,18 +348,20 @@ def bench_lock(path: str = LOCK_PATH) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------- the load
-def bench_argv(base_url: str, point: Point, args: argparse.Namespace, result_json: Path, label: str) -> list[str]:
+def bench_argv(
+    base_url: str, point: Point, args: argparse.Namespace, warmups: int, result_json: Path, label: str
+) -> list[str]:
     argv = ["zdyn", "bench", "--base-url", base_url, "--model", SMOLLM2_NAME, "--api", "chat"]
     argv += ["--tokenizer", args.model, "--input-len", str(args.input_len), "--output-len", str(args.output_len)]
     argv += ["--ignore-eos", "--temperature", "0", "--extra-body", json.dumps({"top_p": 1.0})]
-    argv += [*point.bench_flags(), "--warmups", str(args.warmups), "--no-progress", "--label", label]
+    argv += [*point.bench_flags(), "--warmups", str(warmups), "--no-progress", "--label", label]
     return [*argv, "--result-json", str(result_json)]
 
 
-def run_point(dep: Deployment, point: Point, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+def run_point(dep: Deployment, point: Point, args: argparse.Namespace, warmups: int, out_dir: Path) -> dict[str, Any]:
     """One ``zdyn bench`` run; returns its metrics plus the CPU seconds each role (and the rest) spent."""
     result_json = out_dir / f"{dep.system}-{point.label}.json"
-    argv = bench_argv(dep.base_url, point, args, result_json, dep.system)
+    argv = bench_argv(dep.base_url, point, args, warmups, result_json, dep.system)
     procs = descendants(dep.roots)
     before, busy_before = cpu_by_role(procs), machine_busy_s()
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -405,14 +408,15 @@ def run_session(
 ) -> dict[str, Any]:
     out_dir = scratch / "bench" / f"{round_no}"
     out_dir.mkdir(parents=True, exist_ok=True)
+    digest = zdyn_source_digest()  # the zdyn code this session runs (vLLM loads zdyn's plugin too)
     with bench_lock(), deployment(system, args.model, args.engine_args, scratch, args.start_timeout) as dep:
         print(f"  {system}: ready in {dep.startup_s:.1f}s at {dep.base_url}", flush=True)
         time.sleep(args.settle)
         idle = memory_snapshot(descendants(dep.roots), with_pss=True)
         results = []
         with PeakRss(dep.roots) as peak:
-            for point in points:
-                res = run_point(dep, point, args, out_dir)
+            for i, point in enumerate(points):
+                res = run_point(dep, point, args, args.warmups if i == 0 else 0, out_dir)
                 m = res["metrics"]
                 print(
                     f"    {point.label:>9}: {m['request_throughput']:.3f} req/s  {m['output_throughput']:6.1f} tok/s  "
@@ -426,6 +430,7 @@ def run_session(
     return {
         "system": system,
         "round": round_no,
+        "zdyn_source_digest": digest,
         "startup_s": dep.startup_s,
         "memory": {"idle": idle, "after_load": loaded},
         "points": results,
@@ -631,13 +636,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="sessions per system, alternating (default %(default)s)")
     p.add_argument("--first", choices=SYSTEMS, default="vllm", help="system of the first session")
     p.add_argument("--concurrency", type=_int_list, default=[1, 4, 16], help="closed-loop points (default 1,4,16)")
-    p.add_argument("--requests", type=_int_list, default=[8, 24, 64], help="measured requests per point (8,24,64)")
-    p.add_argument("--request-rate", type=float, default=0.6, help="open-loop point in req/s (default %(default)s)")
-    p.add_argument("--rate-requests", type=int, default=24, help="requests at the rate point (default %(default)s)")
+    p.add_argument("--requests", type=_int_list, default=[6, 16, 32], help="measured requests per point (6,16,32)")
+    p.add_argument("--request-rate", type=float, default=0.5, help="open-loop point in req/s (default %(default)s)")
+    p.add_argument("--rate-requests", type=int, default=12, help="requests at the rate point (default %(default)s)")
     p.add_argument("--no-rate", dest="request_rate", action="store_const", const=None, help="skip the rate point")
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens (default %(default)s)")
     p.add_argument("--output-len", type=int, default=64, help="output tokens, ignore_eos (default %(default)s)")
-    p.add_argument("--warmups", type=int, default=1, help="unmeasured requests before each point (default %(default)s)")
+    p.add_argument(
+        "--warmups",
+        type=int,
+        default=1,
+        help="unmeasured requests before the first point of a session (default %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="point i uses seed+i (identical prompts for both systems)")
     p.add_argument("--settle", type=float, default=3.0, help="idle seconds after start-up before idle RSS")
     p.add_argument("--start-timeout", type=float, default=300.0)
@@ -645,6 +655,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="where vs_vllm.{json,png} go")
     p.add_argument("--name", default="vs_vllm", help="file name stem of the outputs (default %(default)s)")
     return p
+
+
+def zdyn_source_digest() -> str:
+    """Hash of the zdyn sources a session runs: other people edit the tree, so sessions must be checked to match."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "zdyn").rglob("*.py")):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def git_state() -> dict[str, Any]:
+    def git(*cmd: str) -> str:
+        done = subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    dirty = git("status", "--porcelain", "--", "zdyn")
+    return {"commit": git("rev-parse", "HEAD"), "zdyn_dirty_files": dirty.splitlines()}
 
 
 def versions() -> dict[str, str]:
@@ -673,10 +700,16 @@ def main(argv: list[str] | None = None) -> int:
         for i, system in enumerate(order):
             print(f"session {i + 1}/{len(order)}: {system} (round {i // 2 + 1})", flush=True)
             sessions.append(run_session(system, i // 2, points, args, Path(tmp)))
+    digests = {s["zdyn_source_digest"] for s in sessions}
+    if len(digests) > 1:
+        print(
+            f"WARNING: the zdyn sources changed during the run ({len(digests)} versions): see sessions[].zdyn_source_digest"
+        )
     summary = summarize(sessions, points)
     memory = memory_summary(sessions)
     cpu = cpu_summary(sessions, points)
-    result = {
+    total_wall_s = time.perf_counter() - started
+    result: dict[str, Any] = {
         "format": 1,
         "benchmark": "vs_vllm",
         "command": command,
@@ -684,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "versions": versions(),
+        "git": git_state(),
         "config": {
             "model": args.model,
             "served_model_name": SMOLLM2_NAME,
@@ -692,12 +726,12 @@ def main(argv: list[str] | None = None) -> int:
             "output_len": args.output_len,
             "sampling": {"temperature": 0.0, "top_p": 1.0, "ignore_eos": True},
             "api": "chat, streaming",
-            "warmups_per_point": args.warmups,
+            "warmups_before_first_point": args.warmups,
             "points": [asdict(p) for p in points],
             "session_order": order,
             "targets": {"throughput_ratio_min": TARGET_THROUGHPUT_RATIO, "added_ttft_p50_ms_max": TARGET_ADDED_TTFT_MS},
         },
-        "total_wall_s": time.perf_counter() - started,
+        "total_wall_s": total_wall_s,
         "summary": summary,
         "memory": memory,
         "cpu_ms_per_request": cpu,
@@ -713,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_memory(memory))
     print("\nCPU ms per request by process (median over sessions):")
     print(format_cpu(cpu))
-    print(f"\ntotal {result['total_wall_s'] / 60:.1f} min; results: {json_path}, {png_path}")
+    print(f"\ntotal {total_wall_s / 60:.1f} min; results: {json_path}, {png_path}")
     print(f"reproduce: {command}")
     return 0
 

@@ -347,7 +347,7 @@ async def test_handler_errors_become_error_replies(endpoint, ctx):
 
 async def test_waiting_deltas_are_merged_and_errors_wait_their_turn():
     from zdyn.protocol import Error, TokenLogprob
-    from zdyn.rpc import _Stream
+    from zdyn.rpc.hub import _Stream
 
     stream = _Stream(b"w")
     lp = [TokenLogprob(token_id=1, logprob=-0.5)]

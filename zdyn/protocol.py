@@ -171,6 +171,8 @@ class Error(Message):
     type: str = "internal_error"
 
 
+Request = Generate | Process  # what a hub sends a spoke to serve
+
 TYPE_OF: dict[type[Message], MsgType] = {
     Ready: MsgType.READY,
     Refused: MsgType.REFUSED,

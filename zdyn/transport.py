@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
 
-from zdyn.protocol import Message, ProtocolError, decode, encode
+from zdyn.protocol import Error, Message, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +118,18 @@ def send(sock: zmq.asyncio.Socket, msg: Message, identity: bytes | None = None) 
     if identity is not None:
         frames.insert(0, identity)
     return sock.send_multipart(frames, copy=False)  # type: ignore[return-value]
+
+
+def error(request_id: str, message: str, status: int = 503, type: str = "unavailable") -> Error:
+    return Error(request_id=request_id, message=message, status=status, type=type)
+
+
+def ignore_result(future: asyncio.Future[object]) -> None:
+    """Done-callback for best-effort sends (heartbeats, cancels): retrieve the outcome so none is logged."""
+    if not future.cancelled():
+        future.exception()
+
+
+def log_send_error(future: asyncio.Future[object]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("send failed: %s", future.exception())

@@ -1,11 +1,4 @@
-"""Streaming RPC over ROUTER/DEALER: a hub serves requests out to peers that registered with it.
-
-A ``Hub`` (ROUTER, binds) is the processor's side of its workers, or the frontend's side of separate
-processors. A ``Spoke`` (one DEALER per hub, connects) is the worker's or processor's side. Spokes announce
-themselves with READY, both sides send heartbeats, and a peer silent for ``Liveness.expiry_s`` is dead: its
-requests in flight end at once with a 503 error, and a spoke that loses its hub cancels that hub's requests
-and announces itself again with a fresh socket (zguide's Paranoid Pirate).
-"""
+"""The ROUTER side of zdyn's streaming RPC: peers register, requests stream out to them."""
 
 from __future__ import annotations
 
@@ -18,26 +11,21 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from zdyn.errors import RequestError
 from zdyn.protocol import (
     PROTOCOL_VERSION,
     Cancel,
     Delta,
     Error,
-    Generate,
     Heartbeat,
-    Message,
     Outputs,
-    Process,
     Ready,
     Refused,
+    Request,
 )
-from zdyn.transport import Liveness, MalformedCounter, decode_or_count, make_socket, send
+from zdyn.transport import Liveness, MalformedCounter, decode_or_count, error, ignore_result, make_socket, send
 
 log = logging.getLogger(__name__)
 
-Request = Generate | Process
-Handler = Callable[[Request], AsyncIterator[Delta]]
 IDLE_TIMEOUT_S = 600.0  # a request with no output for this long fails (engine stuck, not dead)
 
 
@@ -47,10 +35,6 @@ class RequestFailed(Exception):
     def __init__(self, error: Error) -> None:
         super().__init__(error.message)
         self.error = error
-
-
-class RefusedError(Exception):
-    """A hub refused this spoke's READY (for example another protocol version)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -173,7 +157,7 @@ class Hub:
         assert self._sock is not None, "Hub.start() first"
         rid = request.request_id
         if rid in self._streams:
-            raise RequestFailed(_error(rid, f"duplicate request id {rid!r}", 400, "invalid_request_error"))
+            raise RequestFailed(error(rid, f"duplicate request id {rid!r}", 400, "invalid_request_error"))
         stream = _Stream(peer.identity, last_output=asyncio.get_running_loop().time())
         self._streams[rid] = stream
         peer.num_inflight += 1
@@ -184,7 +168,7 @@ class Hub:
             except zmq.ZMQError as e:
                 self._drop(peer, f"unreachable ({e})")
                 done = True
-                raise RequestFailed(_error(rid, f"{self.role} {peer.id} is unreachable")) from e
+                raise RequestFailed(error(rid, f"{self.role} {peer.id} is unreachable")) from e
             while True:
                 item = await stream.next()
                 if isinstance(item, Error):
@@ -199,7 +183,7 @@ class Hub:
             del self._streams[rid]
             peer.num_inflight -= 1
             if not done and self.peers.get(peer.identity) is peer:
-                send(self._sock, Cancel(request_id=rid), peer.identity).add_done_callback(_ignore)
+                send(self._sock, Cancel(request_id=rid), peer.identity).add_done_callback(ignore_result)
 
     async def _read(self) -> None:
         assert self._sock is not None
@@ -242,7 +226,7 @@ class Hub:
         if reason is not None:
             log.error("refused %s %s at %s: %s", ready.role, ready.peer_id, self.endpoint, reason)
             assert self._sock is not None
-            send(self._sock, Refused(reason=reason), identity).add_done_callback(_ignore)
+            send(self._sock, Refused(reason=reason), identity).add_done_callback(ignore_result)
             return
         old = self.peers.get(identity)
         if old is not None:  # it lost us and cancelled what it had: fail those streams
@@ -262,7 +246,7 @@ class Hub:
         failed = 0
         for rid, stream in self._streams.items():
             if stream.identity == peer.identity:
-                stream.queue.put_nowait(_error(rid, f"{self.role} {peer.id} {reason}"))
+                stream.queue.put_nowait(error(rid, f"{self.role} {peer.id} {reason}"))
                 failed += 1
         log.warning("%s %s dropped: %s; %d request(s) in flight failed", self.role, peer.id, reason, failed)
         self._changed()
@@ -291,7 +275,7 @@ class Hub:
             for rid, stream in self._streams.items():
                 if now - stream.last_output > self.idle_timeout_s:
                     message = f"no output for {self.idle_timeout_s:.0f}s"
-                    stream.queue.put_nowait(_error(rid, message, 504, "timeout"))
+                    stream.queue.put_nowait(error(rid, message, 504, "timeout"))
                     stream.last_output = now
 
     async def _watch_disconnects(self) -> None:
@@ -302,193 +286,3 @@ class Hub:
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 await asyncio.sleep(0.05)  # let the ROUTER retire the peer's pipe first
                 self._probe(loop.time())
-
-
-@dataclass(slots=True, eq=False)
-class _Link:
-    """A spoke's connection to one hub."""
-
-    endpoint: str
-    sock: zmq.asyncio.Socket | None = None
-    reader: asyncio.Task[None] | None = None
-    last_seen: float = 0.0
-    heard: bool = False  # the hub has answered since this socket was opened
-    requests: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    pending: list[Delta] = field(default_factory=list)
-
-
-class Spoke:
-    """DEALER side: connects to each hub, registers with READY and serves requests with ``handler``.
-
-    Deltas produced in the same event-loop turn are sent to their hub as one Outputs message, so a
-    worker sends one message per engine step rather than one per token.
-    """
-
-    def __init__(
-        self,
-        hubs: list[str],
-        ready: Ready,
-        handler: Handler,
-        *,
-        load: Callable[[], Heartbeat] | None = None,
-        liveness: Liveness | None = None,
-        ctx: zmq.asyncio.Context | None = None,
-    ) -> None:
-        if not hubs:
-            raise ValueError("a spoke needs at least one hub endpoint to connect to")
-        self.ready = ready
-        self.handler = handler
-        self.load = load or Heartbeat
-        self.liveness = liveness or Liveness()
-        self.ctx = ctx or zmq.asyncio.Context.instance()
-        self.links = [_Link(endpoint) for endpoint in hubs]
-        self.malformed = MalformedCounter(f"{ready.role} {ready.peer_id}")
-        self._stopped = asyncio.Event()
-        self._refusal: str | None = None
-        self._beater: asyncio.Task[None] | None = None
-
-    @property
-    def num_requests(self) -> int:
-        return sum(len(link.requests) for link in self.links)
-
-    async def run(self) -> None:
-        """Serve until ``close()``; raises RefusedError if a hub refuses this spoke."""
-        loop = asyncio.get_running_loop()
-        for link in self.links:
-            self._open(link, loop.time())
-        self._beater = loop.create_task(self._beat())
-        try:
-            await self._stopped.wait()
-        finally:
-            await self._shutdown()
-        if self._refusal is not None:
-            raise RefusedError(self._refusal)
-
-    def close(self) -> None:
-        self._stopped.set()
-
-    def _open(self, link: _Link, now: float) -> None:
-        identity = f"{self.ready.peer_id}".encode()
-        link.sock = make_socket(self.ctx, zmq.DEALER, link.endpoint, bind=False, identity=identity)
-        link.last_seen = now
-        link.heard = False
-        send(link.sock, self.ready).add_done_callback(_ignore)
-        link.reader = asyncio.get_running_loop().create_task(self._read(link))
-
-    def _reset(self, link: _Link, now: float) -> None:
-        if link.heard:
-            log.warning(
-                "hub %s silent for %.1fs: cancelling %d request(s), reconnecting",
-                link.endpoint, now - link.last_seen, len(link.requests),
-            )  # fmt: skip
-        else:
-            log.info("no answer from hub %s yet; announcing %s again", link.endpoint, self.ready.peer_id)
-        self._close_link(link)
-        self._open(link, now)
-
-    def _close_link(self, link: _Link) -> None:
-        for task in link.requests.values():
-            task.cancel()
-        link.requests.clear()
-        link.pending.clear()
-        if link.reader is not None:
-            link.reader.cancel()
-        if link.sock is not None:
-            link.sock.close(linger=0)
-            link.sock = None
-
-    async def _shutdown(self) -> None:
-        tasks = [t for link in self.links for t in link.requests.values()]
-        if self._beater is not None:
-            self._beater.cancel()
-            tasks.append(self._beater)
-        for link in self.links:
-            if link.reader is not None:
-                tasks.append(link.reader)
-            self._close_link(link)
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _read(self, link: _Link) -> None:
-        assert link.sock is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            msg = decode_or_count(await link.sock.recv_multipart(), self.malformed)
-            if msg is None:
-                continue
-            link.last_seen = loop.time()
-            link.heard = True
-            if isinstance(msg, Generate | Process):
-                if msg.request_id in link.requests:
-                    self.malformed.drop(f"duplicate request id {msg.request_id!r}")
-                    continue
-                link.requests[msg.request_id] = loop.create_task(self._serve(link, msg))
-            elif isinstance(msg, Cancel):
-                task = link.requests.pop(msg.request_id, None)
-                if task is not None:
-                    task.cancel()
-            elif isinstance(msg, Refused):
-                log.error("hub %s refused %s: %s", link.endpoint, self.ready.peer_id, msg.reason)
-                self._refusal = f"hub {link.endpoint} refused us: {msg.reason}"
-                self._stopped.set()
-            elif not isinstance(msg, Heartbeat):
-                self.malformed.drop(f"unexpected {type(msg).__name__} from a hub")
-
-    async def _serve(self, link: _Link, request: Request) -> None:
-        rid = request.request_id
-        try:
-            async for delta in self.handler(request):
-                self._emit(link, delta)
-        except asyncio.CancelledError:
-            raise
-        except RequestError as e:
-            self._reply_error(link, _error(rid, e.message, e.status, e.type))
-        except Exception as e:
-            log.exception("request %s failed", rid)
-            self._reply_error(link, _error(rid, f"{type(e).__name__}: {e}", 500, "internal_error"))
-        finally:
-            if link.requests.get(rid) is asyncio.current_task():
-                del link.requests[rid]
-
-    def _emit(self, link: _Link, delta: Delta) -> None:
-        if not link.pending:
-            asyncio.get_running_loop().call_soon(self._flush, link)
-        link.pending.append(delta)
-
-    def _flush(self, link: _Link) -> None:
-        if link.pending and link.sock is not None:
-            send(link.sock, Outputs(deltas=link.pending)).add_done_callback(_log_send_error)
-        link.pending = []
-
-    def _reply_error(self, link: _Link, error: Error) -> None:
-        self._flush(link)
-        if link.sock is not None:
-            send(link.sock, error).add_done_callback(_log_send_error)
-
-    async def _beat(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.liveness.interval_s)
-            now = loop.time()
-            beat = self.load()
-            for link in self.links:
-                if now - link.last_seen > self.liveness.expiry_s:
-                    self._reset(link, now)
-                elif link.sock is not None:
-                    send(link.sock, beat).add_done_callback(_ignore)
-
-
-def _error(rid: str, message: str, status: int = 503, type: str = "unavailable") -> Error:
-    return Error(request_id=rid, message=message, status=status, type=type)
-
-
-def _ignore(future: asyncio.Future[object]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-def _log_send_error(future: asyncio.Future[object]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("send failed: %s", future.exception())
-
-
-__all__ = ["Handler", "Hub", "Message", "Peer", "RefusedError", "RequestFailed", "Spoke"]
