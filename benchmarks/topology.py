@@ -14,7 +14,7 @@ Output in ``--out-dir``: ``raw/w<N>-r<rate>.json`` (the ``zdyn bench`` result of
 (settings, every point's key figures and CPU use, each deployment's processes), ``table.md``, ``throughput.png``,
 ``ttft.png`` and the logs of every process under ``logs/``.
 
-    python benchmarks/topology.py --scenario agg --workers 1,2,4,8 --rates 1,2,3,4,6,8 --speedup 1
+    python benchmarks/topology.py --scenario agg --workers 1,2,4,8 --rates-per-worker 2,4,5,6,7
 
 Another scenario plugs in with one ``SCENARIOS`` entry: its run.sh and the environment it needs for N workers.
 """
@@ -299,13 +299,15 @@ class Point:
     itl_p50: float
     itl_p99: float
     tpot_p50: float
+    tpot_p99: float
     e2el_p50: float
     max_concurrency: int
+    sent_rate: float | None = None  # measured requests / sending window: the Poisson rate actually realised
     cpu: dict[str, float] = field(default_factory=dict)
     bench_command: str = ""
 
 
-def summarize_result(workers: int, rate: float, path: Path, out_dir: Path) -> Point:
+def summarize_result(workers: int, rate: float, path: Path, out_dir: Path, window_s: float | None) -> Point:
     data = json.loads(path.read_text())
     m = data["runs"][0]["metrics"]
     good = m.get("good_requests")
@@ -325,12 +327,16 @@ def summarize_result(workers: int, rate: float, path: Path, out_dir: Path) -> Po
         itl_p50=round(m["itl"]["percentiles"]["p50"], 2),
         itl_p99=round(m["itl"]["percentiles"]["p99"], 2),
         tpot_p50=round(m["tpot"]["percentiles"]["p50"], 2),
+        tpot_p99=round(m["tpot"]["percentiles"]["p99"], 2),
         e2el_p50=round(m["e2el"]["percentiles"]["p50"], 1),
         max_concurrency=m["max_concurrency"],
+        sent_rate=round(m["num_requests"] / window_s, 2) if window_s else None,
     )
 
 
-def bench_argv(args: argparse.Namespace, dep: Deployment, rate: float, out: Path, passthrough: list[str]) -> list[str]:
+def bench_argv(
+    args: argparse.Namespace, dep: Deployment, rate: float, seed: int, out: Path, passthrough: list[str]
+) -> list[str]:
     load = "--speed" if args.dataset in TRACE_DATASETS else "--request-rate"
     argv = [
         sys.executable, "-m", "zdyn.cli", "bench",
@@ -343,7 +349,7 @@ def bench_argv(args: argparse.Namespace, dep: Deployment, rate: float, out: Path
         "--ignore-eos",
         load, f"{rate:g}",
         "--warmups", str(args.warmups if args.warmups is not None else max(4, 2 * dep.workers)),
-        "--seed", str(args.seed),
+        "--seed", str(seed),
         "--result-json", str(out),
         "--label", f"{dep.workers} workers",
         "--no-progress",
@@ -354,12 +360,17 @@ def bench_argv(args: argparse.Namespace, dep: Deployment, rate: float, out: Path
     return argv + passthrough
 
 
-def run_point(args: argparse.Namespace, dep: Deployment, rate: float, out_dir: Path, passthrough: list[str]) -> Point:
-    """One ``zdyn bench`` run at ``rate``, with the CPU use of every process group during its measured part."""
+def run_point(
+    args: argparse.Namespace, dep: Deployment, rate: float, seed: int, out_dir: Path, passthrough: list[str]
+) -> Point:
+    """One ``zdyn bench`` run at ``rate``, with the CPU use of every process group during its measured part.
+
+    Each point needs its own ``seed``: runs of zdyn bench with equal seeds send identical prompts, which would hit
+    the prefix cache the previous point left in the workers."""
     result = out_dir / "raw" / f"w{dep.workers}-r{rate:g}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     result.unlink(missing_ok=True)
-    argv = bench_argv(args, dep, rate, result, passthrough)
+    argv = bench_argv(args, dep, rate, seed, result, passthrough)
     log_path = dep.log_dir / f"bench-r{rate:g}.log"
     timeout = 600.0 + 4 * (args.duration or 0.0)
     with CpuSampler() as sampler, open(log_path, "wb") as log:
@@ -374,7 +385,7 @@ def run_point(args: argparse.Namespace, dep: Deployment, rate: float, out_dir: P
     if proc.returncode != 0 or not result.exists():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
         raise RuntimeError(f"zdyn bench failed ({proc.returncode}) at rate {rate:g}:\n{tail}")
-    point = summarize_result(dep.workers, rate, result, out_dir)
+    point = summarize_result(dep.workers, rate, result, out_dir, None if args.num_requests else args.duration)
     labels = {pid: role_label(name) for name, pid in dep.roles().items()}
     labels[proc.pid] = "bench"
     if dep.proc is not None:
@@ -395,20 +406,21 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 def cpu_columns(points: Sequence[Point]) -> list[str]:
     seen = {k for p in points for k in p.cpu if k not in ("machine", "other", "run.sh")}
     first = [k for k in ("frontend", "worker", "bench") if k in seen]
-    return first + sorted(seen - set(first)) + ["machine"]
+    return first + sorted(seen - set(first)) + ["other", "machine"]
 
 
 def format_table(points: Sequence[Point], offered: str = "rate") -> str:
     cpus = cpu_columns(points)
     head = [
-        "workers", f"{offered}", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "E2E p50",
-        "goodput req/s", "good %", "failed", *[f"CPU {c}" for c in cpus],
+        "workers", f"{offered}", "sent/s", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99",
+        "E2E p50", "goodput req/s", "good %", "failed", *[f"CPU {c}" for c in cpus],
     ]  # fmt: skip
     rows = [head, ["---:"] * len(head)]
     for p in sorted(points, key=lambda p: (p.workers, p.rate)):
         rows.append([
-            str(p.workers), f"{p.rate:g}", _fmt(p.request_throughput, 2), _fmt(p.output_throughput, 0),
-            _fmt(p.ttft_p50, 0), _fmt(p.ttft_p99, 0), _fmt(p.itl_p50, 1), _fmt(p.itl_p99, 1), _fmt(p.e2el_p50, 0),
+            str(p.workers), f"{p.rate:g}", _fmt(p.sent_rate, 2), _fmt(p.request_throughput, 2),
+            _fmt(p.output_throughput, 0), _fmt(p.ttft_p50, 0), _fmt(p.ttft_p99, 0), _fmt(p.itl_p50, 1),
+            _fmt(p.itl_p99, 1), _fmt(p.e2el_p50, 0),
             _fmt(p.goodput, 2), _fmt(None if p.good_fraction is None else 100 * p.good_fraction, 0), str(p.failed),
             *[_fmt(p.cpu.get(c), 0) for c in cpus],
         ])  # fmt: skip
@@ -449,57 +461,69 @@ def format_saturation(sat: dict[int, dict[str, float | None]]) -> str:
 
 
 def plot(points: Sequence[Point], out_dir: Path, slo_ms: dict[str, float], title: str) -> list[Path]:
+    """throughput.png (req/s and goodput, output tok/s) and ttft.png (TTFT and TPOT p50/p99), one colour per worker
+    count, against the offered rate on a log axis: with rates scaled by N, good scaling shows as shifted copies."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.axes import Axes
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
-    by_n = {
-        n: sorted((p for p in points if p.workers == n), key=lambda p: p.rate)
-        for n in sorted({p.workers for p in points})
-    }
+    by_n: dict[int, list[Point]] = {}
+    for p in sorted(points, key=lambda p: (p.workers, p.rate)):
+        by_n.setdefault(p.workers, []).append(p)
     colors = plt.get_cmap("tab10")
-    top = max(p.rate for p in points)
-    paths = []
+    plain = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "125" else "")
+
+    rates = sorted({p.rate for p in points})
+
+    def style(ax: Axes, ylabel: str, title: str, log_y: bool) -> None:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        if rates[-1] < 4 * rates[0]:  # too narrow for powers of two
+            ax.set_xticks(rates)
+        if log_y:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+        else:
+            ax.set_ylim(bottom=0)
+        ax.set(xlabel="offered rate (req/s)", ylabel=ylabel, title=title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small", ncol=2, loc="best")
+
+    def save(fig: Any, name: str) -> Path:
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
 
     fig, (ax_req, ax_tok) = plt.subplots(1, 2, figsize=(13, 5))
-    ax_req.plot([0, top], [0, top], color="0.7", lw=1, label="offered")
+    ax_req.plot(rates, rates, color="0.6", lw=1, ls="-.", label="offered")
     for i, (n, ps) in enumerate(by_n.items()):
-        rates = [p.rate for p in ps]
-        ax_req.plot(rates, [p.request_throughput for p in ps], "-o", color=colors(i), label=f"{n} w: throughput")
+        x = [p.rate for p in ps]
+        ax_req.plot(x, [p.request_throughput for p in ps], "-o", color=colors(i), label=f"{n} w")
         if all(p.goodput is not None for p in ps):
-            ax_req.plot(rates, [p.goodput for p in ps], ":", color=colors(i), label=f"{n} w: goodput")
-        ax_tok.plot(rates, [p.output_throughput for p in ps], "-o", color=colors(i), label=f"{n} workers")
-    ax_req.set(xlabel="offered rate (req/s)", ylabel="completed req/s", title="request throughput (dotted: goodput)")
-    ax_tok.set(xlabel="offered rate (req/s)", ylabel="output tok/s", title="output token throughput")
-    for ax in (ax_req, ax_tok):
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.suptitle(title)
-    fig.tight_layout()
-    paths.append(out_dir / "throughput.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+            ax_req.plot(x, [p.goodput for p in ps], ":x", color=colors(i), label=f"{n} w goodput")
+        ax_tok.plot(x, [p.output_throughput for p in ps], "-o", color=colors(i), label=f"{n} w")
+    style(ax_req, "completed req/s", "request throughput (dotted: goodput)", log_y=False)
+    style(ax_tok, "output tok/s", "output token throughput", log_y=False)
+    paths = [save(fig, "throughput.png")]
 
-    fig, (ax_ttft, ax_itl) = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, metric, slo in ((ax_ttft, "ttft", slo_ms.get("ttft")), (ax_itl, "itl", slo_ms.get("tpot"))):
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, metric in zip(axes, ("ttft", "tpot"), strict=True):
         for i, (n, ps) in enumerate(by_n.items()):
-            rates = [p.rate for p in ps]
-            ax.plot(rates, [getattr(p, f"{metric}_p50") for p in ps], "-o", color=colors(i), label=f"{n} w p50")
-            ax.plot(rates, [getattr(p, f"{metric}_p99") for p in ps], "--s", color=colors(i), label=f"{n} w p99")
-        if slo:
-            ax.axhline(
-                slo, color="red", lw=1, ls="-.", label=f"SLO {'TTFT' if metric == 'ttft' else 'TPOT'} {slo:g} ms"
-            )
-        ax.set_yscale("log")
-        ax.set(xlabel="offered rate (req/s)", ylabel=f"{metric.upper()} (ms)", title=f"{metric.upper()} p50 / p99")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small", ncol=2)
-    fig.suptitle(title)
-    fig.tight_layout()
-    paths.append(out_dir / "ttft.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+            x = [p.rate for p in ps]
+            ax.plot(x, [getattr(p, f"{metric}_p50") for p in ps], "-o", color=colors(i), label=f"{n} w p50")
+            ax.plot(x, [getattr(p, f"{metric}_p99") for p in ps], "--s", color=colors(i), label=f"{n} w p99")
+        if metric in slo_ms:
+            ax.axhline(slo_ms[metric], color="red", lw=1, ls="-.", label=f"SLO {slo_ms[metric]:g} ms")
+        style(ax, f"{metric.upper()} (ms)", f"{metric.upper()} p50 (solid) / p99 (dashed)", log_y=True)
+    paths.append(save(fig, "ttft.png"))
     return paths
 
 
@@ -513,9 +537,15 @@ def write_report(out_dir: Path, summary: dict[str, Any]) -> list[Path]:
     summary["saturation"] = {str(n): s for n, s in sat.items()}
     slo = summary["slo_ms"]
     slo_text = " and ".join(f"{k.upper()} <= {v:g} ms" for k, v in slo.items()) or "none"
+    legend = (
+        f"SLO for goodput: {slo_text}. sent/s: requests sent / sending time (Poisson draws scatter around the rate); "
+        "req/s: completed / (first send to last completion), as vLLM counts it. Latencies in ms. CPU in % of one core "
+        "during the measured part, summed over the processes of a role (worker = all workers); other = processes "
+        f"outside this benchmark; machine = everything ({summary['cpus']} cores = {100 * summary['cpus']})."
+    )
     text = "\n\n".join([
         f"Command: `{summary['command']}`",
-        f"SLO for goodput: {slo_text}. Latencies in ms; CPU in % of one core (machine: all processes, 2 cores = 200).",
+        legend,
         table,
         "Saturation (the highest rate at which >= 90 % of the requests met the SLO):\n" + format_saturation(sat),
     ])  # fmt: skip
@@ -550,11 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--scenario", choices=sorted(SCENARIOS), default="agg")
     p.add_argument("--workers", type=_numbers(int), default=[1, 2, 4, 8], metavar="N[,N..]")
-    p.add_argument("--rates", type=_numbers(float), required=False, metavar="R[,R..]", help="offered req/s")
-    p.add_argument(
-        "--max-rate-per-worker",
-        type=float,
-        help="skip rates above this x the worker count (fewer, saturated points for small N)",
+    rates = p.add_mutually_exclusive_group()
+    rates.add_argument("--rates", type=_numbers(float), metavar="R[,R..]", help="offered req/s, the same for every N")
+    rates.add_argument(
+        "--rates-per-worker",
+        type=_numbers(float),
+        metavar="R[,R..]",
+        help="offered req/s per worker: N workers get R x N (the same number of points around each knee)",
     )
     p.add_argument("--out-dir", type=Path, help="default benchmarks/results/topology-<scenario>")
     p.add_argument("--report-only", action="store_true", help="redo table and plots from OUT_DIR/topology.json")
@@ -565,17 +597,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-len", type=int, default=128, help="random, prefix: output tokens (default %(default)s)")
     g.add_argument("--range-ratio", type=float, default=0.0, help="random: lengths uniform in len x (1 +- r)")
     length = g.add_mutually_exclusive_group()
-    length.add_argument("--duration", type=float, default=25.0, help="seconds of sending per point (default 25)")
+    length.add_argument("--duration", type=float, default=20.0, help="seconds of sending per point (default 20)")
     length.add_argument("--num-requests", type=int, help="measured requests per point instead of --duration")
     g.add_argument("--warmups", type=int, help="warm-up requests before each point (default max(4, 2 x N))")
     g.add_argument(
         "--slo",
         nargs="+",
-        default=["ttft:2000", "tpot:100"],
+        default=["ttft:1000", "tpot:100"],
         metavar="NAME:MS",
-        help="goodput SLO, zdyn bench --goodput syntax (default ttft:2000 tpot:100)",
+        help="goodput SLO, zdyn bench --goodput syntax (default ttft:1000 tpot:100)",
     )
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the first point; each next point adds 1")
 
     g = p.add_argument_group("workers (mocker engine, Dynamo's defaults)")
     g.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model dir for config and tokenizer (built if "
@@ -659,10 +691,7 @@ def run(args: argparse.Namespace, passthrough: list[str], out_dir: Path, command
         "deployments": [],
     }
     for n in args.workers:
-        rates = [r for r in args.rates if args.max_rate_per_worker is None or r <= args.max_rate_per_worker * n]
-        if not rates:
-            print(f"{n} workers: no rate at or below {args.max_rate_per_worker:g} x {n}; skipped", flush=True)
-            continue
+        rates = args.rates or [round(r * n, 3) for r in args.rates_per_worker]
         env = {
             "ZDYN_ENGINE": "mocker",
             "ZDYN_NUM_WORKERS": str(n),
@@ -678,7 +707,7 @@ def run(args: argparse.Namespace, passthrough: list[str], out_dir: Path, command
         summary["deployments"].append(record)
         with bench_lock(args.lock):
             t0 = time.monotonic()
-            print(f"== {args.scenario}, {n} worker(s): starting {scenario.script}", flush=True)
+            print(f"== {args.scenario} ({scenario.about}), N={n}: starting {scenario.script}", flush=True)
             try:
                 dep.start(args.start_timeout)
                 record["start_s"] = round(time.monotonic() - t0, 2)
@@ -687,7 +716,8 @@ def run(args: argparse.Namespace, passthrough: list[str], out_dir: Path, command
                     f"   ready in {record['start_s']:.1f}s: {dep.live_workers()} workers at {dep.base_url}", flush=True
                 )
                 for rate in rates:
-                    point = run_point(args, dep, rate, out_dir, passthrough)
+                    seed = args.seed + len(summary["points"])
+                    point = run_point(args, dep, rate, seed, out_dir, passthrough)
                     summary["points"].append(vars(point))
                     print(
                         f"   rate {rate:g}: {point.request_throughput:.2f} req/s, TTFT p50/p99 {point.ttft_p50:.0f}/"
@@ -699,6 +729,7 @@ def run(args: argparse.Namespace, passthrough: list[str], out_dir: Path, command
                 t1 = time.monotonic()
                 record["leftovers"] = dep.stop()
                 record["stop_s"] = round(time.monotonic() - t1, 2)
+                record["run_sh_exit"] = dep.proc.returncode if dep.proc is not None else None
                 print(
                     f"   stopped in {record['stop_s']:.1f}s; left behind: {record['leftovers'] or 'nothing'}",
                     flush=True,
@@ -719,8 +750,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in write_report(out_dir, summary):
             print(f"wrote {path}")
         return 0
-    if not args.rates:
-        parser.error("--rates is required")
+    if not args.rates and not args.rates_per_worker:
+        parser.error("--rates or --rates-per-worker is required")
     if args.model == DEFAULT_MODEL:
         build_tiny_llama(DEFAULT_MODEL)
     out_dir.mkdir(parents=True, exist_ok=True)

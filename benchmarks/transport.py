@@ -66,6 +66,7 @@ RTT_IMPLS = ("bare", "zdyn")  # one request -> one reply: batching makes no diff
 HWM = 100_000  # zdyn's DEFAULT_HWM, used for the bare sockets too
 FIRST_TOKEN = 1000  # token ids FIRST_TOKEN + i: 2-3 byte MessagePack ints, as real vocabularies give
 HELLO = b"hello"
+CPUS_ENV = "ZDYN_BENCH_CPUS"  # a child pins itself to these CPUs ("0", "0,1"); empty or unset: no pinning
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder()  # untyped: plain dicts and lists
@@ -534,14 +535,21 @@ def run_pair(
     spec: ClientSpec,
     *,
     num_servers: int = 1,
+    client_cpus: str = "",
+    server_cpus: str = "",
     timeout_s: float = 300.0,
 ) -> dict[str, Any]:
     """Start ``num_servers`` servers and one client (separate processes), run ``spec``, return the client's
-    figures plus ``foreign_cpu_s``: CPU that processes outside this pair used meanwhile (noise)."""
+    figures plus ``foreign_cpu_s``: CPU that processes outside this pair used meanwhile (noise).
+
+    ``client_cpus`` / ``server_cpus`` ("0", "1", "0,1"; empty = no pinning) set the processes' CPU affinity
+    (their ZeroMQ I/O threads inherit it)."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    busy0, kids0, self0 = system_busy_s(), children_cpu_s(), self_cpu_s()
+    busy0, kids0, self0, wall0 = system_busy_s(), children_cpu_s(), self_cpu_s(), time.monotonic()
     servers = [
-        subprocess.Popen(_module_argv("server", impl, endpoint, f"srv{i}"), cwd=REPO, env=env)
+        subprocess.Popen(
+            _module_argv("server", impl, endpoint, f"srv{i}"), cwd=REPO, env={**env, CPUS_ENV: server_cpus}
+        )
         for i in range(num_servers)
     ]
     try:
@@ -549,7 +557,7 @@ def run_pair(
         client = subprocess.run(
             _module_argv("client", impl, endpoint, str(num_servers), spec_json),
             cwd=REPO,
-            env=env,
+            env={**env, CPUS_ENV: client_cpus},
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -568,6 +576,7 @@ def run_pair(
     result: dict[str, Any] = json.loads(client.stdout.strip().splitlines()[-1])
     ours = children_cpu_s() - kids0 + self_cpu_s() - self0
     result["foreign_cpu_s"] = max(0.0, system_busy_s() - busy0 - ours)
+    result["wall_s"] = time.monotonic() - wall0
     if endpoint.startswith("ipc://"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(endpoint[len("ipc://") :])
@@ -738,12 +747,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", type=parse_ints, default=[1, 8, 64, 256], help="N values (default 1,8,64,256)")
     p.add_argument("--deltas", type=int, default=500, help="deltas per stream M (default %(default)s)")
     p.add_argument("--out", type=Path, default=RESULTS / "transport.json")
+    p.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="client on CPU 0, server on CPU 1 (default); --no-pin leaves placement to the scheduler",
+    )
     p.add_argument("--no-lock", action="store_true", help="do not take the shared lock (smoke tests only)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["server"], ["client"]) and os.environ.get(CPUS_ENV):
+        os.sched_setaffinity(0, {int(c) for c in os.environ[CPUS_ENV].split(",")})
     if argv[:1] == ["server"]:  # server IMPL ENDPOINT PEER_ID
         impl, endpoint, peer_id = argv[1:4]
         run_loop(serve_zdyn(endpoint, peer_id) if impl == "zdyn" else serve_bare(endpoint, impl == "bare-batched"))
@@ -763,6 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
     spec_streams = [StreamSpec(concurrency=n, requests=n, deltas=args.deltas, warmup_requests=n) for n in args.streams]
     rtt = RttSpec(count=args.rtt_count, warmup=max(1, args.rtt_count // 10))
+    cpus = ("0", "1") if args.pin else ("", "")
     runs: list[dict[str, Any]] = []
     lock = contextlib.nullcontext(0.0) if args.no_lock else bench_lock()
     started = time.time()
@@ -773,7 +791,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 order = IMPLS if rep % 2 == 0 else tuple(reversed(IMPLS))  # alternate who goes first
                 for impl in order:
                     spec = ClientSpec(rtt=rtt if impl in RTT_IMPLS else None, streams=spec_streams)
-                    result = run_pair(impl, endpoint_for(transport, f"{impl}-{rep}"), spec)
+                    endpoint = endpoint_for(transport, f"{impl}-{rep}")
+                    result = run_pair(impl, endpoint, spec, client_cpus=cpus[0], server_cpus=cpus[1])
                     result.update(transport=transport, rep=rep)
                     runs.append(result)
                     s = {x["concurrency"]: round(x["deltas_per_s"]) for x in result["streams"]}
@@ -804,6 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rtt": asdict(rtt),
             "streams": [asdict(s) for s in spec_streams],
             "loop": "uvloop",
+            "pinning": {"client": cpus[0] or None, "server": cpus[1] or None},
             "lock": None if args.no_lock else BENCH_LOCK,
             "lock_wait_s": waited,
         },

@@ -58,6 +58,7 @@ DEFAULT_ENGINE_ARGS = (
 )
 TARGET_THROUGHPUT_RATIO = 0.95
 TARGET_ADDED_TTFT_MS = 5.0
+DISTURBED_SHARE = 0.10  # of one core, used by processes outside the measured system during a point
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 # (key in the summary, title in the table, how to read it from a zdyn bench "metrics" object)
@@ -114,7 +115,8 @@ class ProcSample:
     pid: int
     role: str
     rss_kib: int
-    cpu_s: float
+    cpu_s: float  # user + system time of the process (all its threads)
+    reaped_children_cpu_s: float  # of its children that have exited and been waited for
 
 
 def _children_map() -> dict[int, list[int]]:
@@ -168,8 +170,9 @@ def sample(pid: int, role: str) -> ProcSample | None:
             fields = f.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    # after the command name: state(0) ppid(1) ... utime(11) stime(12) ... rss(21, pages)
-    return ProcSample(pid, role, int(fields[21]) * PAGE_KIB, (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    # after the command name: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14) ... rss(21, pages)
+    own, children = int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+    return ProcSample(pid, role, int(fields[21]) * PAGE_KIB, own / CLK_TCK, children / CLK_TCK)
 
 
 def pss_kib(pid: int) -> int:
@@ -184,11 +187,11 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
-def machine_busy_s() -> float:
-    """CPU seconds all cores spent outside idle and iowait since boot."""
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, steal): CPU seconds all cores ran something since boot, and time the hypervisor took away."""
     with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    return (sum(values) - values[3] - values[4]) / CLK_TCK
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
 
 
 def memory_snapshot(procs: dict[int, str], with_pss: bool) -> dict[str, Any]:
@@ -208,8 +211,44 @@ def memory_snapshot(procs: dict[int, str], with_pss: bool) -> dict[str, Any]:
     return out
 
 
-def cpu_by_role(procs: dict[int, str]) -> dict[int, ProcSample]:
-    return {pid: s for pid, role in procs.items() if (s := sample(pid, role)) is not None}
+def all_cpu_s() -> dict[int, ProcSample]:
+    """CPU times so far of every process on the machine."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (s := sample(int(entry.name), "")) is not None:
+            out[s.pid] = s
+    return out
+
+
+def describe(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        if not argv:
+            with open(f"/proc/{pid}/comm") as f:
+                argv = f"[{f.read().strip()}]"
+    except OSError:
+        return f"pid {pid} (gone)"
+    return f"{pid} {argv[:100]}"
+
+
+def cpu_accounting(
+    procs: dict[int, str], before: dict[int, ProcSample], after: dict[int, ProcSample]
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """CPU seconds of the system's processes by role, and the biggest consumers outside it (interference:
+    counted with the children they reaped meanwhile, so a ``pip install`` shows up with its compilers)."""
+    by_role: dict[str, float] = {}
+    outside: list[tuple[float, int]] = []
+    for pid, now in after.items():
+        if pid not in before or pid == os.getpid():  # this driver reaps the bench client: counted apart
+            continue
+        was = before[pid]
+        if pid in procs:
+            by_role[procs[pid]] = by_role.get(procs[pid], 0.0) + now.cpu_s - was.cpu_s
+        elif (delta := now.cpu_s + now.reaped_children_cpu_s - was.cpu_s - was.reaped_children_cpu_s) > 0.05:
+            outside.append((delta, pid))
+    top = [{"cpu_s": round(d, 2), "process": describe(pid)} for d, pid in sorted(outside, reverse=True)[:5]]
+    return by_role, top
 
 
 class PeakRss:
@@ -363,7 +402,7 @@ def run_point(dep: Deployment, point: Point, args: argparse.Namespace, warmups: 
     result_json = out_dir / f"{dep.system}-{point.label}.json"
     argv = bench_argv(dep.base_url, point, args, warmups, result_json, dep.system)
     procs = descendants(dep.roots)
-    before, busy_before = cpu_by_role(procs), machine_busy_s()
+    before, (busy_before, steal_before) = all_cpu_s(), machine_cpu_s()
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(
@@ -371,21 +410,20 @@ def run_point(dep: Deployment, point: Point, args: argparse.Namespace, warmups: 
     )
     wall = time.perf_counter() - started
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    after, busy_after = cpu_by_role(procs), machine_busy_s()
+    after, (busy_after, steal_after) = all_cpu_s(), machine_cpu_s()
     if done.returncode != 0 or not result_json.exists():
         raise RuntimeError(f"zdyn bench failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     run = json.loads(result_json.read_text())["runs"][0]
     metrics = run["metrics"]
     if metrics["failed"]:
         raise RuntimeError(f"{dep.system} {point.label}: {metrics['failed']} failed requests: {run['error_samples']}")
-    cpu: dict[str, float] = {}
-    for pid, s in after.items():
-        if pid in before:
-            cpu[s.role] = cpu.get(s.role, 0.0) + s.cpu_s - before[pid].cpu_s
+    cpu, top_outside = cpu_accounting(procs, before, after)
     bench_cpu = (children_after.ru_utime + children_after.ru_stime) - (
         children_before.ru_utime + children_before.ru_stime
     )
     system_cpu = sum(cpu.values())
+    driver_cpu = after[os.getpid()].cpu_s - before[os.getpid()].cpu_s
+    other_cpu = max(0.0, busy_after - busy_before - system_cpu - bench_cpu - driver_cpu)
     return {
         "label": point.label,
         "point": asdict(point),
@@ -396,10 +434,15 @@ def run_point(dep: Deployment, point: Point, args: argparse.Namespace, warmups: 
             **cpu,
             "system_total": system_cpu,
             "bench_client": bench_cpu,
-            # everything else on the machine (other users' processes, this driver): should stay near 0
-            "other": max(0.0, busy_after - busy_before - system_cpu - bench_cpu),
+            "driver": driver_cpu,  # this script (RSS sampling thread)
+            # everything else on the machine (other people's processes, kernel threads): ideally ~0
+            "other": other_cpu,
             "machine_busy": busy_after - busy_before,
+            "steal": steal_after - steal_before,
         },
+        # more than DISTURBED_SHARE of a core used by others during the point: its figures are suspect
+        "disturbed": other_cpu > DISTURBED_SHARE * wall,
+        "top_cpu_outside_system": top_outside,
     }
 
 
@@ -424,6 +467,9 @@ def run_session(
                     f"({res['wall_s']:.0f}s, other CPU {res['cpu_s']['other']:.1f}s)",
                     flush=True,
                 )
+                if res["disturbed"]:
+                    tops = "; ".join(f"{t['cpu_s']}s {t['process'][:70]}" for t in res["top_cpu_outside_system"][:2])
+                    print(f"      DISTURBED by other processes: {tops or 'short-lived ones'}", flush=True)
                 results.append(res)
         loaded = memory_snapshot(descendants(dep.roots), with_pss=True)
         loaded.update(peak_rss_total_mib=peak.peak_total_mib, peak_rss_mib=peak.peak_by_role)
@@ -457,6 +503,7 @@ def summarize(sessions: Sequence[dict[str, Any]], points: Sequence[Point]) -> di
             runs = [r for s in sessions if s["system"] == system for r in s["points"] if r["label"] == point.label]
             if runs:
                 per_system[system] = {key: spread([_dig(r["metrics"], path) for r in runs]) for key, _, path in METRICS}
+                per_system[system]["disturbed_runs"] = sum(bool(r.get("disturbed")) for r in runs)
         entry: dict[str, Any] = {"point": asdict(point), **per_system}
         if len(per_system) == 2:
             z, v = per_system["zdyn"], per_system["vllm"]
@@ -524,11 +571,10 @@ def format_table(summary: dict[str, Any]) -> str:
     head = ["point", "system", *(title for _, title, _ in METRICS)]
     rows: list[list[str] | str] = []
     for label, entry in summary.items():
-        rows += [
-            [label, system, *(_cell(entry[system][k], k) for k, _, _ in METRICS)]
-            for system in SYSTEMS
-            if system in entry
-        ]
+        for system in (s for s in SYSTEMS if s in entry):
+            disturbed = entry[system]["disturbed_runs"]
+            name = f"{system} ({disturbed} disturbed)" if disturbed else system
+            rows.append([label, name, *(_cell(entry[system][k], k) for k, _, _ in METRICS)])
         if "ratio_zdyn_over_vllm" in entry:
             ratios, ok = entry["ratio_zdyn_over_vllm"], entry["meets_targets"]
             rows.append([label, "zdyn/vLLM", *(f"{ratios[k]:.3f}" for k, _, _ in METRICS)])
@@ -577,26 +623,26 @@ def format_cpu(cpu: dict[str, Any]) -> str:
 
 
 def plot(summary: dict[str, Any], points: Sequence[Point], out: Path) -> None:
+    """Throughput, TTFT and ITL vs concurrency for both systems (median, min-max bars), plus the zdyn/vLLM ratios."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     closed = [p for p in points if p.concurrency is not None]
+    xs = [p.concurrency for p in closed]
     panels = (
         ("out_tok_s", None, "output tokens/s"),
         ("ttft_p50", "ttft_p99", "TTFT ms (p50 solid, p99 dashed)"),
         ("itl_p50", "itl_p99", "ITL ms (p50 solid, p99 dashed)"),
     )
-    fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.6))
-    for ax, (key, key99, title) in zip(axes, panels, strict=True):
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(20, 4.6))
+    for ax, (key, key99, title) in zip(axes, panels, strict=False):
         for system, color in (("vllm", "tab:blue"), ("zdyn", "tab:orange")):
             for k, style in ((key, "-o"), (key99, "--s")):
-                if k is None:
-                    continue
-                xs = [p.concurrency for p in closed if system in summary[p.label]]
-                stats = [summary[p.label][system][k] for p in closed if system in summary[p.label]]
-                if not xs:
+                stats = [summary[p.label][system][k] for p in closed if k and system in summary[p.label]]
+                if len(stats) != len(xs):
                     continue
                 med = [s["median"] for s in stats]
                 err = [
@@ -605,15 +651,28 @@ def plot(summary: dict[str, Any], points: Sequence[Point], out: Path) -> None:
                 ]
                 name = system if k == key else f"{system} p99"
                 ax.errorbar(xs, med, yerr=err, fmt=style, color=color, capsize=3, label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([p.concurrency for p in closed], [str(p.concurrency) for p in closed])
-        ax.set_xlabel("concurrency (closed loop)")
-        ax.set_title(title)
         if key != "out_tok_s":
             ax.set_yscale("log")
-        ax.grid(True, alpha=0.3)
+        ax.set_title(title)
+    ratio_ax = axes[-1]
+    with_ratios = [p for p in closed if "ratio_zdyn_over_vllm" in summary[p.label]]
+    for key, name in (("out_tok_s", "output tok/s"), ("ttft_p50", "TTFT p50"), ("itl_p50", "ITL p50")):
+        ratios = [summary[p.label]["ratio_zdyn_over_vllm"][key] for p in with_ratios]
+        ratio_ax.plot([p.concurrency for p in with_ratios], ratios, "-o", label=name)
+    ratio_ax.axhline(1.0, color="gray", lw=1)
+    ratio_ax.axhline(
+        TARGET_THROUGHPUT_RATIO, color="red", lw=1, ls="--", label=f"tok/s target {TARGET_THROUGHPUT_RATIO}"
+    )
+    ratio_ax.set_title("zdyn / vLLM (ratio of medians)")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("concurrency (closed loop)")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
-    fig.suptitle("zdyn agg vs vLLM OpenAI server (SmolLM2-135M, CPU) - median, bars = min-max over sessions")
+    fig.suptitle("zdyn agg vs vLLM OpenAI server (SmolLM2-135M, CPU): median, bars = min-max over sessions")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -703,7 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     digests = {s["zdyn_source_digest"] for s in sessions}
     if len(digests) > 1:
         print(
-            f"WARNING: the zdyn sources changed during the run ({len(digests)} versions): see sessions[].zdyn_source_digest"
+            f"WARNING: the zdyn sources changed during the run ({len(digests)} versions); "
+            "see sessions[].zdyn_source_digest"
         )
     summary = summarize(sessions, points)
     memory = memory_summary(sessions)

@@ -18,6 +18,7 @@ start() {  # start NAME COMMAND...: run in its own session (process group), outp
 
 stop_all() {
     trap - INT TERM EXIT
+    [ ${#ZDYN_PIDS[@]} = 0 ] && return
     echo "stopping ${!ZDYN_PIDS[*]}"
     for pid in "${ZDYN_PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
     for _ in $(seq 150); do
@@ -29,7 +30,8 @@ stop_all() {
     for pid in "${ZDYN_PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
     echo "stopped"
 }
-trap stop_all INT TERM EXIT
+trap 'stop_all; exit 0' INT TERM
+trap stop_all EXIT
 
 check_alive() {
     for name in "${!ZDYN_PIDS[@]}"; do
@@ -48,7 +50,7 @@ live_workers() {  # number of live workers the frontend's /health reports
 
 wait_for_workers() {  # wait_for_workers N
     local want=$1 waited=0
-    echo "waiting for $want worker(s) (the first start converts the default model and starts vLLM: a minute or two)"
+    echo "waiting for $want worker(s) (a first vLLM start with the default model takes a minute or two)"
     while [ "$(live_workers)" -lt "$want" ]; do
         check_alive || exit 1
         sleep 1; waited=$((waited + 1))

@@ -96,10 +96,13 @@ def test_config_flags_and_precedence(tmp_path):
         "--a", "1", "--flag", "--many", "1", "--many", "2", "--js", '{"k": 1}',
     ]  # fmt: skip
     config = tmp_path / "c.yaml"
-    config.write_text("Common:\n  speedup: 7\n  port: 99\nWorker:\n  num-blocks: 128\n")
+    config.write_text(
+        "Common:\n  speedup: 7\n  port: 99\nWorker:\n  num-blocks: 128\n  max-num-seqs: 4\n"
+        "Worker.mocker:\n  max-num-seqs: 8\nWorker.vllm:\n  enforce-eager: true\n"
+    )
     parser = build_parser("mocker")
-    argv = config_argv(parser, config, "Worker")
-    assert argv == ["--speedup", "7", "--num-blocks", "128"]  # port: not a worker flag
+    argv = config_argv(parser, config, "Worker", "Worker.mocker")
+    assert argv == ["--speedup", "7", "--num-blocks", "128", "--max-num-seqs", "8"]  # port: not a worker flag
     args = parser.parse_args([*argv, "--num-blocks", "256"])  # the command line wins
     assert args.num_blocks == 256 and args.speedup == 7.0
 

@@ -36,14 +36,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, section: str) -> argparse.Namespace:
-    """Parse ``argv`` after the flags of ``--config FILE`` (command line wins)."""
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, *sections: str) -> argparse.Namespace:
+    """Parse ``argv`` after the flags of ``--config-file FILE``'s sections (command line wins)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("-f", "--config-file")
     known, _ = pre.parse_known_args(argv)
     if known.config_file:
-        argv = config_argv(parser, known.config_file, section) + argv
+        argv = config_argv(parser, known.config_file, *sections) + argv
     return parser.parse_args(argv)
 
 

@@ -42,13 +42,18 @@ def to_argv(options: dict[str, Any]) -> list[str]:
     return argv
 
 
-def config_argv(parser: argparse.ArgumentParser, path: str | Path, section: str) -> list[str]:
-    """Flags from the file's ``Common`` (those ``parser`` knows) and ``section`` sections."""
-    sections = load_sections(path)
+def config_argv(parser: argparse.ArgumentParser, path: str | Path, *sections: str) -> list[str]:
+    """Flags from the file's ``Common`` section (those ``parser`` knows), then from each of ``sections`` in
+    order (a later one wins), e.g. ``Worker`` then ``Worker.mocker``."""
+    found = load_sections(path)
     known = set(parser._option_string_actions)
-    common = {k: v for k, v in sections.get("Common", {}).items() if f"--{k}" in known}
-    own = sections.get(section, {})
-    skipped = [k for k in own if f"--{k}" not in known]
-    if skipped:
-        print(f"{parser.prog}: {path} [{section}]: no such flags here, skipped: {', '.join(skipped)}", file=sys.stderr)
-    return to_argv({**common, **{k: v for k, v in own.items() if f"--{k}" in known}})
+    options = {k: v for k, v in found.get("Common", {}).items() if f"--{k}" in known}
+    for section in sections:
+        own = found.get(section, {})
+        skipped = [k for k in own if f"--{k}" not in known]
+        if skipped:
+            print(
+                f"{parser.prog}: {path} [{section}]: no such flags here, skipped: {', '.join(skipped)}", file=sys.stderr
+            )
+        options.update({k: v for k, v in own.items() if f"--{k}" in known})
+    return to_argv(options)

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if engine not in ENGINES:
         print(f"zdyn worker: --engine must be one of {', '.join(ENGINES)}", file=sys.stderr)
         return 2
-    args = parse_args(build_parser(engine), argv, "Worker")
+    args = parse_args(build_parser(engine), argv, "Worker", f"Worker.{engine}")
     args.worker_id = args.worker_id or f"worker-{socket.gethostname()}-{os.getpid()}"
     setup_logging(args)
     return run(serve(args))

@@ -6,6 +6,7 @@ here=$(dirname "$0")
 exec zdyn frontend -f "${ZDYN_CONFIG:-$here/config.yaml}" \
     ${ZDYN_MODEL:+--model "$ZDYN_MODEL"} \
     ${ZDYN_PORT:+--port "$ZDYN_PORT"} \
+    ${ZDYN_BIND_HOST:+--host "$ZDYN_BIND_HOST"} \
     ${ZDYN_WORKERS_ENDPOINT:+--workers-endpoint "$ZDYN_WORKERS_ENDPOINT"} \
     ${ZDYN_PROCESSORS_ENDPOINT:+--processors-endpoint "$ZDYN_PROCESSORS_ENDPOINT"} \
     "$@"

@@ -6,14 +6,16 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../common.sh"
 ZDYN_NUM_WORKERS=${ZDYN_NUM_WORKERS:-1}
 ZDYN_NUM_PROCESSORS=${ZDYN_NUM_PROCESSORS:-0}
+ZDYN_PROCESSORS_PORT=${ZDYN_PROCESSORS_PORT:-5550}      # frontend <- processors; processor i takes +1+i
 
 if [ "$ZDYN_NUM_PROCESSORS" -gt 0 ]; then
-    start frontend env ZDYN_PROCESSORS_ENDPOINT=tcp://*:5550 "$here/frontend.sh"
+    start frontend env ZDYN_PROCESSORS_ENDPOINT="tcp://*:$ZDYN_PROCESSORS_PORT" "$here/frontend.sh"
     connect=""
     for i in $(seq 0 $((ZDYN_NUM_PROCESSORS - 1))); do
-        start "processor$i" env ZDYN_FRONTEND=tcp://127.0.0.1:5550 "$here/processor.sh" \
-            --workers-endpoint "tcp://*:$((5556 + i))" --processor-id "processor$i"
-        connect="${connect:+$connect,}tcp://127.0.0.1:$((5556 + i))"
+        port=$((ZDYN_PROCESSORS_PORT + 1 + i))
+        start "processor$i" env ZDYN_FRONTEND="tcp://127.0.0.1:$ZDYN_PROCESSORS_PORT" "$here/processor.sh" \
+            --workers-endpoint "tcp://*:$port" --processor-id "processor$i"
+        connect="${connect:+$connect,}tcp://127.0.0.1:$port"
     done
     export ZDYN_CONNECT=$connect
 else
