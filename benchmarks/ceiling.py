@@ -17,10 +17,13 @@ on the same 2 cores, one system at a time, alternating, ``--reps`` times:
 Both mockers run with Dynamo's defaults (block size 64, 16384 blocks, 256 seqs, 8192 batched tokens) at
 ``--speedup 1e6`` (no engine time). CPU seconds per process come from /proc over the measured window (from
 the load generator's progress bar appearing, after the warm-ups, to its summary). Then, once each:
-Dynamo with ``router_mode="kv"``; zdyn and Dynamo at speedup 1 (ITL means something there); aiperf and
-``zdyn bench`` against the same zdyn deployment; py-spy profiles of zdyn's frontend and one worker.
+Dynamo with ``router_mode="kv"``; zdyn and Dynamo at speedup 1 (ITL means something there), and zdyn once
+more with its clock scaled so that its decode step takes as long as Dynamo's (the two mockers' timing models
+differ); aiperf and ``zdyn bench`` against the same zdyn deployment (speedup 1e6, then 1), with CPU per
+process over each tool's measured window; py-spy profiles of zdyn's frontend and one worker.
 
-Each deployment's start, measurement and stop hold /tmp/zdyn-bench.lock; the lock is released in between.
+/tmp/zdyn-bench.lock is held for one repetition of all systems at a time (start, measure, stop of each),
+and for each later phase; other benchmarks may run in between.
 
     python -m benchmarks.ceiling                          # from the repo root; about 6-8 minutes
     python -m benchmarks.ceiling --phases main --reps 1   # a quick look
@@ -45,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
@@ -75,8 +79,10 @@ DEFAULT_MODEL = Path.home() / ".cache" / "zdyn" / "models" / "tiny-llama"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MAIN_SYSTEMS = ("zdyn", "dynamo", "bare-sse", "bare-sse-1", "bare-zmq", "bare-zmq-batched", "zdyn-rpc")
 ZMQ_SYSTEMS = {"bare-zmq": "bare", "bare-zmq-batched": "bare-batched", "zdyn-rpc": "zdyn"}
-PHASES = ("main", "kv", "speedup1", "aiperf", "profile")
+PHASES = ("main", "kv", "rate", "speedup1", "aiperf", "profile")
+RATE_SYSTEMS = ("zdyn-rate", "dynamo-rate")
 FAST = 1e6  # "no engine time" (Dynamo's 0 behaves like 1)
+CLEAN_FOREIGN = 0.10  # a run is "clean" when other processes used less than this fraction of a core meanwhile
 START_MARK = b"concurrency="  # zdyn bench's progress bar label: the measured phase has begun
 END_MARK = b"Serving Benchmark Result"  # its summary: the measured phase is over
 
@@ -90,6 +96,7 @@ class Load:
     input_len: int = 200
     output_len: int = 64
     seed: int = 0
+    request_rate: float | None = None  # open loop (Poisson) at this rate, capped at ``concurrency``
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +126,7 @@ def bench_argv(base_url: str, model: str, tokenizer: Path, load: Load, result_js
         "--save-requests",
         "--result-json", str(result_json),
         "--label", label,
-    ]  # fmt: skip
+    ] + (["--request-rate", f"{load.request_rate:g}"] if load.request_rate else [])  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- CPU accounting
@@ -180,8 +187,9 @@ def _pid_cpu_s(pid: int) -> float:
 class CpuSampler(threading.Thread):
     """Samples cumulative CPU per role every ``interval`` s (wall-clock stamped), so that CPU can be read over a
     window known only afterwards (aiperf's measured phase). Roles: the process groups given, plus every process
-    whose command line contains ``match`` (summed as ``match_role``). Processes are looked up once a second;
-    CPU of a process that exits between samples is lost (none of the measured ones do)."""
+    in the process group of any process whose command line contains ``match`` (summed as ``match_role``).
+    Processes are looked up once a second; CPU of a process that exits between samples is lost (none of the
+    measured ones do)."""
 
     def __init__(self, groups: dict[str, int], match: str, match_role: str, interval: float = 0.05) -> None:
         super().__init__(daemon=True)
@@ -194,10 +202,13 @@ class CpuSampler(threading.Thread):
     def _scan(self) -> None:
         pids: dict[str, list[int]] = {role: [] for role in (*self.groups, self.match_role)}
         by_pgid = {pgid: role for role, pgid in self.groups.items()}
-        for pid, pgid, cmdline in _proc_table():
+        table = _proc_table()
+        # aiperf renames its processes (setproctitle), so match the name, then take each match's process group
+        matched = {pgid for pid, pgid, cmdline in table if self.match in cmdline and pid != os.getpid()}
+        for pid, pgid, _ in table:
             if pgid in by_pgid:
                 pids[by_pgid[pgid]].append(pid)
-            elif self.match in cmdline and pid != os.getpid():
+            elif pgid in matched:
                 pids[self.match_role].append(pid)
         self.pids = pids
 
@@ -385,6 +396,10 @@ def zdyn_deployment(
         frontend = ["zdyn", "frontend", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
                     "--workers-endpoint", endpoint, "--log-level", log_level]  # fmt: skip
         group.start("frontend", frontend)
+        # Workers after the frontend's hub is up: a worker that starts first re-announces itself after 3 s of
+        # silence, and if that coincides with the hub coming up, the hub can drop it again right after
+        # registering it (seen once: the whole run went to one worker).
+        wait_http(base + "/health", group)
         for i in range(n):
             group.start(
                 f"worker-{i}",
@@ -397,7 +412,41 @@ def zdyn_deployment(
                 ],
             )  # fmt: skip
         wait_for_workers(base, n, group, timeout_s=120)
+        wait_stable_workers(base, n)
         yield Target("zdyn", base, model_dir.name, {name: p.pid for name, p in group.procs.items()})
+
+
+def wait_http(url: str, group: ProcessGroup, timeout_s: float = 120.0) -> None:
+    """Until ``url`` answers at all (any status)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        group.check_alive()
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # 503 before any worker: the server is up
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def wait_stable_workers(base: str, n: int, stable_s: float = 2.0, timeout_s: float = 30.0) -> None:
+    """Until /health has listed ``n`` workers for ``stable_s`` seconds in a row."""
+    deadline = time.monotonic() + timeout_s
+    since: float | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                count = len(json.loads(r.read()).get("workers", []))
+        except (OSError, ValueError):
+            count = 0
+        now = time.monotonic()
+        since = (since or now) if count >= n else None
+        if since is not None and now - since >= stable_s:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{base}: {n} workers were not registered for {stable_s:g} s in a row")
 
 
 @contextlib.contextmanager
@@ -580,7 +629,7 @@ def zmq_row(ctx: Context, system: str, rep: int) -> Row:
 @contextlib.contextmanager
 def deployment(ctx: Context, system: str, speedup: float) -> Iterator[Target]:
     logs = ctx.work / "logs" / f"{system}-{speedup:g}-{uuid.uuid4().hex[:6]}"
-    if system == "zdyn":
+    if system in ("zdyn", "zdyn-rate"):
         with zdyn_deployment(ctx.model_dir, speedup, ctx.engine, logs, ctx.log_level) as t:
             yield t
     elif system.startswith("dynamo"):
@@ -594,13 +643,24 @@ def deployment(ctx: Context, system: str, speedup: float) -> Iterator[Target]:
         raise ValueError(system)
 
 
-def measure(ctx: Context, system: str, rep: int, speedup: float = FAST) -> Row:
+def idle_workers(row: Row) -> list[str]:
+    """Workers that did (almost) nothing while another worked: the run did not use every worker."""
+    workers = {k: v for k, v in row.cpu_s.items() if k.startswith("worker-")}
+    busiest = max(workers.values(), default=0.0)
+    return sorted(k for k, v in workers.items() if busiest > 0 and v < 0.1 * busiest)
+
+
+def measure(ctx: Context, system: str, rep: int, speedup: float = FAST, load: Load | None = None) -> Row:
     """Start ``system``, drive it with zdyn bench, stop it. The caller holds the shared lock."""
     if system in ZMQ_SYSTEMS:
         row = zmq_row(ctx, system, rep)
     else:
         with deployment(ctx, system, speedup) as target:
-            row, _ = run_bench(target, system, rep, speedup, ctx.load, ctx.model_dir, ctx.work)
+            row, _ = run_bench(target, system, rep, speedup, load or ctx.load, ctx.model_dir, ctx.work)
+    idle = idle_workers(row)
+    if idle:
+        row.extra["invalid"] = f"idle during the run: {', '.join(idle)} (left out of every table)"
+        print(f"  {system} rep {rep}: INVALID, {row.extra['invalid']}", file=sys.stderr)
     ctx.rows.append(row)
     print(
         f"  {system:17} rep {rep} speedup {speedup:g}: {row.req_s:7.1f} req/s {row.tok_s:9.0f} tok/s "
@@ -624,7 +684,7 @@ def aiperf_phase(ctx: Context, speedup: float) -> dict[str, Any]:
 
         bench(0)
         artifacts = ctx.work / f"aiperf-{speedup:g}"
-        sampler = CpuSampler(target.groups, "aiperf-venv/bin", "load generator")
+        sampler = CpuSampler(target.groups, "aiperf", "load generator")
         sampler.start()
         res: AiperfResult = run_aiperf(
             target.base_url,
@@ -710,22 +770,30 @@ def summarize_profile(raw: Path, top: int = 25) -> dict[str, Any]:
     }
 
 
-def profile_phase(ctx: Context, seconds: float = 5.0) -> dict[str, Any]:
-    """py-spy on zdyn's frontend and worker-0 for ``seconds`` during a longer run of the same load."""
-    long = Load(**{**asdict(ctx.load), "requests": max(ctx.load.requests, 4000)})
-    out: dict[str, Any] = {"seconds": seconds, "load": asdict(long)}
+def profile_phase(ctx: Context, seconds: float = 5.0, rate: int = 200) -> dict[str, Any]:
+    """py-spy (``--nonblocking``, ``rate`` Hz) on zdyn's frontend and worker-0 for ``seconds``, started once the
+    measured phase of a longer run of the same load has begun."""
+    long = Load(**{**asdict(ctx.load), "requests": max(ctx.load.requests, 8000)})
+    out: dict[str, Any] = {"seconds": seconds, "rate_hz": rate, "load": asdict(long)}
+    files = {role: RESULTS / f"ceiling-pyspy-{role}.txt" for role in ("frontend", "worker-0")}
     with bench_lock(), deployment(ctx, "zdyn", FAST) as target:
-        files = {role: RESULTS / f"ceiling-pyspy-{role}.txt" for role in ("frontend", "worker-0")}
         result = ctx.work / "bench-profile.json"
         argv = bench_argv(target.base_url, target.model, ctx.model_dir, long, result, "zdyn profile")
         bench = subprocess.Popen(
             [sys.executable, "-m", "zdyn.cli", *argv[1:]],
             cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
             start_new_session=True,
         )
-        time.sleep(3.0)  # tokenizer load and warm-ups
+        started = threading.Event()
+        assert bench.stderr is not None
+        reader = threading.Thread(target=_reader, args=(bench.stderr, [], START_MARK, started.set))
+        reader.start()
+        if not started.wait(120):
+            bench.kill()
+            raise RuntimeError("the profiling load never started")
         spies = [
             subprocess.Popen(
                 [
@@ -735,6 +803,8 @@ def profile_phase(ctx: Context, seconds: float = 5.0) -> dict[str, Any]:
                     str(target.groups[role]),
                     "-d",
                     f"{seconds:g}",
+                    "-r",
+                    str(rate),
                     "-f",
                     "raw",
                     "-o",
@@ -748,10 +818,11 @@ def profile_phase(ctx: Context, seconds: float = 5.0) -> dict[str, Any]:
         ]
         for spy in spies:
             spy.wait(seconds + 30)
+        still_running = bench.poll() is None
         bench.wait(600)
-        out["py_spy_commands"] = [
-            f"py-spy record -p PID({role}) -d {seconds:g} -f raw -o {p}" for role, p in files.items()
-        ]
+        reader.join(10)
+        out["load_still_running_when_profiling_ended"] = still_running
+        out["py_spy_command"] = f"py-spy record -p PID -d {seconds:g} -r {rate} -f raw -o FILE --nonblocking"
         for role, path in files.items():
             out[role] = summarize_profile(path) if path.exists() else {"error": "py-spy wrote nothing"}
             out[role]["file"] = str(path.relative_to(REPO))
@@ -760,8 +831,13 @@ def profile_phase(ctx: Context, seconds: float = 5.0) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ report
 def rows_of(rows: Sequence[Row], system: str, speedup: float | None = FAST) -> list[Row]:
+    """The valid runs of ``system`` at ``speedup`` (runs that left a worker idle are not comparable)."""
     return [
-        r for r in rows if r.system == system and (speedup is None or r.speedup == speedup or system in ZMQ_SYSTEMS)
+        r
+        for r in rows
+        if r.system == system
+        and (speedup is None or r.speedup == speedup or system in ZMQ_SYSTEMS)
+        and not idle_workers(r)
     ]
 
 
@@ -791,6 +867,8 @@ LABELS = {
     "zdyn": "zdyn (frontend + 2 mocker procs)",
     "dynamo": "Dynamo 1.6.1 round-robin",
     "dynamo-kv": "Dynamo 1.6.1 kv router (info)",
+    "zdyn-rate": "zdyn, open loop",
+    "dynamo-rate": "Dynamo 1.6.1 round-robin, open loop",
     "bare-sse": "bare uvicorn SSE, 64 chunks",
     "bare-sse-1": "bare uvicorn SSE, 1 chunk",
     "bare-zmq": "bare pyzmq, msg/token (no HTTP)",
@@ -862,11 +940,11 @@ def comparisons(rows: Sequence[Row]) -> dict[str, Any]:
     return out
 
 
-def print_comparisons(cmp: dict[str, Any]) -> None:
+def print_comparisons(cmp: dict[str, Any], which: str) -> None:
     if "zdyn_over_dynamo" in cmp:
         r = cmp["zdyn_over_dynamo"]
         target = "target: req/s and tok/s >= 1.0, TTFT p50 <= 1.0"
-        print(f"\nzdyn / Dynamo (medians; {target})")
+        print(f"\nzdyn / Dynamo (medians of {which}; {target})")
         print(table(["req/s", "output tok/s", "TTFT p50", "TTFT p99", "E2E p50", "req/s per repetition"],
                     [[fmt(r["req_s"]), fmt(r["tok_s"]), fmt(r["ttft_p50"]), fmt(r["ttft_p99"]), fmt(r["e2e_p50"]),
                       ", ".join(f"{x:.2f}" for x in cmp["zdyn_over_dynamo_per_rep_req_s"])]]))  # fmt: skip
@@ -876,13 +954,13 @@ def print_comparisons(cmp: dict[str, Any]) -> None:
         if c:
             rows.append([LABELS[name], f"{c['ttft_p50_added_ms']:+.1f}", f"{100 * c['req_s_fraction']:.0f}%"])
     if rows:
-        print("\nzdyn versus the bare HTTP ceiling (medians)")
+        print(f"\nzdyn versus the bare HTTP ceiling (medians of {which})")
         print(table(["reference", "zdyn TTFT p50 added (ms)", "zdyn req/s as % of it"], rows))
 
 
 def real_time_rows(rows: Sequence[Row]) -> list[Row]:
-    """Runs with engine time (speedup below 1e6), in the order they ran."""
-    return [r for r in rows if r.speedup < FAST and r.system not in ZMQ_SYSTEMS]
+    """Valid runs with engine time (speedup below 1e6), in the order they ran."""
+    return [r for r in rows if r.speedup < FAST and r.system not in ZMQ_SYSTEMS and not idle_workers(r)]
 
 
 def speedup1_table(rows: Sequence[Row]) -> str:
@@ -917,7 +995,9 @@ def aiperf_table(phase: dict[str, Any]) -> str:
     if ai.get("cpu_s"):
         bench_rows = [Row(**x) for x in benches]
         for role in ("frontend", "workers", "load generator"):
-            ai_cpu = sum(v for k, v in ai["cpu_s"].items() if k == role or (role == "workers" and k.startswith("w")))
+            ai_cpu = sum(
+                v for k, v in ai["cpu_s"].items() if k == role or (role == "workers" and k.startswith("worker"))
+            )
             rows_spec.append(
                 (f"CPU % of a core: {role}", statistics.fmean(r.cpu_pct(role) for r in bench_rows),
                  100.0 * ai_cpu / ai["window_s"])
@@ -925,14 +1005,33 @@ def aiperf_table(phase: dict[str, Any]) -> str:
         rows_spec.append(("measured window s", statistics.fmean(r.window_s for r in bench_rows), ai["window_s"]))
     out = []
     for name, bench_value, aiperf_value in rows_spec:
-        diff = 100.0 * (aiperf_value - bench_value) / bench_value if bench_value else math.nan
+        diff = 100.0 * (aiperf_value - bench_value) / bench_value if abs(bench_value) > 0.01 else math.nan
         out.append([name, fmt(bench_value), fmt(aiperf_value), "n/a" if math.isnan(diff) else f"{diff:+.1f}%"])
     bench_runs = ", ".join(f"{x['req_s']:.0f}" for x in benches)
     out.append(["(zdyn bench req/s, each run)", bench_runs, "", ""])
     return table(["metric", "zdyn bench (mean of 2)", "aiperf", "aiperf vs bench"], out)
 
 
+PLOT_LABELS = {
+    "zdyn": "zdyn",
+    "dynamo": "Dynamo\nround-robin",
+    "dynamo-kv": "Dynamo kv\n(info)",
+    "bare-sse": "bare SSE\n64 chunks",
+    "bare-sse-1": "bare SSE\n1 chunk",
+    "bare-zmq": "pyzmq\nmsg/token",
+    "bare-zmq-batched": "pyzmq\nmsg/step",
+    "zdyn-rpc": "zdyn\nHub/Spoke",
+    "zdyn-rate": "zdyn",
+    "dynamo-rate": "Dynamo",
+}
+
+
+def _color(system: str) -> str:
+    return "C0" if system.startswith("zdyn") else "C1" if system.startswith("dynamo") else "C7"
+
+
 def plot(doc: dict[str, Any], out: Path) -> None:
+    """2 x 3 panels: throughput, TTFT, CPU (speedup 1e6); same-load latency; engine-time runs; aiperf vs bench."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -941,67 +1040,107 @@ def plot(doc: dict[str, Any], out: Path) -> None:
 
     rows = [Row(**r) for r in doc["rows"]]
     systems = [s for s in (*MAIN_SYSTEMS, "dynamo-kv") if rows_of(rows, s)]
-    fig, axes = plt.subplots(2, 2, figsize=(15, 10))
+    fig, axes = plt.subplots(2, 3, figsize=(20, 10))
     x = np.arange(len(systems))
-    labels = [LABELS.get(s, s).replace(" (", "\n(").replace(", ", "\n") for s in systems]
+    labels = [PLOT_LABELS.get(s, s) for s in systems]
 
-    def bars(ax: Any, attr: str, title: str, ylabel: str) -> None:
-        med = [median_of(rows_of(rows, s), attr) for s in systems]
-        lo = [m - min(getattr(r, attr) for r in rows_of(rows, s)) for m, s in zip(med, systems, strict=True)]
-        hi = [max(getattr(r, attr) for r in rows_of(rows, s)) - m for m, s in zip(med, systems, strict=True)]
-        ax.bar(x, med, yerr=[lo, hi], capsize=4, color=["C0" if s.startswith("zdyn") else "C1" if
-               s.startswith("dynamo") else "C7" for s in systems])  # fmt: skip
-        ax.set_xticks(x, labels, fontsize=7)
-        ax.set_title(title)
-        ax.set_ylabel(ylabel)
-        ax.grid(axis="y", alpha=0.3)
-
-    bars(axes[0][0], "req_s", "request throughput (median, range)", "req/s")
-    ax = axes[0][1]
-    p50 = [median_of(rows_of(rows, s), "ttft_p50") for s in systems]
-    p99 = [median_of(rows_of(rows, s), "ttft_p99") for s in systems]
-    ax.bar(x - 0.2, p50, 0.4, label="TTFT p50")
-    ax.bar(x + 0.2, p99, 0.4, label="TTFT p99")
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_ylabel("ms")
-    ax.set_title("time to first token (medians; zmq rows: first delta)")
-    ax.legend()
+    ax = axes[0][0]
+    med = [median_of(rows_of(rows, s), "req_s") for s in systems]
+    lo = [m - min(r.req_s for r in rows_of(rows, s)) for m, s in zip(med, systems, strict=True)]
+    hi = [max(r.req_s for r in rows_of(rows, s)) - m for m, s in zip(med, systems, strict=True)]
+    ax.bar(x, med, yerr=[lo, hi], capsize=4, color=[_color(s) for s in systems])
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("req/s")
+    ax.set_title("speedup 1e6: request throughput (median, range)")
     ax.grid(axis="y", alpha=0.3)
-    ax = axes[1][0]
-    bottom = np.zeros(len(systems))
-    for role, color in (("frontend", "C0"), ("workers", "C2"), ("load generator", "C3")):
-        vals = np.array([statistics.median(r.cpu_pct(role) if not math.isnan(r.cpu_pct(role)) else 0.0
-                                           for r in rows_of(rows, s)) for s in systems])  # fmt: skip
-        ax.bar(x, vals, bottom=bottom, label=role, color=color)
-        bottom += vals
-    foreign = np.array([statistics.median(100 * r.foreign_cpu_s / r.window_s for r in rows_of(rows, s))
-                        for s in systems])  # fmt: skip
-    ax.bar(x, foreign, bottom=bottom, label="other processes", color="C7", alpha=0.5)
-    ax.axhline(200, color="k", lw=0.8, ls="--")
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_ylabel("% of one core (2 cores = 200 %)")
-    ax.set_title("CPU over the measured window (medians)")
+
+    ax = axes[0][1]
+    for k, (attr, label) in enumerate((("ttft_p50", "TTFT p50"), ("ttft_p99", "TTFT p99"), ("e2e_p50", "E2E p50"))):
+        ax.bar(x + (k - 1) * 0.27, [median_of(rows_of(rows, s), attr) for s in systems], 0.27, label=label)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("ms")
+    ax.set_title("speedup 1e6: latency (medians; zmq rows: first / last delta)")
     ax.legend(fontsize=8)
-    ax = axes[1][1]
-    s1 = real_time_rows(rows)
-    if s1:
-        names = [f"{LABELS.get(r.system, r.system).split(' (')[0]}\nspeedup {r.speedup:g}" for r in s1]
-        xs = np.arange(len(s1))
-        for k, (attr, label) in enumerate((("ttft_p50", "TTFT p50"), ("itl_p50", "ITL p50"), ("itl_p99", "ITL p99"),
-                                           ("tpot_p50", "TPOT p50"))):  # fmt: skip
-            ax.bar(xs + (k - 1.5) * 0.2, [getattr(r, attr) for r in s1], 0.2, label=label)
-        ax.set_xticks(xs, names, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+    ax = axes[0][2]
+    rate = [s for s in RATE_SYSTEMS if rows_of(rows, s)]
+    if rate:
+        xr = np.arange(3)
+        for k, s in enumerate(rate):
+            vals = [median_of(rows_of(rows, s), a) for a in ("ttft_p50", "ttft_p99", "e2e_p50")]
+            ax.bar(xr + (k - 0.5) * 0.4, vals, 0.4, label=PLOT_LABELS[s], color=_color(s))
+        ax.set_xticks(xr, ["TTFT p50", "TTFT p99", "E2E p50"])
         ax.set_ylabel("ms")
-        ax.set_title("with engine time: speedup 1 (and zdyn with its decode step matched to Dynamo's)")
+        rl = doc["settings"].get("rate_load", {})
+        ax.set_title(f"same offered load: {rl.get('request_rate', 0):g} req/s Poisson (medians)")
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     else:
         ax.axis("off")
+
+    ax = axes[1][0]
+    bottom = np.zeros(len(systems))
+    for role, color in (("frontend", "C0"), ("workers", "C2"), ("load generator", "C3")):
+        shares = np.array([statistics.median(r.cpu_pct(role) if not math.isnan(r.cpu_pct(role)) else 0.0
+                                             for r in rows_of(rows, s)) for s in systems])  # fmt: skip
+        ax.bar(x, shares, bottom=bottom, label=role, color=color)
+        bottom += shares
+    foreign = np.array([statistics.median(100 * r.foreign_cpu_s / r.window_s for r in rows_of(rows, s))
+                        for s in systems])  # fmt: skip
+    ax.bar(x, foreign, bottom=bottom, label="other processes", color="C7", alpha=0.5)
+    ax.axhline(200, color="k", lw=0.8, ls="--")
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("% of one core (2 cores = 200 %)")
+    ax.set_title("speedup 1e6: CPU over the measured window (medians)")
+    ax.legend(fontsize=8, loc="lower right")
+
+    ax = axes[1][1]
+    s1 = real_time_rows(rows)
+    if s1:
+        names = [f"{PLOT_LABELS.get(r.system, r.system)}\nspeedup {r.speedup:g}" for r in s1]
+        xs = np.arange(len(s1))
+        attrs = (("ttft_p50", "TTFT p50"), ("itl_p50", "ITL p50"), ("itl_p99", "ITL p99"), ("tpot_p50", "TPOT p50"))
+        for k, (attr, label) in enumerate(attrs):
+            ax.bar(xs + (k - 1.5) * 0.2, [getattr(r, attr) for r in s1], 0.2, label=label)
+        ax.set_yscale("log")
+        ax.set_xticks(xs, names, fontsize=8)
+        ax.set_ylabel("ms (log)")
+        ax.set_title("with engine time (each mocker's own timing model)")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    else:
+        ax.axis("off")
+
+    ax = axes[1][2]
+    phases = doc.get("aiperf", [])
+    if phases:
+        metrics = (
+            ("req/s", "req_s", "request_throughput"),
+            ("TTFT p50", "ttft_p50", "ttft_p50_ms"),
+            ("E2E p50", "e2e_p50", "request_latency_p50_ms"),
+            ("TPOT/ITL p50", "tpot_p50", "itl_p50_ms"),
+        )
+        xa = np.arange(len(metrics))
+        for k, ph in enumerate(phases):
+            bench = {m: statistics.fmean(b[m] for b in ph["bench"]) for _, m, _ in metrics}
+            ai = ph["aiperf"][0]
+            vals = [ai[a] / bench[m] if bench[m] > 0.01 else math.nan for _, m, a in metrics]
+            ax.bar(xa + (k - 0.5) * 0.4, vals, 0.4, label=f"speedup {ph['speedup']:g}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(xa, [m[0] for m in metrics])
+        ax.set_ylabel("aiperf / zdyn bench")
+        ax.set_title("aiperf vs zdyn bench, same zdyn deployment")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    else:
+        ax.axis("off")
+
     load = doc["settings"]["load"]
-    fig.suptitle(f"ceiling at speedup 1e6: concurrency {load['concurrency']}, {load['requests']} requests, "
-                 f"{load['input_len']} in / {load['output_len']} out, 2 mocker workers, 2 cores")  # fmt: skip
+    fig.suptitle(f"zdyn vs Dynamo 1.6.1 and bare ceilings: concurrency {load['concurrency']}, {load['requests']} "
+                 f"requests, {load['input_len']} in / {load['output_len']} out, 2 mocker workers, 2 cores")  # fmt: skip
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
@@ -1015,6 +1154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--warmups", type=int, default=32)
+    p.add_argument("--rate", type=float, default=400.0, help="offered load of the 'rate' phase, req/s")
+    p.add_argument("--rate-reps", type=int, default=3, help="repetitions of the 'rate' phase")
     p.add_argument("--zdyn-log-level", default="info", help="zdyn's log level (default info, as shipped)")
     p.add_argument("--out", type=Path, default=RESULTS / "ceiling.json")
     return p
@@ -1028,6 +1169,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         sp.add_argument("--chunks", type=int, default=64, help="content chunks per response")
         a = sp.parse_args(argv[1:])
         serve_sse(a.port, a.chunks)
+        return 0
+    if argv[:1] == ["report"]:  # report RESULT.json: print the tables and redraw the plot of a finished run
+        path = Path(argv[1]) if len(argv) > 1 else RESULTS / "ceiling.json"
+        done: dict[str, Any] = json.loads(path.read_text())
+        done["comparisons"] = {
+            "all": comparisons([Row(**r) for r in done["rows"]]),
+            "clean": comparisons([r for r in (Row(**x) for x in done["rows"]) if is_clean(r)]),
+            "clean_threshold_foreign_cpu_fraction": CLEAN_FOREIGN,
+        }
+        path.write_text(json.dumps(done, indent=1, default=str) + "\n")
+        report(done)
+        plot(done, path.with_suffix(".png"))
+        print(f"\nresults: {path}\nplot:    {path.with_suffix('.png')}\nmeasured with (from {REPO}): {done['command']}")
         return 0
     args = build_parser().parse_args(argv)
     command = shlex.join(["python", "-m", "benchmarks.ceiling", *argv])
@@ -1072,6 +1226,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("kv: Dynamo with its KV router, once", file=sys.stderr)
         with bench_lock():
             measure(ctx, "dynamo-kv", 0)
+    if "rate" in phases:
+        rate_load = Load(**{**asdict(load), "requests": 2 * load.requests, "request_rate": args.rate})
+        doc["settings"]["rate_load"] = asdict(rate_load)
+        print(f"rate: zdyn and Dynamo at the same offered load ({args.rate:g} req/s Poisson, at most "
+              f"{load.concurrency} in flight), {args.rate_reps} alternating repetitions", file=sys.stderr)  # fmt: skip
+        for rep in range(args.rate_reps):
+            with bench_lock():
+                for system in RATE_SYSTEMS if rep % 2 == 0 else tuple(reversed(RATE_SYSTEMS)):
+                    measure(ctx, system, rep, FAST, rate_load)
     if "speedup1" in phases:
         print("speedup1: zdyn and Dynamo at speedup 1, once each; zdyn again with its decode step matched",
               file=sys.stderr)  # fmt: skip
@@ -1092,7 +1255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc["profile"] = profile_phase(ctx)
     doc["wall_s"] = time.monotonic() - t0
     doc["rows"] = [asdict(r) for r in ctx.rows]
-    doc["comparisons"] = comparisons(ctx.rows)
+    doc["comparisons"] = {
+        "all": comparisons(ctx.rows),
+        "clean": comparisons([r for r in ctx.rows if is_clean(r)]),
+        "clean_threshold_foreign_cpu_fraction": CLEAN_FOREIGN,
+    }
     report(doc)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
@@ -1103,18 +1270,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def is_clean(row: Row) -> bool:
+    """Processes outside the run used less than CLEAN_FOREIGN of a core during the measured window."""
+    return row.window_s > 0 and row.foreign_cpu_s / row.window_s < CLEAN_FOREIGN
+
+
 def report(doc: dict[str, Any]) -> None:
     rows = [Row(**r) for r in doc["rows"]]
     shown = [s for s in (*MAIN_SYSTEMS, "dynamo-kv") if rows_of(rows, s)]
     load = doc["settings"]["load"]
+    for r in rows:
+        if idle_workers(r):
+            print(f"left out: {r.system} rep {r.rep} speedup {r.speedup:g} ({r.req_s:.0f} req/s): "
+                  f"{', '.join(idle_workers(r))} idle during the run")  # fmt: skip
     if shown:
         print(f"\nspeedup 1e6: concurrency {load['concurrency']}, {load['requests']} requests after "
               f"{load['warmups']} warm-ups, {load['input_len']} in / {load['output_len']} out; "
-              "median (range) over repetitions")  # fmt: skip
+              "median (range) over all repetitions")  # fmt: skip
         print(main_table(rows, shown))
-        print("\nCPU over the measured window: % of one core, median (range), and CPU ms per request")
+        clean = [r for r in rows if is_clean(r)]
+        if len(clean) < len(rows):
+            print(f"\nthe same, only repetitions where other processes used < {100 * CLEAN_FOREIGN:.0f}% of a core "
+                  f"({len(rows) - len(clean)} of {len(rows)} runs left out)")  # fmt: skip
+            print(main_table(clean, shown))
+        print("\nCPU over the measured window (all repetitions): % of one core, median (range), and CPU ms per request")
         print(cpu_table(rows, shown))
-        print_comparisons(doc["comparisons"])
+        print_comparisons(comparisons(rows), "all repetitions")
+        if len(clean) < len(rows):
+            print_comparisons(comparisons(clean), f"repetitions with < {100 * CLEAN_FOREIGN:.0f}% foreign CPU")
+    rate_rows = [r for sys_ in RATE_SYSTEMS for r in rows_of(rows, sys_)]
+    if rate_rows:
+        rl = doc["settings"].get("rate_load", {})
+        print(f"\nsame offered load: {rl.get('request_rate', 0):g} req/s Poisson (at most {rl.get('concurrency')} in "
+              f"flight), {rl.get('requests')} requests; median (range) over repetitions")  # fmt: skip
+        print(main_table(rows, RATE_SYSTEMS))
+        print(cpu_table(rows, RATE_SYSTEMS))
+        z, d = rows_of(rows, "zdyn-rate"), rows_of(rows, "dynamo-rate")
+        if z and d:
+            ratios = [[fmt(ratio(median_of(z, a), median_of(d, a))) for a in ("ttft_p50", "ttft_p99", "e2e_p50")]]
+            print(table(["zdyn/Dynamo TTFT p50", "TTFT p99", "E2E p50"], ratios))
     if real_time_rows(rows):
         print(
             "\nwith engine time (speedup 1 = each mocker's polynomial timing in real time), same load, one run each; ms"

@@ -22,7 +22,13 @@ Measured: (a) round trip of one request -> one reply (one delta with ``finish``)
 streams of M deltas each: deltas (tokens)/s, messages/s, CPU per delta of client and server. Ratios are
 zdyn / bare. The whole run holds ``/tmp/zdyn-bench.lock`` (other benchmarks wait; this one waits for them).
 
-    python -m benchmarks.transport                      # from the repo root; about 2-3 minutes
+By default the client is pinned to CPU 0 and the server to CPU 1 (their ZeroMQ I/O threads inherit it).
+Unpinned, on this 2-core box, streaming runs flip between two modes: in the slow one every send of the
+client stalls for ~1 ms (its thread is descheduled when it wakes its own I/O thread, which is busy with
+the incoming stream), so the server sees requests one at a time and serves the N streams one after another.
+``--no-pin`` measures that placement too.
+
+    python -m benchmarks.transport                      # from the repo root; about 1 minute
     python -m benchmarks.transport --transports tcp --reps 1 --streams 1,64 --rtt-count 1000   # quick look
 
 ``run_pair`` and ``BENCH_LOCK`` are reused by ``benchmarks/ceiling.py`` (its "bare pyzmq" row).
@@ -690,7 +696,9 @@ def print_report(agg: dict[str, Any], transports: Sequence[str], streams: Sequen
     print(table(headers, rows))
 
 
-def plot(agg: dict[str, Any], transports: Sequence[str], streams: Sequence[int], deltas: int, out: Path) -> None:
+def plot(
+    agg: dict[str, Any], transports: Sequence[str], streams: Sequence[int], deltas: int, out: Path, placement: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -723,12 +731,14 @@ def plot(agg: dict[str, Any], transports: Sequence[str], streams: Sequence[int],
                 ys = [median_of(agg, "streams", f"{t}/{impl}/{n}", column) for n in streams]
                 ax.plot(streams, ys, styles[impl], label=f"{impl} ({t})", alpha=0.9 if t == "tcp" else 0.5)
         ax.set_xscale("log", base=2)
+        if column == "deltas_per_s":
+            ax.set_yscale("log")
         ax.set_xlabel("concurrent streams N")
         ax.set_ylabel(ylabel)
         ax.set_title(f"(b) N streams x {deltas} deltas: {ylabel}")
         ax.grid(alpha=0.3)
     axes[0][1].legend(fontsize=8)
-    fig.suptitle("zdyn Hub/Spoke vs bare pyzmq (ROUTER binds, DEALER connects; uvloop; medians)")
+    fig.suptitle(f"zdyn Hub/Spoke vs bare pyzmq (ROUTER binds, DEALER connects; uvloop; {placement}; medians)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -808,7 +818,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_report(agg, transports, args.streams, args.deltas)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     png = args.out.with_suffix(".png")
-    plot(agg, transports, args.streams, args.deltas, png)
+    placement = "client on CPU 0, server on CPU 1" if args.pin else "unpinned"
+    plot(agg, transports, args.streams, args.deltas, png, placement)
     foreign = [r["foreign_cpu_s"] for r in runs]
     doc = {
         "benchmark": "transport",
@@ -833,7 +844,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
     }
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"\nforeign CPU during a case (other processes on the box): median {statistics.median(foreign):.2f} s, "
+    print(f"\nplacement: {placement}")
+    print(f"foreign CPU during a case (other processes on the box): median {statistics.median(foreign):.2f} s, "
           f"max {max(foreign):.2f} s")  # fmt: skip
     print(f"results: {args.out}\nplot:    {png}\nreproduce (from {REPO}): {command}")
     return 0

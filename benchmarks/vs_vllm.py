@@ -14,11 +14,15 @@ top_p 1), a closed-loop sweep over concurrencies and optionally one open-loop re
 own seed, so no point hits prefix-cache entries left by another; both systems get identical prompts.
 
 Reported per system and point (median and range over sessions): requests/s, output tokens/s, TTFT p50/p99,
-ITL p50/p99, E2E p50, and zdyn/vLLM ratios; CPU seconds per process role and idle/loaded memory (RSS, PSS) of all
-processes of each system. Writes ``benchmarks/results/vs_vllm.json`` and ``vs_vllm.png``.
+ITL p50/p99, E2E p50, and zdyn/vLLM ratios of the medians; for the added TTFT p50 also a 95 % bootstrap interval
+(sessions, then requests), since under load TTFT moves by 100s of ms between sessions. Also CPU seconds per
+process role, idle and loaded memory (RSS, PSS) of all processes of each system, and the CPU other processes on
+the machine used during each point (a point where they used > 10 % of a core is flagged "disturbed").
+Writes ``benchmarks/results/vs_vllm.json`` and ``vs_vllm.png``.
 
-    python benchmarks/vs_vllm.py                       # from the repo root, ~13 min
-    python benchmarks/vs_vllm.py --rounds 1 --requests 2,4,16 --no-rate   # quick check of the machinery
+    python benchmarks/vs_vllm.py          # from the repo root: 6 sessions of ~2.4 min (~1.8 min of load each)
+    python benchmarks/vs_vllm.py --rounds 1 --requests 2,4,16 --no-rate --out /tmp/x   # check the machinery
+    python benchmarks/vs_vllm.py --resummarize benchmarks/results/vs_vllm.json        # redo table and plot
 """
 
 from __future__ import annotations
@@ -71,7 +75,6 @@ METRICS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("itl_p99", "ITL p99 ms", ("itl", "percentiles", "p99")),
     ("e2e_p50", "E2E p50 ms", ("e2el", "median")),
 )
-HIGHER_IS_BETTER = {"req_s", "out_tok_s"}
 
 
 # --------------------------------------------------------------------------------------------- load points
@@ -393,7 +396,7 @@ def bench_argv(
     argv = ["zdyn", "bench", "--base-url", base_url, "--model", SMOLLM2_NAME, "--api", "chat"]
     argv += ["--tokenizer", args.model, "--input-len", str(args.input_len), "--output-len", str(args.output_len)]
     argv += ["--ignore-eos", "--temperature", "0", "--extra-body", json.dumps({"top_p": 1.0})]
-    argv += [*point.bench_flags(), "--warmups", str(warmups), "--no-progress", "--label", label]
+    argv += [*point.bench_flags(), "--warmups", str(warmups), "--no-progress", "--label", label, "--save-requests"]
     return [*argv, "--result-json", str(result_json)]
 
 
@@ -415,6 +418,8 @@ def run_point(dep: Deployment, point: Point, args: argparse.Namespace, warmups: 
         raise RuntimeError(f"zdyn bench failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     run = json.loads(result_json.read_text())["runs"][0]
     metrics = run["metrics"]
+    for key in ("ttft", "tpot", "itl", "e2el"):
+        metrics[key].pop("cdf", None)  # 101 quantiles per metric: the raw bench JSON has them; not kept here
     if metrics["failed"]:
         raise RuntimeError(f"{dep.system} {point.label}: {metrics['failed']} failed requests: {run['error_samples']}")
     cpu, top_outside = cpu_accounting(procs, before, after)
@@ -428,6 +433,7 @@ def run_point(dep: Deployment, point: Point, args: argparse.Namespace, warmups: 
         "label": point.label,
         "point": asdict(point),
         "bench_command": shlex.join(argv),
+        "ttft_ms": [round(1000 * r["ttft_s"], 2) for r in run["requests"] if r["success"]],
         "wall_s": wall,
         "metrics": metrics,
         "cpu_s": {
@@ -449,38 +455,48 @@ def run_point(dep: Deployment, point: Point, args: argparse.Namespace, warmups: 
 def run_session(
     system: str, round_no: int, points: Sequence[Point], args: argparse.Namespace, scratch: Path
 ) -> dict[str, Any]:
+    """Start ``system`` (holding the benchmark lock), measure every point, stop it and every process of it."""
     out_dir = scratch / "bench" / f"{round_no}"
     out_dir.mkdir(parents=True, exist_ok=True)
     digest = zdyn_source_digest()  # the zdyn code this session runs (vLLM loads zdyn's plugin too)
-    with bench_lock(), deployment(system, args.model, args.engine_args, scratch, args.start_timeout) as dep:
-        print(f"  {system}: ready in {dep.startup_s:.1f}s at {dep.base_url}", flush=True)
-        time.sleep(args.settle)
-        idle = memory_snapshot(descendants(dep.roots), with_pss=True)
-        results = []
-        with PeakRss(dep.roots) as peak:
-            for i, point in enumerate(points):
-                res = run_point(dep, point, args, args.warmups if i == 0 else 0, out_dir)
-                m = res["metrics"]
-                print(
-                    f"    {point.label:>9}: {m['request_throughput']:.3f} req/s  {m['output_throughput']:6.1f} tok/s  "
-                    f"TTFT p50 {m['ttft']['median']:7.1f} ms  ITL p50 {m['itl']['median']:6.1f} ms  "
-                    f"({res['wall_s']:.0f}s, other CPU {res['cpu_s']['other']:.1f}s)",
-                    flush=True,
-                )
-                if res["disturbed"]:
-                    tops = "; ".join(f"{t['cpu_s']}s {t['process'][:70]}" for t in res["top_cpu_outside_system"][:2])
-                    print(f"      DISTURBED by other processes: {tops or 'short-lived ones'}", flush=True)
-                results.append(res)
-        loaded = memory_snapshot(descendants(dep.roots), with_pss=True)
-        loaded.update(peak_rss_total_mib=peak.peak_total_mib, peak_rss_mib=peak.peak_by_role)
+    asked = time.perf_counter()
+    with bench_lock():
+        locked = time.perf_counter()
+        with deployment(system, args.model, args.engine_args, scratch, args.start_timeout) as dep:
+            print(f"  {system}: ready in {dep.startup_s:.1f}s at {dep.base_url}", flush=True)
+            time.sleep(args.settle)
+            idle = memory_snapshot(descendants(dep.roots), with_pss=True)
+            results = []
+            with PeakRss(dep.roots) as peak:
+                for i, point in enumerate(points):
+                    results.append(run_point(dep, point, args, args.warmups if i == 0 else 0, out_dir))
+                    print_point(results[-1])
+            loaded = memory_snapshot(descendants(dep.roots), with_pss=True)
+            loaded.update(peak_rss_total_mib=peak.peak_total_mib, peak_rss_mib=peak.peak_by_role)
+        session_wall = time.perf_counter() - locked
     return {
         "system": system,
         "round": round_no,
         "zdyn_source_digest": digest,
+        "lock_wait_s": locked - asked,
+        "session_wall_s": session_wall,
         "startup_s": dep.startup_s,
         "memory": {"idle": idle, "after_load": loaded},
         "points": results,
     }
+
+
+def print_point(res: dict[str, Any]) -> None:
+    m = res["metrics"]
+    print(
+        f"    {res['label']:>9}: {m['request_throughput']:.3f} req/s  {m['output_throughput']:6.1f} tok/s  "
+        f"TTFT p50 {m['ttft']['median']:7.1f} ms  ITL p50 {m['itl']['median']:6.1f} ms  "
+        f"({res['wall_s']:.0f}s, other CPU {res['cpu_s']['other']:.1f}s)",
+        flush=True,
+    )
+    if res["disturbed"]:
+        tops = "; ".join(f"{t['cpu_s']}s {t['process'][:70]}" for t in res["top_cpu_outside_system"][:2])
+        print(f"      DISTURBED by other processes: {tops or 'short-lived ones'}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -494,28 +510,69 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": list(values)}
 
 
+def bootstrap_median_diff_ci(
+    a_sessions: Sequence[Sequence[float]], b_sessions: Sequence[Sequence[float]], n: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """95 % interval of median(a) - median(b) by a two-level bootstrap: sessions drawn with replacement, then
+    requests within each drawn session, so the spread between sessions (start-up luck, batch alignment) counts."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def medians(sessions: Sequence[Sequence[float]]) -> Any:
+        arrays = [np.asarray(s, dtype=float) for s in sessions if len(s)]
+        out = np.empty(n)
+        for i in range(n):
+            picks = [arrays[j] for j in rng.integers(len(arrays), size=len(arrays))]
+            out[i] = np.median(np.concatenate([rng.choice(x, size=x.size) for x in picks]))
+        return out
+
+    if not any(a_sessions) or not any(b_sessions):
+        return None
+    diffs = medians(a_sessions) - medians(b_sessions)
+    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def ttft_verdict(added_ms: float, ci: tuple[float, float] | None) -> str:
+    """meets / misses the added-TTFT target, or "unresolved" when the 95 % interval straddles it."""
+    low, high = ci or (added_ms, added_ms)
+    if high < TARGET_ADDED_TTFT_MS:
+        return "meets"
+    return "misses" if low > TARGET_ADDED_TTFT_MS else "unresolved"
+
+
+def runs_of(sessions: Sequence[dict[str, Any]], system: str, label: str) -> list[dict[str, Any]]:
+    return [r for s in sessions if s["system"] == system for r in s["points"] if r["label"] == label]
+
+
 def summarize(sessions: Sequence[dict[str, Any]], points: Sequence[Point]) -> dict[str, Any]:
-    """Per point and system: median/min/max of each metric over sessions; zdyn/vLLM ratios of the medians."""
+    """Per point and system: median/min/max of each metric over sessions; zdyn/vLLM ratios of the medians and
+    the added TTFT p50 with its bootstrap interval."""
     summary: dict[str, Any] = {}
     for point in points:
-        per_system: dict[str, Any] = {}
+        entry: dict[str, Any] = {"point": asdict(point)}
         for system in SYSTEMS:
-            runs = [r for s in sessions if s["system"] == system for r in s["points"] if r["label"] == point.label]
-            if runs:
-                per_system[system] = {key: spread([_dig(r["metrics"], path) for r in runs]) for key, _, path in METRICS}
-                per_system[system]["disturbed_runs"] = sum(bool(r.get("disturbed")) for r in runs)
-        entry: dict[str, Any] = {"point": asdict(point), **per_system}
-        if len(per_system) == 2:
-            z, v = per_system["zdyn"], per_system["vllm"]
-            entry["ratio_zdyn_over_vllm"] = {
-                key: z[key]["median"] / v[key]["median"] if v[key]["median"] else None for key, _, _ in METRICS
-            }
-            added_ttft = z["ttft_p50"]["median"] - v["ttft_p50"]["median"]
-            entry["added_ttft_p50_ms"] = added_ttft
-            entry["meets_targets"] = {
-                "throughput": entry["ratio_zdyn_over_vllm"]["out_tok_s"] >= TARGET_THROUGHPUT_RATIO,
-                "ttft": added_ttft < TARGET_ADDED_TTFT_MS,
-            }
+            if runs := runs_of(sessions, system, point.label):
+                entry[system] = {key: spread([_dig(r["metrics"], path) for r in runs]) for key, _, path in METRICS}
+                entry[system]["disturbed_runs"] = sum(bool(r.get("disturbed")) for r in runs)
+        if all(system in entry for system in SYSTEMS):
+            z, v = entry["zdyn"], entry["vllm"]
+            ratios = {key: z[key]["median"] / v[key]["median"] if v[key]["median"] else None for key, _, _ in METRICS}
+            added = z["ttft_p50"]["median"] - v["ttft_p50"]["median"]
+            zdyn_ttfts, vllm_ttfts = (
+                [r.get("ttft_ms", []) for r in runs_of(sessions, sys_, point.label)] for sys_ in ("zdyn", "vllm")
+            )
+            ci = bootstrap_median_diff_ci(zdyn_ttfts, vllm_ttfts)
+            entry.update(
+                ratio_zdyn_over_vllm=ratios,
+                added_ttft_p50_ms=added,
+                added_ttft_p50_ci95_ms=list(ci) if ci else None,
+                meets_targets={
+                    "throughput": ratios["out_tok_s"] is not None and ratios["out_tok_s"] >= TARGET_THROUGHPUT_RATIO,
+                    # judged on the interval: under load TTFT moves by 100s of ms between sessions
+                    "ttft": ttft_verdict(added, ci),
+                },
+            )
         summary[point.label] = entry
     return summary
 
@@ -578,11 +635,13 @@ def format_table(summary: dict[str, Any]) -> str:
         if "ratio_zdyn_over_vllm" in entry:
             ratios, ok = entry["ratio_zdyn_over_vllm"], entry["meets_targets"]
             rows.append([label, "zdyn/vLLM", *(f"{ratios[k]:.3f}" for k, _, _ in METRICS)])
+            ci = entry["added_ttft_p50_ci95_ms"]
+            ci_text = f", 95% CI [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ""
             rows.append(
                 f"{label}: zdyn/vLLM output tok/s {ratios['out_tok_s']:.3f} "
-                f"({'meets' if ok['throughput'] else 'MISSES'} >= {TARGET_THROUGHPUT_RATIO}), "
-                f"added TTFT p50 {entry['added_ttft_p50_ms']:+.1f} ms "
-                f"({'meets' if ok['ttft'] else 'MISSES'} < {TARGET_ADDED_TTFT_MS:g} ms)"
+                f"({'meets' if ok['throughput'] else 'MISSES'} >= {TARGET_THROUGHPUT_RATIO}); "
+                f"added TTFT p50 {entry['added_ttft_p50_ms']:+.1f} ms{ci_text} "
+                f"({ok['ttft']} < {TARGET_ADDED_TTFT_MS:g} ms)"
             )
     table = [r for r in rows if isinstance(r, list)]
     widths = [max(len(r[i]) for r in [head, *table]) for i in range(len(head))]
@@ -713,6 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--point-timeout", type=float, default=600.0)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="where vs_vllm.{json,png} go")
     p.add_argument("--name", default="vs_vllm", help="file name stem of the outputs (default %(default)s)")
+    p.add_argument("--resummarize", type=Path, metavar="JSON", help="redo tables and plot of a results file, no runs")
     return p
 
 
@@ -743,9 +803,45 @@ def versions() -> dict[str, str]:
     return out
 
 
+def finish(result: dict[str, Any], points: Sequence[Point], out: Path, name: str) -> None:
+    """Adds the summaries to ``result``, writes ``out/name.{json,png}`` and prints the tables."""
+    sessions = result["sessions"]
+    digests = {s["zdyn_source_digest"] for s in sessions}
+    if len(digests) > 1:
+        print(
+            f"WARNING: the zdyn sources changed during the run ({len(digests)} versions): sessions[].zdyn_source_digest"
+        )
+    result.update(
+        summary=summarize(sessions, points),
+        memory=memory_summary(sessions),
+        cpu_ms_per_request=cpu_summary(sessions, points),
+        measured_s=sum(p["wall_s"] for s in sessions for p in s["points"]),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"{name}.json", out / f"{name}.png"
+    json_path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    plot(result["summary"], points, png_path)
+    print()
+    print(format_table(result["summary"]))
+    print("\nmemory of all processes of each system (median [min-max] over sessions):")
+    print(format_memory(result["memory"]))
+    print("\nCPU ms per request by process (median over sessions):")
+    print(format_cpu(result["cpu_ms_per_request"]))
+    in_lock = sum(s["session_wall_s"] for s in sessions if "session_wall_s" in s)
+    print(
+        f"\nload {result['measured_s'] / 60:.1f} min, sessions (start-up to shutdown) {in_lock / 60:.1f} min, "
+        f"total {result['total_wall_s'] / 60:.1f} min with waits for the lock; results: {json_path}, {png_path}"
+    )
+    print(f"reproduce: {result['command']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.resummarize:
+        old: dict[str, Any] = json.loads(args.resummarize.read_text())
+        finish(old, [Point(**p) for p in old["config"]["points"]], args.out, args.name)
+        return 0
     args.model = str(Path(args.model).resolve()) if args.model else str(ensure_smollm2())
     args.engine_args = shlex.split(args.engine_args)
     points = load_points(args)
@@ -759,16 +855,6 @@ def main(argv: list[str] | None = None) -> int:
         for i, system in enumerate(order):
             print(f"session {i + 1}/{len(order)}: {system} (round {i // 2 + 1})", flush=True)
             sessions.append(run_session(system, i // 2, points, args, Path(tmp)))
-    digests = {s["zdyn_source_digest"] for s in sessions}
-    if len(digests) > 1:
-        print(
-            f"WARNING: the zdyn sources changed during the run ({len(digests)} versions); "
-            "see sessions[].zdyn_source_digest"
-        )
-    summary = summarize(sessions, points)
-    memory = memory_summary(sessions)
-    cpu = cpu_summary(sessions, points)
-    total_wall_s = time.perf_counter() - started
     result: dict[str, Any] = {
         "format": 1,
         "benchmark": "vs_vllm",
@@ -791,24 +877,10 @@ def main(argv: list[str] | None = None) -> int:
             "session_order": order,
             "targets": {"throughput_ratio_min": TARGET_THROUGHPUT_RATIO, "added_ttft_p50_ms_max": TARGET_ADDED_TTFT_MS},
         },
-        "total_wall_s": total_wall_s,
-        "summary": summary,
-        "memory": memory,
-        "cpu_ms_per_request": cpu,
+        "total_wall_s": time.perf_counter() - started,
         "sessions": sessions,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = args.out / f"{args.name}.json", args.out / f"{args.name}.png"
-    json_path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
-    plot(summary, points, png_path)
-    print()
-    print(format_table(summary))
-    print("\nmemory (median [min-max] over sessions):")
-    print(format_memory(memory))
-    print("\nCPU ms per request by process (median over sessions):")
-    print(format_cpu(cpu))
-    print(f"\ntotal {total_wall_s / 60:.1f} min; results: {json_path}, {png_path}")
-    print(f"reproduce: {command}")
+    finish(result, points, args.out, args.name)
     return 0
 
 

@@ -70,10 +70,25 @@ async def test_generate_end_to_end(engine: MockerEngine) -> None:
     assert engine.load().num_running == 0 and engine.load().kv_usage == 0.0
 
 
-async def test_every_delta_carries_one_step_of_tokens(engine: MockerEngine) -> None:
-    deltas = [d async for d in engine.generate(request("a", [1, 2, 3], max_tokens=4, ignore_eos=True))]
-    assert [len(d.token_ids) for d in deltas] == [1, 1, 1, 1]
-    assert [d.finish is not None for d in deltas] == [False, False, False, True]
+async def test_every_delta_carries_one_step_of_tokens_when_steps_take_time() -> None:
+    eng = MockerEngine(config(speedup=20))  # a ~1 ms step: the engine sleeps between steps
+    await eng.start()
+    try:
+        deltas = [d async for d in eng.generate(request("a", [1, 2, 3], max_tokens=4, ignore_eos=True))]
+        assert [len(d.token_ids) for d in deltas] == [1, 1, 1, 1]
+        assert [d.finish is not None for d in deltas] == [False, False, False, True]
+    finally:
+        await eng.shutdown()
+
+
+async def test_steps_without_engine_time_are_merged_into_fewer_deltas(engine: MockerEngine) -> None:
+    deltas = [d async for d in engine.generate(request("a", [1, 2, 3], max_tokens=40, ignore_eos=True))]
+    assert sum(len(d.token_ids) for d in deltas) == 40
+    assert len(deltas) < 40  # steps that ran in one time slice arrive as one delta
+    assert [d.finish is not None for d in deltas] == [False] * (len(deltas) - 1) + [True]
+    same = [d async for d in engine.generate(request("b", [1, 2, 3], max_tokens=40, ignore_eos=True, seed=5))]
+    again = [d async for d in engine.generate(request("c", [1, 2, 3], max_tokens=40, ignore_eos=True, seed=5))]
+    assert [t for d in same for t in d.token_ids] == [t for d in again for t in d.token_ids]
 
 
 async def test_load_reports_running_and_waiting() -> None:

@@ -15,10 +15,12 @@ from zdyn.engines.mocker.scheduler import Scheduler, new_sequence
 from zdyn.engines.mocker.timing import InterpolatedTiming, PolynomialTiming, StepComposition, TimingModel
 from zdyn.kv_events import KvEventPublisher
 from zdyn.protocol import Delta, Generate, Heartbeat
+from zdyn.rpc.hub import merge_into
 
 log = logging.getLogger(__name__)
 
-MIN_SLEEP_S = 1e-4  # below this a step just yields to the event loop
+MIN_SLEEP_S = 1e-4  # a step modelled shorter than this takes no sleep
+SLICE_S = 1e-3  # such steps run back to back for up to this long before the engine yields to the event loop
 IDLE_RETRY_S = 0.01
 
 
@@ -94,6 +96,12 @@ class MockerEngine:
                 delta = await queue.get()
                 if isinstance(delta, Exception):
                     raise delta
+                while delta.finish is None and not queue.empty():  # several steps ran in one slice
+                    following = queue.get_nowait()
+                    if isinstance(following, Exception):
+                        queue.put_nowait(following)
+                        break
+                    merge_into(delta, following)
                 finished = delta.finish is not None
                 yield delta
         finally:
@@ -124,30 +132,39 @@ class MockerEngine:
             await self._publisher.close()
 
     async def _run(self) -> None:
+        yielded = time.monotonic()
         try:
             while True:
                 if not self.scheduler.has_work():
                     self._wake.clear()
                     await self._wake.wait()
+                    yielded = time.monotonic()
                     continue
-                await self._step()
+                if await self._step():
+                    yielded = time.monotonic()
+                elif time.monotonic() - yielded > SLICE_S:
+                    await asyncio.sleep(0)  # let streams and new requests in
+                    yielded = time.monotonic()
         except Exception as e:
             log.exception("mocker engine failed")
             self._fail(EngineDeadError(f"mocker engine failed: {e!r}"))
 
-    async def _step(self) -> None:
+    async def _step(self) -> bool:
+        """Run one engine step; True if it slept (yielded to the event loop)."""
         started = time.monotonic()
         plan = self.scheduler.schedule()
         if not plan.chunks:  # cannot happen with a validated config; never spin if it does
             log.error("mocker scheduled nothing with %d waiting", self.scheduler.num_waiting)
             await asyncio.sleep(IDLE_RETRY_S)
-            return
+            return True
         duration_ms = self.timing(plan.composition)
         self.num_steps += 1
         self.simulated_ms += duration_ms
         self.last_step = (plan.composition, duration_ms)
         remaining = started + duration_ms / 1000 / self.config.speedup - time.monotonic()
-        await asyncio.sleep(remaining if remaining > MIN_SLEEP_S else 0)
+        slept = remaining > MIN_SLEEP_S
+        if slept:
+            await asyncio.sleep(remaining)
         for delta in self.scheduler.update(plan):
             queue = self._queues.get(delta.request_id)
             if queue is not None:
@@ -158,6 +175,7 @@ class MockerEngine:
                 await self._publisher.publish(events)
             except zmq.ZMQError:
                 log.exception("could not publish KV events")  # best effort, like vLLM's publisher
+        return slept
 
     def _fail(self, error: EngineDeadError) -> None:
         if self._dead is None:
