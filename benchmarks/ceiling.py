@@ -66,6 +66,7 @@ from benchmarks.transport import (
     ClientSpec,
     StreamSpec,
     bench_lock,
+    code_version,
     endpoint_for,
     fmt,
     med_range,
@@ -1199,6 +1200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cwd": str(REPO),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "code": code_version(),
         "settings": {
             "load": asdict(load),
             "engine": asdict(Engine()),

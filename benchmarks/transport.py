@@ -130,6 +130,21 @@ def self_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def code_version() -> dict[str, Any]:
+    """The repository's commit and whether zdyn/ or benchmarks/ differ from it (read-only git calls)."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.rstrip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "modified": git("status", "--porcelain", "zdyn", "benchmarks").split("\n"),
+    }
+
+
 def configure(sock: zmq.asyncio.Socket, kind: int) -> None:
     """The options zdyn's make_socket sets that matter here (HWM, linger, ROUTER_MANDATORY)."""
     sock.setsockopt(zmq.LINGER, 0)
@@ -827,6 +842,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cwd": str(REPO),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "host": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "code": code_version(),
         "versions": {"pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "msgspec": msgspec.__version__},
         "settings": {
             "transports": transports,

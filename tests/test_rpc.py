@@ -364,3 +364,41 @@ async def test_waiting_deltas_are_merged_and_errors_wait_their_turn():
     stream.queue.put_nowait(Error(request_id="r", message="boom"))
     assert (await stream.next()).token_ids == [1]
     assert isinstance(await stream.next(), Error)
+
+
+async def test_spoke_started_before_its_hub_registers_and_stays(endpoint, ctx):
+    spoke = Spoke([endpoint], ready("early"), counting, liveness=FAST, ctx=ctx)
+    task = asyncio.create_task(spoke.run())
+    await asyncio.sleep(4 * FAST.expiry_s)  # it announces itself again a few times meanwhile
+    hub = Hub(endpoint, role="worker", liveness=FAST, ctx=ctx)
+    await hub.start()
+    await hub.wait_for_peers(1, timeout_s=5)
+    first = hub.live_peers()[0]
+    await asyncio.sleep(4 * FAST.expiry_s)
+    assert hub.live_peers() == [first]  # registered once, never dropped by a stale connection
+    deltas = [d async for d in hub.stream(first, Generate(request_id="r", token_ids=[1]))]
+    assert deltas[-1].finish is not None
+    await stop_pair(hub, spoke, task)
+
+
+async def test_repeated_ready_of_the_same_session_keeps_streams(endpoint, ctx):
+    hub = Hub(endpoint, role="worker", liveness=Liveness(5.0, 3), ctx=ctx)
+    await hub.start()
+    dealer = make_socket(ctx, zmq.DEALER, endpoint, identity=b"w")
+    await send(dealer, ready("w"))
+    await hub.wait_for_peers(1, timeout_s=5)
+    stream = hub.stream(hub.live_peers()[0], Generate(request_id="r", token_ids=[1]))
+    pending = asyncio.ensure_future(anext(stream))
+    assert isinstance(decode(await asyncio.wait_for(dealer.recv_multipart(), 5)), Generate)
+    await send(dealer, ready("w"))  # announced again, same session: nothing changed
+    await send(dealer, Outputs(deltas=[Delta(request_id="r", token_ids=[7], finish=Finish(reason="stop"))]))
+    assert (await asyncio.wait_for(pending, 5)).token_ids == [7]
+    await send(dealer, ready("w", session=1))  # a new session: it dropped what it had
+    stream2 = hub.stream(hub.live_peers()[0], Generate(request_id="r2", token_ids=[1]))
+    pending2 = asyncio.ensure_future(anext(stream2))
+    await asyncio.wait_for(dealer.recv_multipart(), 5)
+    await send(dealer, ready("w", session=2))
+    with pytest.raises(RequestFailed, match="re-registered"):
+        await asyncio.wait_for(pending2, 5)
+    dealer.close()
+    await hub.close()

@@ -63,6 +63,7 @@ class Ready(Message):
     num_kv_blocks: int = 0
     kv_events_endpoint: str = ""  # where the worker's KV-event replay can be asked for (later issues)
     data_parallel_rank: int = 0
+    session: int = 0  # bumped each time the peer reconnects with a fresh socket (and dropped its requests)
 
 
 class Refused(Message):

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 # Messages queued per peer before a send waits. Request paths never drop: DEALER blocks at the HWM and
 # ROUTER sockets run with ROUTER_MANDATORY, so a full or unknown peer is an error, not a silent loss.
 DEFAULT_HWM = 100_000
+READ_BATCH = 16  # a reader yields to the event loop after this many messages that were already waiting
 SCHEMES = ("tcp://", "ipc://", "inproc://")
 
 
@@ -73,6 +74,7 @@ def make_socket(
     sock.setsockopt(zmq.RCVHWM, hwm)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting under its identity takes over its route
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, b"")
     if identity is not None:

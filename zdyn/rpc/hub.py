@@ -22,7 +22,16 @@ from zdyn.protocol import (
     Refused,
     Request,
 )
-from zdyn.transport import Liveness, MalformedCounter, decode_or_count, error, ignore_result, make_socket, send
+from zdyn.transport import (
+    READ_BATCH,
+    Liveness,
+    MalformedCounter,
+    decode_or_count,
+    error,
+    ignore_result,
+    make_socket,
+    send,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +197,12 @@ class Hub:
     async def _read(self) -> None:
         assert self._sock is not None
         loop = asyncio.get_running_loop()
+        received = 0
         while True:
             identity, *frames = await self._sock.recv_multipart()
+            received += 1
+            if received % READ_BATCH == 0:
+                await asyncio.sleep(0)  # awaiting a message already queued does not yield: let streams run
             msg = decode_or_count(frames, self.malformed)
             if msg is None:
                 continue
@@ -229,7 +242,9 @@ class Hub:
             send(self._sock, Refused(reason=reason), identity).add_done_callback(ignore_result)
             return
         old = self.peers.get(identity)
-        if old is not None:  # it lost us and cancelled what it had: fail those streams
+        if old is not None and old.ready == ready:
+            return  # announced again before it heard from us: nothing changed
+        if old is not None:  # a new session: it lost us and cancelled what it had, so fail those streams
             self._drop(old, "re-registered after losing contact")
         self.peers[identity] = Peer(identity, ready, now)
         log.info(

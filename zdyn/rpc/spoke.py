@@ -7,12 +7,14 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 import zmq.asyncio
 
 from zdyn.errors import RequestError
 from zdyn.protocol import Cancel, Delta, Error, Generate, Heartbeat, Outputs, Process, Ready, Refused, Request
 from zdyn.transport import (
+    READ_BATCH,
     Liveness,
     MalformedCounter,
     decode_or_count,
@@ -41,6 +43,7 @@ class _Link:
     reader: asyncio.Task[None] | None = None
     last_seen: float = 0.0
     heard: bool = False  # the hub has answered since this socket was opened
+    session: int = 0  # sockets opened to this hub so far, minus one
     requests: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     pending: list[Delta] = field(default_factory=list)
 
@@ -100,19 +103,28 @@ class Spoke:
         link.sock = make_socket(self.ctx, zmq.DEALER, link.endpoint, bind=False, identity=identity)
         link.last_seen = now
         link.heard = False
-        send(link.sock, self.ready).add_done_callback(ignore_result)
+        send(link.sock, self._ready(link)).add_done_callback(ignore_result)
         link.reader = asyncio.get_running_loop().create_task(self._read(link))
 
     def _reset(self, link: _Link, now: float) -> None:
-        if link.heard:
-            log.warning(
-                "hub %s silent for %.1fs: cancelling %d request(s), reconnecting",
-                link.endpoint, now - link.last_seen, len(link.requests),
-            )  # fmt: skip
-        else:
+        """The hub went quiet. One that never answered may not be up yet: announce again on the same socket.
+        One that did answer is presumed dead: drop its requests and reconnect with a fresh socket."""
+        if not link.heard:
             log.info("no answer from hub %s yet; announcing %s again", link.endpoint, self.ready.peer_id)
+            assert link.sock is not None
+            send(link.sock, self._ready(link)).add_done_callback(ignore_result)
+            link.last_seen = now
+            return
+        log.warning(
+            "hub %s silent for %.1fs: cancelling %d request(s), reconnecting",
+            link.endpoint, now - link.last_seen, len(link.requests),
+        )  # fmt: skip
         self._close_link(link)
+        link.session += 1
         self._open(link, now)
+
+    def _ready(self, link: _Link) -> Ready:
+        return msgspec.structs.replace(self.ready, session=link.session)
 
     def _close_link(self, link: _Link) -> None:
         for task in link.requests.values():
@@ -139,8 +151,12 @@ class Spoke:
     async def _read(self, link: _Link) -> None:
         assert link.sock is not None
         loop = asyncio.get_running_loop()
+        received = 0
         while True:
             msg = decode_or_count(await link.sock.recv_multipart(), self.malformed)
+            received += 1
+            if received % READ_BATCH == 0:
+                await asyncio.sleep(0)  # awaiting a message already queued does not yield
             if msg is None:
                 continue
             link.last_seen = loop.time()
