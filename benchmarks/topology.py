@@ -621,7 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mocker-args", default="", help="more worker flags, one shell-quoted string")
 
     g = p.add_argument_group("run")
-    g.add_argument("--lock", default=LOCK_PATH, help="shared benchmark lock held while a deployment runs")
+    g.add_argument(
+        "--lock", default=LOCK_PATH, help="shared benchmark lock held while a deployment runs ('' for none)"
+    )
     g.add_argument("--start-timeout", type=float, default=120.0, help="seconds for all workers to register")
     return p
 
@@ -705,7 +707,7 @@ def run(args: argparse.Namespace, passthrough: list[str], out_dir: Path, command
         dep = Deployment(scenario, n, env, mocker_flags(args), out_dir / "logs" / f"w{n}")
         record: dict[str, Any] = {"workers": n, "rates": rates, "log_dir": str(dep.log_dir.relative_to(out_dir))}
         summary["deployments"].append(record)
-        with bench_lock(args.lock):
+        with bench_lock(args.lock) if args.lock else contextlib.nullcontext():
             t0 = time.monotonic()
             print(f"== {args.scenario} ({scenario.about}), N={n}: starting {scenario.script}", flush=True)
             try:
