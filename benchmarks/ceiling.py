@@ -192,13 +192,18 @@ class CpuSampler(threading.Thread):
     Processes are looked up once a second; CPU of a process that exits between samples is lost (none of the
     measured ones do)."""
 
-    def __init__(self, groups: dict[str, int], match: str, match_role: str, interval: float = 0.05) -> None:
+    def __init__(
+        self, groups: dict[str, int], match: str, match_role: str, interval: float = 0.05, detail: bool = False
+    ) -> None:
         super().__init__(daemon=True)
         self.groups, self.match, self.match_role, self.interval = groups, match, match_role, interval
         self.samples: list[tuple[float, float, dict[str, float]]] = []  # (time.time(), busy, cpu per role)
         self.stopped = threading.Event()
         self.pids: dict[str, list[int]] = {}
         self.retired: dict[str, float] = {}  # CPU of processes seen before that have exited
+        # detail: also one entry per matched process, keyed "<match_role>/<title> #<pid>" (not part of the roles)
+        self.detail = detail
+        self.titles: dict[int, str] = {}
 
     def _scan(self) -> None:
         pids: dict[str, list[int]] = {role: [] for role in (*self.groups, self.match_role)}
@@ -206,11 +211,12 @@ class CpuSampler(threading.Thread):
         table = _proc_table()
         # aiperf renames its processes (setproctitle), so match the name, then take each match's process group
         matched = {pgid for pid, pgid, cmdline in table if self.match in cmdline and pid != os.getpid()}
-        for pid, pgid, _ in table:
+        for pid, pgid, cmdline in table:
             if pgid in by_pgid:
                 pids[by_pgid[pgid]].append(pid)
             elif pgid in matched:
                 pids[self.match_role].append(pid)
+                self.titles[pid] = " ".join(cmdline.split()[:2])[:48]
         self.pids = pids
 
     def run(self) -> None:
@@ -220,6 +226,9 @@ class CpuSampler(threading.Thread):
                 self._scan()
                 last_scan = time.monotonic()
             cpu = {role: sum(_pid_cpu_s(p) for p in pids) for role, pids in self.pids.items()}
+            if self.detail:
+                for p in self.pids.get(self.match_role, []):
+                    cpu[f"{self.match_role}/{self.titles.get(p, '?')} #{p}"] = _pid_cpu_s(p)
             self.samples.append((time.time(), system_busy_s(), cpu))
             self.stopped.wait(self.interval)
 
@@ -380,7 +389,9 @@ def run_bench(
     if code != 0 or "start" not in marks or "end" not in marks:
         stderr = b"".join(err).decode(errors="replace")[-2000:]
         raise RuntimeError(f"zdyn bench against {system} failed ({code}):\n{stdout[-2000:]}\n{stderr}")
-    return row_from_bench(system, rep, speedup, result, marks["start"], marks["end"], command), stdout
+    row = row_from_bench(system, rep, speedup, result, marks["start"], marks["end"], command)
+    row.extra["result_json"] = str(result)
+    return row, stdout
 
 
 # ------------------------------------------------------------------------------------------- deployments
@@ -719,7 +730,378 @@ def aiperf_window_cpu(records: Path, sampler: CpuSampler) -> dict[str, Any]:
         return {}
     t0, t1 = min(starts), max(ends)
     busy, cpu = sampler.window(t0, t1)
-    return {"window_s": t1 - t0, "cpu_s": cpu, "foreign_cpu_s": max(0.0, busy - sum(cpu.values()))}
+    roles = {k: v for k, v in cpu.items() if "/" not in k}
+    detail = {k: v for k, v in cpu.items() if "/" in k}
+    out: dict[str, Any] = {"window_s": t1 - t0, "cpu_s": roles, "foreign_cpu_s": max(0.0, busy - sum(roles.values()))}
+    if detail:
+        out["cpu_s_per_process"] = detail
+    return out
+
+
+# -------------------------------------------------------------------------------------- aiperf agreement
+AGREE_OUT = RESULTS / "aiperf-agreement.json"
+AGREE_TOOLS = ("zdyn bench", "aiperf")
+# (label, key): both tools' own summary figures under one key; aiperf's "inter_token_latency" is per-request
+# (latency - TTFT) / (OSL - 1), i.e. vLLM's TPOT, so it is compared with zdyn bench's TPOT
+AGREE_METRICS = (
+    ("req/s", "req_s"),
+    ("output tok/s", "tok_s"),
+    ("TTFT p50 ms", "ttft_p50"),
+    ("TTFT p99 ms", "ttft_p99"),
+    ("E2E p50 ms", "e2e_p50"),
+    ("TPOT p50 ms (aiperf: inter_token_latency)", "tpot_p50"),
+)
+AGREE_TOLERANCE_PCT = 3.0  # "a few percent"
+
+
+@dataclass(slots=True)
+class ReqTimes:
+    """One measured request as a load generator saw it: seconds on that run's clock."""
+
+    start: float
+    ttft: float
+    last_token: float  # last content chunk, from start
+    end: float  # stream end ([DONE]), absolute
+    prompt_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    issued: float  # when the load generator decided to send it (aiperf: credit issued; zdyn bench: = start)
+
+
+def bench_requests(result_json: Path) -> list[ReqTimes]:
+    run = json.loads(result_json.read_text())["runs"][0]
+    return [
+        ReqTimes(r["start_s"], r["ttft_s"], r["ttft_s"] + sum(r["itl_s"]), r["end_s"], r["prompt_tokens"],
+                 r["output_tokens"], r["cached_tokens"] or 0, r["start_s"])
+        for r in run["requests"] if r["success"]
+    ]  # fmt: skip
+
+
+def aiperf_requests(records: Path) -> tuple[list[ReqTimes], dict[str, Any]]:
+    """The profiling-phase records of aiperf's profile_export.jsonl, and aiperf-only details (credit latency:
+    credit issued by its timing manager -> request start in its worker; connections opened)."""
+    out, credit, reused, connecting = [], [], [], []
+    for line in records.read_text().splitlines():
+        rec = json.loads(line)
+        meta, m = rec["metadata"], rec["metrics"]
+        if meta.get("benchmark_phase") != "profiling" or "time_to_first_token" not in m:
+            continue
+
+        def val(name: str, default: float = 0.0, m: dict[str, Any] = m) -> Any:
+            return m[name]["value"] if name in m else default
+
+        start = meta["request_start_ns"] / 1e9
+        ttft, last = val("time_to_first_token") / 1e3, val("request_latency") / 1e3
+        tokens = (int(val("usage_prompt_tokens")), int(val("output_sequence_length")))
+        cached = int(val("usage_prompt_cache_read_tokens"))
+        out.append(
+            ReqTimes(start, ttft, last, meta["request_end_ns"] / 1e9, *tokens, cached, meta["credit_issued_ns"] / 1e9)
+        )
+        credit.append((meta["request_start_ns"] - meta["credit_issued_ns"]) / 1e6)
+        reused.append(val("http_req_connection_reused", 1.0))
+        connecting.append(val("http_req_connecting"))
+    extra = {
+        "credit_to_start_ms_p50": statistics.median(credit) if credit else math.nan,
+        "credit_to_start_ms_p99": float(_pct(credit, 99)),
+        "connections_opened": int(sum(1 for r in reused if not r)),
+        "connect_ms_max": max(connecting, default=0.0),
+    }
+    return out, extra
+
+
+def _pct(values: Sequence[float], p: float) -> float:
+    if not values:
+        return math.nan
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=float), p))
+
+
+def closed_loop_stats(reqs: Sequence[ReqTimes], concurrency: int) -> dict[str, float]:
+    """The same figures for both tools, from their per-request records. In a closed loop request k + C starts
+    when an earlier one has ended: ``pacing gap`` = (k + C)-th start - k-th end (both sorted), the load
+    generator's own time between a slot freeing and its next request going out. Little's law ties it together:
+    req/s = mean requests in flight / mean time per request."""
+    if not reqs:
+        return {}
+    starts = sorted(r.start for r in reqs)
+    ends = sorted(r.end for r in reqs)
+    duration = max(ends) - min(starts)
+    stream = [r.end - r.start for r in reqs]
+    gaps = [1e3 * (starts[k + concurrency] - ends[k]) for k in range(len(reqs) - concurrency)]
+    tpot = [(r.last_token - r.ttft) / (r.output_tokens - 1) for r in reqs if r.output_tokens > 1]
+    return {
+        "requests": len(reqs),
+        "duration_s": duration,
+        "req_s": len(reqs) / duration,
+        "mean_in_flight": sum(stream) / duration,
+        "mean_request_s": statistics.fmean(stream),
+        "pacing_gap_ms_p50": _pct(gaps, 50),
+        "pacing_gap_ms_p90": _pct(gaps, 90),
+        "ramp_ms": 1e3 * (starts[min(concurrency, len(starts)) - 1] - starts[0]),
+        "drain_ms": 1e3 * (max(ends) - max(starts)),
+        "done_after_last_token_ms_p50": _pct([1e3 * (r.end - r.start - r.last_token) for r in reqs], 50),
+        "ttft_ms_p50": _pct([1e3 * r.ttft for r in reqs], 50),
+        "ttft_ms_p99": _pct([1e3 * r.ttft for r in reqs], 99),
+        "e2e_last_token_ms_p50": _pct([1e3 * r.last_token for r in reqs], 50),
+        "tpot_ms_p50": _pct([1e3 * t for t in tpot], 50),
+        "prompt_tokens": statistics.fmean(r.prompt_tokens for r in reqs),
+        "cached_tokens": statistics.fmean(r.cached_tokens for r in reqs),
+        "output_tokens": statistics.fmean(r.output_tokens for r in reqs),
+    }
+
+
+def _cpu_pct(cpu_s: dict[str, float], foreign_s: float, window_s: float) -> dict[str, float]:
+    pct = {k: 100.0 * v / window_s for k, v in cpu_s.items()}
+    pct["other processes"] = 100.0 * foreign_s / window_s
+    pct["box"] = 100.0 * (sum(cpu_s.values()) + foreign_s) / window_s
+    return pct
+
+
+def agree_bench_run(ctx: Context, target: Target, load: Load, rnd: int, speedup: float) -> dict[str, Any]:
+    row, _ = run_bench(target, "zdyn", rnd, speedup, load, ctx.model_dir, ctx.work)
+    reqs = bench_requests(Path(row.extra["result_json"]))
+    pct = _cpu_pct(row.cpu_s, row.foreign_cpu_s, row.window_s)
+    return {
+        "tool": "zdyn bench",
+        "round": rnd,
+        "seed": load.seed,
+        "command": row.command,
+        "figures": {
+            "req_s": row.req_s,
+            "tok_s": row.tok_s,
+            "ttft_p50": row.ttft_p50,
+            "ttft_p99": row.ttft_p99,
+            "e2e_p50": row.e2e_p50,
+            "e2e_p99": row.e2e_p99,
+            "tpot_p50": row.tpot_p50,
+            "completed": row.completed,
+            "failed": row.failed,
+            "duration_s": row.extra["duration_s"],
+        },
+        "cpu": {"window_s": row.window_s, "pct": pct, "load_generator_busiest_process_pct": pct["load generator"]},
+        "records": closed_loop_stats(reqs, load.concurrency),
+        "result_json": row.extra["result_json"],
+    }
+
+
+def agree_aiperf_run(ctx: Context, target: Target, load: Load, rnd: int) -> dict[str, Any]:
+    artifacts = ctx.work / f"aiperf-agree-{rnd}"
+    sampler = CpuSampler(target.groups, "aiperf", "load generator", detail=True)
+    sampler.start()
+    try:
+        res = run_aiperf(
+            target.base_url,
+            model=target.model,
+            tokenizer=ctx.model_dir,
+            concurrency=load.concurrency,
+            request_count=load.requests,
+            input_tokens=load.input_len,
+            output_tokens=load.output_len,
+            warmup_request_count=load.warmups,
+            random_seed=load.seed,
+            # one distinct prompt per request, as zdyn bench sends (aiperf's default pool is 100 prompts, reused:
+            # repeats would hit the mocker's prefix cache and shorten their prefill)
+            extra_args=["--num-dataset-entries", str(load.requests + load.warmups)],
+            artifact_dir=artifacts,
+        )
+    finally:
+        sampler.stop()
+    records = artifacts / "profile_export.jsonl"
+    win = aiperf_window_cpu(records, sampler)
+    pct = _cpu_pct(win["cpu_s"], win["foreign_cpu_s"], win["window_s"])
+    per_process = {k.split("/", 1)[1]: 100.0 * v / win["window_s"] for k, v in win.get("cpu_s_per_process", {}).items()}
+    reqs, extra = aiperf_requests(records)
+    stats = closed_loop_stats(reqs, load.concurrency)
+    stats.update(extra)
+    return {
+        "tool": "aiperf",
+        "round": rnd,
+        "seed": load.seed,
+        "command": (artifacts / "aiperf-run.log").read_text().splitlines()[0].removeprefix("$ "),
+        "figures": {
+            "req_s": res.request_throughput,
+            "tok_s": res.output_token_throughput,
+            "ttft_p50": res.ttft_p50_ms,
+            "ttft_p99": res.ttft_p99_ms,
+            "e2e_p50": res.request_latency_p50_ms,
+            "e2e_p99": res.request_latency_p99_ms,
+            "tpot_p50": res.itl_p50_ms,
+            "completed": res.completed_requests,
+            "failed": res.error_requests,
+            "duration_s": res.duration_s,
+        },
+        "cpu": {
+            "window_s": win["window_s"],
+            "pct": pct,
+            "per_process_pct": per_process,
+            "load_generator_busiest_process_pct": max(per_process.values(), default=math.nan),
+        },
+        "records": stats,
+        "artifacts": str(artifacts),
+    }
+
+
+def agree_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per figure: each tool's runs, their median and spread, and aiperf's median versus zdyn bench's."""
+    out: dict[str, Any] = {}
+    for _, key in AGREE_METRICS:
+        per_tool = {t: [r["figures"][key] for r in runs if r["tool"] == t] for t in AGREE_TOOLS}
+        med = {t: statistics.median(v) if v else math.nan for t, v in per_tool.items()}
+        b, a = med["zdyn bench"], med["aiperf"]
+        out[key] = {
+            "runs": per_tool,
+            "median": med,
+            "spread_pct": {t: 100.0 * (max(v) - min(v)) / med[t] if v else math.nan for t, v in per_tool.items()},
+            "aiperf_vs_bench_pct": 100.0 * (a - b) / b if b else math.nan,
+        }
+    return out
+
+
+def agree_report(doc: dict[str, Any]) -> None:
+    s, runs = doc["settings"], doc["runs"]
+    load = s["load"]
+    print(f"\naiperf vs zdyn bench on one zdyn deployment (frontend + {s['engine']['workers']} mocker workers at "
+          f"speedup {s['speedup']:g}): closed loop, concurrency {load['concurrency']}, {load['requests']} measured "
+          f"requests after {load['warmups']} warm-ups, {load['input_len']} in / {load['output_len']} out "
+          f"(ignore_eos), streaming; runs alternate {' / '.join(r['tool'] for r in runs)}")  # fmt: skip
+    summary = doc["summary"]
+    rows = []
+    for label, key in AGREE_METRICS:
+        x = summary[key]
+        diff = x["aiperf_vs_bench_pct"]
+        rows.append([label, ", ".join(fmt(v) for v in x["runs"]["zdyn bench"]), fmt(x["median"]["zdyn bench"]),
+                     ", ".join(fmt(v) for v in x["runs"]["aiperf"]), fmt(x["median"]["aiperf"]), f"{diff:+.1f}%",
+                     f"{x['spread_pct']['zdyn bench']:.1f}% / {x['spread_pct']['aiperf']:.1f}%"])  # fmt: skip
+    print(table(["figure (each tool's own summary)", "zdyn bench runs", "median", "aiperf runs", "median",
+                 "aiperf vs bench", "spread of runs bench / aiperf"], rows))  # fmt: skip
+    worst = max(abs(summary[k]["aiperf_vs_bench_pct"]) for _, k in AGREE_METRICS)
+    print(f"largest difference of medians: {worst:.1f}% (tolerance {AGREE_TOLERANCE_PCT:g}%: "
+          f"{'agree' if worst <= AGREE_TOLERANCE_PCT else 'DISAGREE'})")  # fmt: skip
+
+    print("\nCPU over each measured window, % of one core (2 cores = 200%)")
+    rows = []
+    for r in runs:
+        c = r["cpu"]["pct"]
+        lg = r["cpu"].get("per_process_pct") or {}
+        busiest = max(lg.items(), key=lambda kv: kv[1], default=None)
+        rows.append([f"{r['tool']} #{r['round']}", f"{r['cpu']['window_s']:.1f}", f"{c.get('frontend', 0):.1f}",
+                     f"{c.get('worker-0', 0):.1f}", f"{c.get('worker-1', 0):.1f}", f"{c.get('load generator', 0):.1f}",
+                     f"{r['cpu']['load_generator_busiest_process_pct']:.1f}"
+                     + (f" ({busiest[0].split(' #')[0]})" if busiest else ""),
+                     f"{c['other processes']:.1f}", f"{c['box']:.1f}"])  # fmt: skip
+    print(table(["run", "window s", "frontend", "worker-0", "worker-1", "load generator", "busiest load-gen process",
+                 "other procs", "whole box"], rows))  # fmt: skip
+
+    print("\nthe same figures recomputed from each tool's per-request records, one definition for both (medians of "
+          "runs); E2E here = to the last content chunk, as aiperf's request_latency")  # fmt: skip
+    keys = (
+        ("req/s = requests / (last end - first start)", "req_s"),
+        ("mean requests in flight (Little)", "mean_in_flight"),
+        ("mean time per request, start to stream end, ms", "mean_request_s"),
+        ("pacing gap p50 ms (slot freed -> next request sent)", "pacing_gap_ms_p50"),
+        ("pacing gap p90 ms", "pacing_gap_ms_p90"),
+        ("ramp ms (first to C-th start)", "ramp_ms"),
+        ("drain ms (last start to last end)", "drain_ms"),
+        ("[DONE] after last content chunk p50 ms", "done_after_last_token_ms_p50"),
+        ("TTFT p50 ms", "ttft_ms_p50"),
+        ("TTFT p99 ms", "ttft_ms_p99"),
+        ("E2E p50 ms (to last content chunk)", "e2e_last_token_ms_p50"),
+        ("TPOT p50 ms", "tpot_ms_p50"),
+        ("prompt tokens / request (server count)", "prompt_tokens"),
+        ("cached prompt tokens / request", "cached_tokens"),
+        ("output tokens / request", "output_tokens"),
+        ("aiperf: credit issued -> request start p50 ms", "credit_to_start_ms_p50"),
+        ("aiperf: credit issued -> request start p99 ms", "credit_to_start_ms_p99"),
+        ("aiperf: connections opened in the measured phase", "connections_opened"),
+    )
+    rows = []
+    for label, key in keys:
+        vals = {t: [r["records"][key] for r in runs if r["tool"] == t and key in r["records"]] for t in AGREE_TOOLS}
+        scale = 1e3 if key == "mean_request_s" else 1.0
+        med = {t: statistics.median(v) * scale if v else math.nan for t, v in vals.items()}
+        b, a = med["zdyn bench"], med["aiperf"]
+        diff = f"{100.0 * (a - b) / b:+.1f}%" if b and not math.isnan(a) and not math.isnan(b) else ""
+        rows.append([label, fmt(b), fmt(a), diff])
+    print(table(["from per-request records", "zdyn bench", "aiperf", "aiperf vs bench"], rows))
+
+    print("\ncommands (from the repo root; URL, seeds and paths differ per run):")
+    print(f"  reproduce:  {doc['command']}")
+    for tool in AGREE_TOOLS:
+        first = next((r for r in runs if r["tool"] == tool), None)
+        if first:
+            print(f"  {tool} #{first['round']}: {first['command']}")
+
+
+def agree_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.ceiling agree",
+        description="aiperf and zdyn bench, alternately, against one zdyn deployment under a calm load "
+        "(neither load generator nor server CPU-bound); compares their figures.",
+    )
+    p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--speedup", type=float, default=1.0, help="mocker speedup (default 1: real time)")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--requests", type=int, default=300)
+    p.add_argument("--warmups", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=200)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3, help="runs of each tool, alternating (bench first)")
+    p.add_argument("--zdyn-log-level", default="info")
+    p.add_argument("--out", type=Path, default=AGREE_OUT)
+    p.add_argument("--report", type=Path, default=None, help="only print the tables of a finished run's JSON")
+    return p
+
+
+def agree_main(argv: Sequence[str]) -> int:
+    args = agree_parser().parse_args(argv)
+    if args.report is not None:
+        agree_report(json.loads(args.report.read_text()))
+        return 0
+    command = shlex.join(["python", "-m", "benchmarks.ceiling", "agree", *argv])
+    if not (args.model_dir / "config.json").exists():
+        print(f"no model at {args.model_dir}: python -m zdyn.models tiny {args.model_dir}", file=sys.stderr)
+        return 2
+    load = Load(concurrency=args.concurrency, requests=args.requests, warmups=args.warmups,
+                input_len=args.input_len, output_len=args.output_len)  # fmt: skip
+    work = Path(tempfile.mkdtemp(prefix="zdyn-agree-"))
+    ctx = Context(args.model_dir, load, Engine(), work, args.zdyn_log_level)
+    doc: dict[str, Any] = {
+        "benchmark": "aiperf-agreement",
+        "command": command,
+        "cwd": str(REPO),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "code": code_version(),
+        "settings": {"load": asdict(load), "engine": asdict(Engine()), "speedup": args.speedup,
+                     "rounds": args.rounds, "zdyn_log_level": args.zdyn_log_level, "lock": BENCH_LOCK,
+                     "work_dir": str(work), "tolerance_pct": AGREE_TOLERANCE_PCT,
+                     "seeds": "round k: zdyn bench --seed k+1, aiperf --random-seed k+101 (fresh prompts per run)"},
+        "runs": [],
+    }  # fmt: skip
+    t0 = time.monotonic()
+    print(f"agree: zdyn at speedup {args.speedup:g}; {args.rounds} x (zdyn bench, aiperf), one deployment",
+          file=sys.stderr)  # fmt: skip
+    with bench_lock(), deployment(ctx, "zdyn", args.speedup) as target:
+        for rnd in range(args.rounds):
+            for tool in AGREE_TOOLS:
+                if tool == "zdyn bench":
+                    run = agree_bench_run(ctx, target, Load(**{**asdict(load), "seed": rnd + 1}), rnd, args.speedup)
+                else:
+                    run = agree_aiperf_run(ctx, target, Load(**{**asdict(load), "seed": rnd + 101}), rnd)
+                doc["runs"].append(run)
+                f, c = run["figures"], run["cpu"]["pct"]
+                print(f"  {tool:10} #{rnd}: {f['req_s']:.2f} req/s {f['tok_s']:.0f} tok/s TTFT p50 {f['ttft_p50']:.1f} "
+                      f"p99 {f['ttft_p99']:.1f} E2E p50 {f['e2e_p50']:.1f} TPOT p50 {f['tpot_p50']:.2f} ms; CPU "
+                      f"frontend {c.get('frontend', 0):.0f}% load generator {c.get('load generator', 0):.0f}% "
+                      f"box {c['box']:.0f}%", file=sys.stderr, flush=True)  # fmt: skip
+    doc["wall_s"] = time.monotonic() - t0
+    doc["summary"] = agree_summary(doc["runs"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    agree_report(doc)
+    print(f"\nresults: {args.out}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------- profile
@@ -1171,6 +1553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         a = sp.parse_args(argv[1:])
         serve_sse(a.port, a.chunks)
         return 0
+    if argv[:1] == ["agree"]:
+        return agree_main(argv[1:])
     if argv[:1] == ["report"]:  # report RESULT.json: print the tables and redraw the plot of a finished run
         path = Path(argv[1]) if len(argv) > 1 else RESULTS / "ceiling.json"
         done: dict[str, Any] = json.loads(path.read_text())

@@ -44,7 +44,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: import this checkout's zdyn
 
-from zdyn.launch import free_port, get_json, wait_for_workers  # noqa: E402
+from zdyn.launch import free_port, free_ports, get_json, wait_for_workers  # noqa: E402
 from zdyn.models import build_tiny_llama, cache_dir  # noqa: E402
 
 LOCK_PATH = "/tmp/zdyn-bench.lock"
@@ -78,9 +78,22 @@ def _agg_env(n: int) -> dict[str, str]:
     return {"ZDYN_WORKERS_ENDPOINT": f"tcp://*:{port}", "ZDYN_CONNECT": f"tcp://127.0.0.1:{port}"}
 
 
+def _agg_route_env(n: int) -> dict[str, str]:
+    hub, router, router_hub = free_ports(3)
+    return {
+        "ZDYN_WORKERS_PORT": str(hub),
+        "ZDYN_ROUTER_PORT": str(router),
+        "ZDYN_ROUTER_WORKERS_PORT": str(router_hub),
+        "ZDYN_CONNECT": f"tcp://127.0.0.1:{hub},tcp://127.0.0.1:{router_hub}",
+    }
+
+
 SCENARIOS: dict[str, Scenario] = {
     "agg": Scenario(
         "examples/agg/run.sh", _agg_env, about="frontend with its embedded processor (round-robin) -> N workers"
+    ),
+    "agg_route": Scenario(
+        "examples/agg_route/run.sh", _agg_route_env, about="frontend -> KV router process -> N workers"
     ),
 }
 
@@ -619,11 +632,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-batched-tokens", type=int, default=8192)
     g.add_argument("--max-model-len", type=int, default=2048, help="must hold prompt + output (tiny-llama: <= 2048)")
     g.add_argument("--mocker-args", default="", help="more worker flags, one shell-quoted string")
+    g.add_argument("--router-mode", help="agg_route: the router's mode (kv, kv-load, round-robin, random)")
 
     g = p.add_argument_group("run")
-    g.add_argument(
-        "--lock", default=LOCK_PATH, help="shared benchmark lock held while a deployment runs ('' for none)"
-    )
+    g.add_argument("--lock", default=LOCK_PATH, help="shared benchmark lock held while a deployment runs ('' for none)")
     g.add_argument("--start-timeout", type=float, default=120.0, help="seconds for all workers to register")
     return p
 
@@ -703,6 +715,7 @@ def run(args: argparse.Namespace, passthrough: list[str], out_dir: Path, command
             "ZDYN_START_TIMEOUT": str(int(args.start_timeout)),
             "ZDYN_LOG_DIR": str((out_dir / "logs" / f"w{n}").resolve()),
             **scenario.env(n),
+            **({"ZDYN_ROUTER_MODE": args.router_mode} if args.router_mode else {}),
         }
         dep = Deployment(scenario, n, env, mocker_flags(args), out_dir / "logs" / f"w{n}")
         record: dict[str, Any] = {"workers": n, "rates": rates, "log_dir": str(dep.log_dir.relative_to(out_dir))}

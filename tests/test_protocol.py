@@ -16,6 +16,9 @@ from zdyn.protocol import (
     ProtocolError,
     Ready,
     Refused,
+    RouteQuery,
+    RouteReply,
+    RouteUpdate,
     SamplingParams,
     TextRequest,
     TokenLogprob,
@@ -44,6 +47,9 @@ EXAMPLES = [
     Cancel(request_id="r"),
     Error(request_id="r", message="boom", status=400, type="invalid_request_error"),
     Process(request_id="p", request=TextRequest(messages=[{"role": "user", "content": "hi"}], stop=["x"], n=2)),
+    RouteQuery(request_id="q", token_ids=[1, 2, 3], candidates=["w1", "w2"]),
+    RouteReply(request_id="q", worker="w2", overlap_blocks=4, reason="kv: overlap 4/5 blocks"),
+    RouteUpdate(request_id="q", event="finished"),
 ]
 
 

@@ -18,6 +18,7 @@ ROLES = {
     "frontend": "zdyn.frontend.server",
     "processor": "zdyn.processor_server",
     "worker": "zdyn.worker",
+    "router": "zdyn.router.service",
     "bench": "zdyn.bench.cli",
 }
 

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,8 @@ from transformers import AutoTokenizer
 from zdyn.detokenizer import Detokenizer
 from zdyn.errors import RequestError
 from zdyn.protocol import GENERATION_DEFAULTS, Delta, Finish, Generate, Ready, TextRequest, TokenLogprob, TopLogprob
-from zdyn.routing import Selector
-from zdyn.rpc import Hub, Peer, RequestFailed
+from zdyn.routing import FINISHED, PREFILLED, Route, Selector
+from zdyn.rpc import Hub, RequestFailed
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +66,26 @@ class Processor:
         peers = [p for p in self.workers.live_peers() if p.ready.model == self.model]
         if not peers:
             raise RequestError(f"no worker is serving {self.model} right now", 503, "unavailable")
-        peer = await self.selector.select(token_ids, peers)
-        sampling = self._sampling(request, len(token_ids), peer.ready.max_model_len or self.max_model_len)
-        if request.n == 1:
-            async for delta in self._generate(request_id, 0, peer, token_ids, sampling, request):
-                yield delta
-            return
-        streams = [
-            self._generate(f"{request_id}-{i}", i, peer, token_ids, _choice_seed(sampling, i), request)
-            for i in range(request.n)
-        ]
-        async for delta in interleave(streams):
-            delta.request_id = request_id
-            yield delta
+        route = await self.selector.select(request_id, token_ids, peers)
+        try:
+            sampling = self._sampling(request, len(token_ids), route.peer.ready.max_model_len or self.max_model_len)
+            if request.n == 1:
+                streams = [self._generate(request_id, 0, route, token_ids, sampling, request)]
+            else:
+                streams = [
+                    self._generate(f"{request_id}-{i}", i, route, token_ids, _choice_seed(sampling, i), request)
+                    for i in range(request.n)
+                ]
+            prefilled = False
+            async with aclosing(streams[0] if len(streams) == 1 else interleave(streams)) as deltas:
+                async for delta in deltas:
+                    if not prefilled:
+                        self.selector.update(request_id, PREFILLED)
+                        prefilled = True
+                    delta.request_id = request_id
+                    yield delta
+        finally:
+            self.selector.update(request_id, FINISHED)
 
     def _sampling(self, request: TextRequest, num_prompt: int, max_model_len: int) -> Any:
         if max_model_len and num_prompt >= max_model_len:
@@ -97,8 +105,9 @@ class Processor:
         return msgspec.structs.replace(request.sampling, max_tokens=max_tokens, **defaults)
 
     async def _generate(
-        self, rid: str, index: int, peer: Peer, token_ids: list[int], sampling: Any, request: TextRequest
+        self, rid: str, index: int, route: Route, token_ids: list[int], sampling: Any, request: TextRequest
     ) -> AsyncIterator[Delta]:
+        peer = route.peer
         started = time.perf_counter()
         detok = Detokenizer(
             self.backend,
@@ -114,6 +123,8 @@ class Processor:
             async for delta in stream:
                 if delta.num_cached_tokens is not None:
                     cached = delta.num_cached_tokens
+                elif delta.finish is not None:
+                    cached = delta.finish.cached_tokens
                 text = detok.step(delta.token_ids)
                 finish = delta.finish
                 if detok.stop is not None:
@@ -141,8 +152,8 @@ class Processor:
         finally:
             await stream.aclose()
             log.info(
-                "request %s: worker=%s prompt=%d cached=%d output=%d %s in %.3fs",
-                rid, peer.id, len(token_ids), cached, len(detok.token_ids), outcome,
+                "request %s: worker=%s (%s) prompt=%d cached=%d output=%d %s in %.3fs",
+                rid, peer.id, route.reason, len(token_ids), cached, len(detok.token_ids), outcome,
                 time.perf_counter() - started,
             )  # fmt: skip
 

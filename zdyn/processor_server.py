@@ -14,7 +14,7 @@ from zdyn.cli import add_common_args, freeze_startup_objects, liveness, parse_ar
 from zdyn.errors import RequestError
 from zdyn.processor import Processor, accept_model
 from zdyn.protocol import Delta, Heartbeat, Process, Ready
-from zdyn.routing import SELECTORS, make_selector
+from zdyn.routing import add_router_args, make_selector
 from zdyn.rpc import Hub, RefusedError, Request, Spoke
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="model folder or HF id (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--served-model-name", help="name clients use (default: the model folder's name)")
     parser.add_argument("--tokenizer", help="tokenizer folder or id, if not the model's")
-    parser.add_argument("--router", default="round-robin", choices=sorted(SELECTORS), help="worker choice")
+    add_router_args(parser)
     parser.add_argument("--processor-id", default=f"processor-{socket.gethostname()}-{os.getpid()}")
     add_common_args(parser)
     return parser
@@ -39,7 +39,7 @@ async def serve(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)
     name = args.served_model_name or served_model_name(model)
     workers = Hub(args.workers_endpoint, role="worker", liveness=liveness(args), accept=accept_model(name))
-    processor = Processor(args.tokenizer or model, name, workers, make_selector(args.router))
+    processor = Processor(args.tokenizer or model, name, workers, make_selector(args, workers))
 
     def handle(request: Request) -> AsyncIterator[Delta]:
         if not isinstance(request, Process):
@@ -64,6 +64,7 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("%s", e)
         return 2
     finally:
+        await processor.selector.aclose()
         await workers.close()
     return 0
 

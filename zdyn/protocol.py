@@ -25,6 +25,9 @@ class MsgType(IntEnum):
     CANCEL = 0x12
     ERROR = 0x13
     PROCESS = 0x20
+    ROUTE_QUERY = 0x30
+    ROUTE_REPLY = 0x31
+    ROUTE_UPDATE = 0x32
 
 
 class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -61,7 +64,8 @@ class Ready(Message):
     max_model_len: int = 0
     block_size: int = 0
     num_kv_blocks: int = 0
-    kv_events_endpoint: str = ""  # where the worker's KV-event replay can be asked for (later issues)
+    kv_events_endpoint: str = ""  # the worker's KV-event publisher (vLLM wire format), "" = none
+    kv_replay_endpoint: str = ""  # where missed KV-event batches can be asked for again
     data_parallel_rank: int = 0
     session: int = 0  # bumped each time the peer reconnects with a fresh socket (and dropped its requests)
 
@@ -172,6 +176,32 @@ class Error(Message):
     type: str = "internal_error"
 
 
+class RouteQuery(Message):
+    """Processor -> router: which of ``candidates`` (worker ids) should serve this prompt?"""
+
+    request_id: str
+    token_ids: list[int]
+    candidates: list[str] = []  # empty: any live worker
+    lora_name: str | None = None
+
+
+class RouteReply(Message):
+    """Router -> processor: the chosen worker and how many leading prompt blocks it already holds."""
+
+    request_id: str
+    worker: str = ""  # "" with ``error`` set: no decision, the processor falls back
+    overlap_blocks: int = 0
+    reason: str = ""
+    error: str = ""
+
+
+class RouteUpdate(Message):
+    """Processor -> router, no reply: a routed request's prefill is done, or it has finished."""
+
+    request_id: str
+    event: str  # "prefilled" | "finished"
+
+
 Request = Generate | Process  # what a hub sends a spoke to serve
 
 TYPE_OF: dict[type[Message], MsgType] = {
@@ -183,6 +213,9 @@ TYPE_OF: dict[type[Message], MsgType] = {
     Cancel: MsgType.CANCEL,
     Error: MsgType.ERROR,
     Process: MsgType.PROCESS,
+    RouteQuery: MsgType.ROUTE_QUERY,
+    RouteReply: MsgType.ROUTE_REPLY,
+    RouteUpdate: MsgType.ROUTE_UPDATE,
 }
 CLASS_OF: dict[int, type[Message]] = {int(t): cls for cls, t in TYPE_OF.items()}
 _TYPE_FRAMES: dict[type[Message], bytes] = {cls: bytes([t]) for cls, t in TYPE_OF.items()}

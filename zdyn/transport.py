@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from dataclasses import dataclass
 
 import zmq
@@ -52,6 +53,34 @@ def bind_address(endpoint: str) -> str:
         host, _, port = endpoint[len("tcp://") :].rpartition(":")
         if host not in ("*", "0.0.0.0", "127.0.0.1", "localhost", "::", "[::]"):
             return f"tcp://*:{port}"
+    return endpoint
+
+
+def host_towards(endpoint: str) -> str:
+    """This host's address as seen from ``endpoint``'s host: loopback for local endpoints, else the address
+    of the interface that routes there (found without sending anything)."""
+    if not endpoint.startswith("tcp://"):
+        return "127.0.0.1"
+    host = endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
+    if host in ("127.0.0.1", "localhost", "::1", "*", "0.0.0.0", ""):
+        return "127.0.0.1"
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))  # UDP connect only picks a route
+            return str(s.getsockname()[0])
+    except OSError:
+        return socket.gethostname()
+
+
+def advertised(endpoint: str, host: str) -> str:
+    """A bind endpoint (``tcp://*:5557``) as others connect to it (``tcp://host:5557``)."""
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    bound, _, port = endpoint[len("tcp://") :].rpartition(":")
+    if bound in ("*", "0.0.0.0", "::", "[::]"):
+        host = f"[{host}]" if ":" in host else host
+        return f"tcp://{host}:{port}"
     return endpoint
 
 

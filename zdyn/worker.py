@@ -23,6 +23,7 @@ from zdyn.engines.base import Engine, EngineDeadError
 from zdyn.errors import RequestError
 from zdyn.protocol import Delta, Generate, Ready
 from zdyn.rpc import RefusedError, Request, Spoke
+from zdyn.transport import advertised, host_towards
 
 log = logging.getLogger(__name__)
 ENGINES = ("vllm", "mocker")
@@ -40,6 +41,19 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--worker-id", help="unique id (default: worker-<host>-<pid>)")
     group.add_argument(
         "--num-workers", type=int, default=1, help="mocker only: this many simulated workers in one process"
+    )
+    group.add_argument(
+        "--kv-events-port",
+        type=int,
+        default=0,
+        help="port of the KV-event publisher the KV router subscribes to; replay is on the next port "
+        "(default: free ports; vLLM's --kv-events-config or the mocker's --kv-events-endpoint win)",
+    )
+    group.add_argument("--no-kv-events", action="store_true", help="publish no KV-cache events")
+    group.add_argument(
+        "--advertise-host",
+        help="host name or address other hosts reach this worker at (default: this host's address on the "
+        "route to the first processor)",
     )
     add_common_args(parser)
 
@@ -69,6 +83,7 @@ def make_engine(args: argparse.Namespace, index: int = 0) -> Engine:
 
     model = resolve_model(args.model)
     if args.engine == "vllm":
+        from zdyn.engines import vllm
         from zdyn.engines.vllm import VllmEngine
 
         names = args.served_model_name or [served_model_name(model)]
@@ -76,6 +91,8 @@ def make_engine(args: argparse.Namespace, index: int = 0) -> Engine:
             args.dtype = "float32"
             log.info("embedded SmolLM2 on CPU: dtype float32 (bfloat16 is ~1.5x faster but answers less accurately)")
         args.model, args.served_model_name = model, names
+        if args.kv_events_config is None and not args.no_kv_events:
+            args.kv_events_config = vllm.kv_events_config(*kv_event_endpoints(args.kv_events_port, index))
         if args.kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and _on_cpu():
             args.kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
             log.info("CPU: KV cache size set to %d MiB (--kv-cache-memory-bytes)", CPU_KV_CACHE_BYTES >> 20)
@@ -87,9 +104,24 @@ def make_engine(args: argparse.Namespace, index: int = 0) -> Engine:
     args.model_name = args.served_model_name or served_model_name(model)
     config = from_cli_args(args)
     config.seed += index
-    config.kv_events_endpoint = offset_port(config.kv_events_endpoint, index)
-    config.kv_events_replay_endpoint = offset_port(config.kv_events_replay_endpoint, index)
+    if config.kv_events_endpoint:  # given: one port per simulated worker from there on
+        config.kv_events_endpoint = offset_port(config.kv_events_endpoint, 2 * index)
+        config.kv_events_replay_endpoint = offset_port(config.kv_events_replay_endpoint, 2 * index)
+    elif not args.no_kv_events:
+        config.kv_events_endpoint, config.kv_events_replay_endpoint = kv_event_endpoints(args.kv_events_port, index)
     return MockerEngine(config)
+
+
+def kv_event_endpoints(port: int, index: int = 0) -> tuple[str, str]:
+    """Bind endpoints of a KV-event publisher and its replay socket: ``port`` and ``port + 1`` (two ports
+    further for each simulated worker of a process), or two free ports when ``port`` is 0."""
+    if port:
+        first = port + 2 * index
+        return f"tcp://*:{first}", f"tcp://*:{first + 1}"
+    from zdyn.launch import free_ports
+
+    events, replay = free_ports(2)
+    return f"tcp://*:{events}", f"tcp://*:{replay}"
 
 
 def offset_port(endpoint: str | None, index: int) -> str | None:
@@ -113,6 +145,7 @@ class Worker:
         self.engine = engine
         self.hubs = hubs
         self.worker_id = worker_id
+        self.advertise_host = args.advertise_host or host_towards(hubs[0])
         self.liveness = liveness(args)
         self.spoke: Spoke | None = None
         self.engine_dead = False
@@ -135,7 +168,12 @@ class Worker:
             max_model_len=info.max_model_len,
             block_size=info.block_size,
             num_kv_blocks=info.num_kv_blocks,
+            kv_events_endpoint=advertised(info.kv_events_endpoint, self.advertise_host),
+            kv_replay_endpoint=advertised(info.kv_replay_endpoint, self.advertise_host),
         )
+        if ready.kv_events_endpoint:
+            log.info("worker %s publishes KV events at %s (replay %s)", self.worker_id, ready.kv_events_endpoint,
+                     ready.kv_replay_endpoint or "none")  # fmt: skip
         self.spoke = Spoke(self.hubs, ready, self.handle, load=self.engine.load, liveness=self.liveness)
         freeze_startup_objects()
         log.info("worker %s serving processors at %s", self.worker_id, ", ".join(self.hubs))

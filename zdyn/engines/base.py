@@ -20,6 +20,8 @@ class EngineInfo:
     max_num_seqs: int
     block_size: int
     num_kv_blocks: int
+    kv_events_endpoint: str = ""  # where the engine publishes KV events (bind form, e.g. tcp://*:5557)
+    kv_replay_endpoint: str = ""
 
 
 class Engine(Protocol):

@@ -23,6 +23,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     AsyncEngineArgs.add_cli_args(parser)  # type: ignore[arg-type]
 
 
+def kv_events_config(endpoint: str, replay_endpoint: str) -> Any:
+    """vLLM's own ZMQ publisher of KV-cache events (what the KV router subscribes to)."""
+    from vllm.config import KVEventsConfig
+
+    return KVEventsConfig(
+        enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint, replay_endpoint=replay_endpoint
+    )
+
+
 def make_parser(**kwargs: Any) -> argparse.ArgumentParser:
     """vLLM's own parser class understands its JSON- and dict-valued flags."""
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -76,6 +85,10 @@ class VllmEngine:
             block_size=config.cache_config.block_size,
             num_kv_blocks=config.cache_config.num_gpu_blocks or 0,
         )
+        events = config.kv_events_config
+        if events is not None and events.enable_kv_cache_events and events.publisher == "zmq":
+            self.info.kv_events_endpoint = events.endpoint
+            self.info.kv_replay_endpoint = events.replay_endpoint or ""
         await self._warm_up()
 
     async def _warm_up(self) -> None:

@@ -17,7 +17,7 @@ from zdyn.errors import RequestError
 from zdyn.frontend.app import Frontend
 from zdyn.processor import Processor, accept_model
 from zdyn.protocol import Delta, Process, TextRequest
-from zdyn.routing import SELECTORS, RoundRobin, make_selector
+from zdyn.routing import RoundRobin, add_router_args, make_selector
 from zdyn.rpc import Hub, RequestFailed
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class RemoteBackend:
         peers = [p for p in self.processors.live_peers() if p.load.num_workers > 0]
         if not peers:
             raise RequestError("no processor with a live worker is registered", 503, "unavailable")
-        peer = await self.selector.select([], peers)
+        peer = (await self.selector.select(request_id, [], peers)).peer
         try:
             async for delta in self.processors.stream(peer, Process(request_id=request_id, request=request)):
                 yield delta
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--processors-endpoint",
         help="run no embedded processor; separate `zdyn processor`s register here (e.g. tcp://*:5550)",
     )
-    parser.add_argument("--router", default="round-robin", choices=sorted(SELECTORS), help="worker choice")
+    add_router_args(parser)
     add_common_args(parser)
     return parser
 
@@ -109,7 +109,8 @@ async def serve(args: argparse.Namespace) -> None:
         model = resolve_model(args.model)
         name = args.served_model_name or served_model_name(model)
         hub = Hub(args.workers_endpoint, role="worker", liveness=liveness(args), accept=accept_model(name))
-        backend = LocalBackend(Processor(args.tokenizer or model, name, hub, make_selector(args.router)))
+        processor = Processor(args.tokenizer or model, name, hub, make_selector(args, hub))
+        backend = LocalBackend(processor)
         where = f"serving {name}; workers connect to {args.workers_endpoint}"
 
     @contextlib.asynccontextmanager
@@ -124,9 +125,16 @@ async def serve(args: argparse.Namespace) -> None:
         try:
             yield
         finally:
+            if isinstance(backend, LocalBackend):
+                await backend.processor.selector.aclose()
             await hub.close()
 
-    app = Frontend(backend).app(lifespan)
+    frontend = Frontend(backend)
+    if isinstance(backend, LocalBackend) and not isinstance(backend.processor.selector, RoundRobin):
+        from zdyn.router.metrics import register
+
+        register(frontend.metrics.registry, selector=backend.processor.selector)
+    app = frontend.app(lifespan)
     config = uvicorn.Config(
         app,
         host=args.host,

@@ -50,6 +50,8 @@ class MockerEngine:
             max_num_seqs=config.max_num_seqs,
             block_size=config.block_size,
             num_kv_blocks=config.num_blocks,
+            kv_events_endpoint=config.kv_events_endpoint or "",
+            kv_replay_endpoint=config.kv_events_replay_endpoint or "",
         )
         self._publisher = publisher
         self._owns_publisher = False

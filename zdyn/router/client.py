@@ -1,0 +1,118 @@
+"""A processor's side of a separate ``zdyn router``: one round trip per request, round-robin when it fails.
+
+The client sends ``RouteQuery`` over a DEALER and waits at most ``timeout_s`` for the ``RouteReply``. When
+the router is down or slow the request still goes out, round-robin, and the client stops asking for
+``backoff_s`` so that an outage costs one timeout, not one per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import zmq
+import zmq.asyncio
+
+from zdyn.protocol import RouteQuery, RouteReply, RouteUpdate
+from zdyn.routing import RoundRobin, Route
+from zdyn.rpc import Peer
+from zdyn.transport import MalformedCounter, decode_or_count, ignore_result, make_socket, send
+
+log = logging.getLogger(__name__)
+
+
+class RouterClient:
+    def __init__(
+        self, endpoint: str, *, timeout_s: float = 0.25, backoff_s: float = 1.0, ctx: zmq.asyncio.Context | None = None
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.malformed = MalformedCounter(f"router client {endpoint}")
+        self.failures = 0  # queries that timed out or failed
+        self._down_until = 0.0
+        self._pending: dict[str, asyncio.Future[RouteReply]] = {}
+        self._sock: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    def _ensure_started(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            self._sock = make_socket(self.ctx, zmq.DEALER, self.endpoint)
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        return self._sock
+
+    async def route(self, query: RouteQuery) -> RouteReply | None:
+        """The router's answer, or None (router down, slow or without a decision): the caller falls back."""
+        if time.monotonic() < self._down_until:
+            return None
+        sock = self._ensure_started()
+        future: asyncio.Future[RouteReply] = asyncio.get_running_loop().create_future()
+        self._pending[query.request_id] = future
+        try:
+            send(sock, query).add_done_callback(ignore_result)
+            reply = await asyncio.wait_for(future, self.timeout_s)
+        except TimeoutError:
+            self._failed(f"no answer within {self.timeout_s:g}s")
+            return None
+        finally:
+            self._pending.pop(query.request_id, None)
+        if reply.error:
+            log.warning("router %s: no decision for %s: %s", self.endpoint, query.request_id, reply.error)
+            return None
+        return reply
+
+    def update(self, request_id: str, event: str) -> None:
+        if self._sock is not None and time.monotonic() >= self._down_until:
+            send(self._sock, RouteUpdate(request_id=request_id, event=event)).add_done_callback(ignore_result)
+
+    def _failed(self, why: str) -> None:
+        self.failures += 1
+        self._down_until = time.monotonic() + self.backoff_s
+        log.warning("router %s: %s; routing round-robin for %gs", self.endpoint, why, self.backoff_s)
+
+    async def _read(self) -> None:
+        assert self._sock is not None
+        while True:
+            msg = decode_or_count(await self._sock.recv_multipart(), self.malformed)
+            if not isinstance(msg, RouteReply):
+                if msg is not None:
+                    self.malformed.drop(f"unexpected {type(msg).__name__}")
+                continue
+            future = self._pending.get(msg.request_id)
+            if future is not None and not future.done():
+                future.set_result(msg)
+
+    async def aclose(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+
+class RemoteSelector:
+    """``Selector`` backed by a ``zdyn router`` process."""
+
+    def __init__(self, client: RouterClient) -> None:
+        self.client = client
+        self.fallback = RoundRobin()
+
+    async def select(self, request_id: str, token_ids: list[int], peers: list[Peer]) -> Route:
+        query = RouteQuery(request_id=request_id, token_ids=token_ids, candidates=[p.id for p in peers])
+        reply = await self.client.route(query)
+        if reply is not None:
+            peer = next((p for p in peers if p.id == reply.worker), None)
+            if peer is not None:
+                return Route(peer, reply.overlap_blocks, reply.reason)
+        route = await self.fallback.select(request_id, token_ids, peers)
+        route.reason = "round-robin: router unavailable"
+        return route
+
+    def update(self, request_id: str, event: str) -> None:
+        self.client.update(request_id, event)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
