@@ -76,9 +76,12 @@ class Route:
     def complete(self, prompt: list[int]) -> openai.types.Completion:
         return self.client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=4, temperature=0)
 
-    def worker_of(self, request_id: str) -> str:
-        found = re.search(rf"request {re.escape(request_id)}: worker=(\S+) \(([^)]*)\)", self.group.log("frontend"))
-        assert found, f"no log line for {request_id}"
+    def worker_of(self, response_id: str) -> str:
+        """The worker the frontend's log names for a response (``cmpl-<id>`` is logged as ``request <id>``)."""
+        pattern = re.compile(rf"request {re.escape(response_id.split('-', 1)[-1])}: worker=(\S+) ")
+        wait_until(lambda: pattern.search(self.group.log("frontend")) is not None, 5, f"no log of {response_id}")
+        found = pattern.search(self.group.log("frontend"))
+        assert found is not None
         return found.group(1)
 
     def restart_router(self) -> None:

@@ -12,8 +12,11 @@ from zdyn.protocol import (
     Generate,
     Heartbeat,
     Outputs,
+    PrefillDone,
+    PrefillJob,
     Process,
     ProtocolError,
+    QueueStatus,
     Ready,
     Refused,
     RouteQuery,
@@ -50,6 +53,13 @@ EXAMPLES = [
     RouteQuery(request_id="q", token_ids=[1, 2, 3], candidates=["w1", "w2"]),
     RouteReply(request_id="q", worker="w2", overlap_blocks=4, reason="kv: overlap 4/5 blocks"),
     RouteUpdate(request_id="q", event="finished"),
+    PrefillJob(
+        request=Generate(request_id="d", token_ids=[1, 2], kv_transfer_params={"do_remote_decode": True}),
+        reply_to="tcp://10.0.0.2:6001",
+        deadline_s=30.0,
+    ),
+    PrefillDone(request_id="d", kv_transfer_params={"remote_block_ids": [3, 4], "remote_port": 5600}),
+    QueueStatus(queued=2, running=1, prefill_workers=1, capacity=4),
 ]
 
 

@@ -19,6 +19,7 @@ ROLES = {
     "processor": "zdyn.processor_server",
     "worker": "zdyn.worker",
     "router": "zdyn.router.service",
+    "prefill-queue": "zdyn.disagg.queue_service",
     "bench": "zdyn.bench.cli",
 }
 

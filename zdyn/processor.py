@@ -117,7 +117,13 @@ class Processor:
         )
         cached = 0
         outcome = "cancelled"
-        generate = Generate(request_id=rid, token_ids=token_ids, sampling=sampling, model=self.model)
+        generate = Generate(
+            request_id=rid,
+            token_ids=token_ids,
+            sampling=sampling,
+            model=self.model,
+            overlap_blocks=route.overlap_blocks,
+        )
         stream = self.workers.stream(peer, generate)
         try:
             async for delta in stream:

@@ -28,6 +28,9 @@ class MsgType(IntEnum):
     ROUTE_QUERY = 0x30
     ROUTE_REPLY = 0x31
     ROUTE_UPDATE = 0x32
+    PREFILL_JOB = 0x40
+    PREFILL_DONE = 0x41
+    QUEUE_STATUS = 0x42
 
 
 class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -92,6 +95,10 @@ class Generate(Message):
     token_ids: list[int]
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     model: str = ""
+    overlap_blocks: int = 0  # the router's estimate of leading prompt blocks already cached on this worker
+    # vLLM's KV-connector parameters: {"do_remote_decode": true} on a prefill job; on the decode side, what the
+    # prefill worker returned plus {"do_remote_prefill": true}, so the engine pulls the prompt's KV instead
+    kv_transfer_params: dict[str, Any] | None = None
 
 
 # Sampling fields a model's generation_config.json may give defaults for (vLLM applies them the same way).
@@ -159,6 +166,7 @@ class Delta(Message):
     logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int | None = None  # prefix-cache hit, on a request's first delta
     finish: Finish | None = None
+    kv_transfer_params: dict[str, Any] | None = None  # a prefill's result: where the decode side pulls the KV from
 
 
 class Outputs(Message):
@@ -202,6 +210,32 @@ class RouteUpdate(Message):
     event: str  # "prefilled" | "finished"
 
 
+class PrefillJob(Message):
+    """Decode worker -> prefill queue (PUSH): prefill this prompt, then tell ``reply_to`` where its KV is."""
+
+    request: Generate  # the decode worker's own request: same id, prompt and model
+    reply_to: str  # the decode worker's PULL endpoint for PrefillDone
+    deadline_s: float = 0.0  # seconds the decode worker waits; the queue drops the job unstarted after that
+
+
+class PrefillDone(Message):
+    """Prefill queue -> decode worker (PUSH): the prefill finished (``kv_transfer_params``) or failed (``error``)."""
+
+    request_id: str
+    kv_transfer_params: dict[str, Any] | None = None
+    prefill_worker: str = ""
+    error: str = ""
+
+
+class QueueStatus(Message):
+    """Prefill queue -> decode workers (PUB), on changes and periodically: how busy prefill is."""
+
+    queued: int = 0  # jobs waiting for a prefill worker
+    running: int = 0  # jobs on prefill workers
+    prefill_workers: int = 0
+    capacity: int = 0  # jobs the prefill workers take at once
+
+
 Request = Generate | Process  # what a hub sends a spoke to serve
 
 TYPE_OF: dict[type[Message], MsgType] = {
@@ -216,6 +250,9 @@ TYPE_OF: dict[type[Message], MsgType] = {
     RouteQuery: MsgType.ROUTE_QUERY,
     RouteReply: MsgType.ROUTE_REPLY,
     RouteUpdate: MsgType.ROUTE_UPDATE,
+    PrefillJob: MsgType.PREFILL_JOB,
+    PrefillDone: MsgType.PREFILL_DONE,
+    QueueStatus: MsgType.QUEUE_STATUS,
 }
 CLASS_OF: dict[int, type[Message]] = {int(t): cls for cls, t in TYPE_OF.items()}
 _TYPE_FRAMES: dict[type[Message], bytes] = {cls: bytes([t]) for cls, t in TYPE_OF.items()}

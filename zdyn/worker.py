@@ -50,6 +50,34 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         "(default: free ports; vLLM's --kv-events-config or the mocker's --kv-events-endpoint win)",
     )
     group.add_argument("--no-kv-events", action="store_true", help="publish no KV-cache events")
+    disagg = parser.add_argument_group("zdyn disaggregated prefill")
+    disagg.add_argument(
+        "--prefill",
+        action="store_true",
+        help="be a prefill worker: take prefill jobs from the prefill queue given in --connect",
+    )
+    disagg.add_argument(
+        "--prefill-queue",
+        help="be a decode worker that sends long prefills to this prefill queue (its jobs endpoint, e.g. "
+        "tcp://host:5590; the queue's status is read from the port after next)",
+    )
+    disagg.add_argument("--prefill-queue-status", help="the prefill queue's status endpoint, if not port + 2")
+    disagg.add_argument(
+        "--max-local-prefill-length",
+        type=int,
+        default=512,
+        help="prefill remotely only when more prompt tokens than this are not cached here",
+    )
+    disagg.add_argument(
+        "--max-prefill-queue-size", type=int, default=8, help="prefill locally while this many jobs wait"
+    )
+    disagg.add_argument(
+        "--remote-prefill-timeout", type=float, default=30.0, help="seconds to wait for a remote prefill"
+    )
+    disagg.add_argument(
+        "--disagg-settings",
+        help="YAML file with max-local-prefill-length / max-prefill-queue-size, re-read when it changes",
+    )
     group.add_argument(
         "--advertise-host",
         help="host name or address other hosts reach this worker at (default: this host's address on the "
@@ -112,6 +140,21 @@ def make_engine(args: argparse.Namespace, index: int = 0) -> Engine:
     return MockerEngine(config)
 
 
+def with_disagg(engine: Engine, args: argparse.Namespace) -> Engine:
+    """A decode worker (``--prefill-queue``) wraps its engine to send long prefills to prefill workers."""
+    if not args.prefill_queue or args.prefill:
+        return engine
+    from zdyn.disagg.decode import DisaggEngine, PrefillClient
+    from zdyn.disagg.policy import DisaggPolicy
+
+    status = args.prefill_queue_status or offset_port(args.prefill_queue, 2)
+    client = PrefillClient(args.prefill_queue, status or "", args.advertise_host or host_towards(args.prefill_queue))
+    policy = DisaggPolicy(args.max_local_prefill_length, args.max_prefill_queue_size)
+    return DisaggEngine(
+        engine, client, policy, timeout_s=args.remote_prefill_timeout, settings_file=args.disagg_settings
+    )
+
+
 def kv_event_endpoints(port: int, index: int = 0) -> tuple[str, str]:
     """Bind endpoints of a KV-event publisher and its replay socket: ``port`` and ``port + 1`` (two ports
     further for each simulated worker of a process), or two free ports when ``port`` is 0."""
@@ -146,6 +189,7 @@ class Worker:
         self.hubs = hubs
         self.worker_id = worker_id
         self.advertise_host = args.advertise_host or host_towards(hubs[0])
+        self.prefill = args.prefill
         self.liveness = liveness(args)
         self.spoke: Spoke | None = None
         self.engine_dead = False
@@ -161,7 +205,7 @@ class Worker:
         )  # fmt: skip
         ready = Ready(
             peer_id=self.worker_id,
-            role="worker",
+            role="prefill" if self.prefill else "worker",
             model=info.model,
             engine=info.engine,
             max_num_seqs=info.max_num_seqs,
@@ -193,6 +237,11 @@ class Worker:
     async def handle(self, request: Request) -> AsyncIterator[Delta]:
         if not isinstance(request, Generate):
             raise RequestError("a worker serves Generate requests, not text requests", 400)
+        if self.prefill:  # a prefill job: prompt only, and keep the KV for the decode worker to pull
+            if request.model and request.model != self.engine.info.model:
+                raise RequestError(f"this prefill worker serves {self.engine.info.model!r}, not {request.model!r}")
+            request.sampling.max_tokens, request.sampling.min_tokens = 1, 0
+            request.kv_transfer_params = {**(request.kv_transfer_params or {}), "do_remote_decode": True}
         try:
             async for delta in self.engine.generate(request):
                 yield delta
@@ -214,7 +263,9 @@ async def serve(args: argparse.Namespace) -> int:
     hubs = hub_endpoints(args.connect)
     ids = [args.worker_id] if args.num_workers == 1 else [f"{args.worker_id}-{i}" for i in range(args.num_workers)]
     try:
-        workers = [Worker(make_engine(args, i), hubs, worker_id, args) for i, worker_id in enumerate(ids)]
+        workers = [
+            Worker(with_disagg(make_engine(args, i), args), hubs, worker_id, args) for i, worker_id in enumerate(ids)
+        ]
     except ValueError as e:  # impossible settings
         log.error("cannot start: %s", e)
         return 2

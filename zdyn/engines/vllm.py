@@ -116,7 +116,8 @@ class VllmEngine:
         first = True
         self._num_inflight += 1
         try:
-            async for out in self._llm.generate(prompt, to_vllm_sampling(request.sampling), rid):
+            sampling = to_vllm_sampling(request.sampling, request.kv_transfer_params)
+            async for out in self._llm.generate(prompt, sampling, rid):
                 completion = out.outputs[0]
                 token_ids = list(completion.token_ids)
                 num_output += len(token_ids)
@@ -127,6 +128,7 @@ class VllmEngine:
                 if request.sampling.logprobs is not None and completion.logprobs:
                     delta.logprobs = convert_logprobs(token_ids, completion.logprobs, request.sampling.logprobs)
                 if out.finished:
+                    delta.kv_transfer_params = out.kv_transfer_params  # a prefill's result (KV connector)
                     delta.finish = Finish(
                         reason=completion.finish_reason or "stop",
                         stop_reason=completion.stop_reason,
@@ -148,7 +150,7 @@ class VllmEngine:
             self._llm = None
 
 
-def to_vllm_sampling(params: SamplingParams) -> Any:
+def to_vllm_sampling(params: SamplingParams, kv_transfer_params: dict[str, Any] | None = None) -> Any:
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -169,6 +171,7 @@ def to_vllm_sampling(params: SamplingParams) -> Any:
         logprobs=params.logprobs,
         detokenize=False,  # the processor detokenizes
         output_kind=RequestOutputKind.DELTA,
+        extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
     )
 
 

@@ -54,6 +54,11 @@ class KvIndexer:
     def workers(self) -> list[str]:
         return list(self._workers)
 
+    @property
+    def num_hashes(self) -> int:
+        """Distinct router hashes held by any worker (real or predicted)."""
+        return len(self._masks)
+
     def num_blocks(self, worker: str | None = None) -> int:
         """Distinct blocks a worker holds (all workers summed when None); predictions not included."""
         if worker is None:
@@ -178,10 +183,12 @@ class KvIndexer:
                 return
         router_hashes = hash_blocks(event.token_ids, self.block_size, event.lora_name, parent)
         masks, blocks, bit = self._masks, w.blocks, 1 << w.bit
+        num_stored = len(router_hashes)
         for engine_hash, h in zip(event.block_hashes, router_hashes, strict=True):
             old = blocks.get(engine_hash)
             if old is not None:
                 if old == h:
+                    num_stored -= 1
                     stats["duplicate_stored"] += 1
                     continue
                 self._release(w, old)  # the engine reused a hash for other tokens: the old block is gone
@@ -192,7 +199,7 @@ class KvIndexer:
             elif w.predicted.pop(h, None) is None:  # a real duplicate, not a confirmed prediction
                 w.extra[h] = w.extra.get(h, 0) + 1
                 w.num_extra += 1
-        stats["blocks_stored"] += len(router_hashes)
+        stats["blocks_stored"] += num_stored
         stats["events_applied"] += 1
 
     def _remove(self, w: _Worker, event: KvBlockRemoved) -> None:

@@ -9,15 +9,20 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from zdyn.engines.mocker.kv_transfer import kv_bytes_per_token, transfer_ms
+
 DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_VOCAB_SIZE = 32_000
 DEFAULT_EOS_TOKEN_ID = 2
+DEFAULT_KV_BYTES_PER_TOKEN = 131_072  # Llama-3-8B in bf16, the class of model the default timing describes
+DEFAULT_KV_TRANSFER_BANDWIDTH_GBPS = 64.0  # Dynamo mocker's --kv-transfer-bandwidth ("inter-node InfiniBand")
 _MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length")
 
 
 @dataclass(slots=True)
 class MockerConfig:
-    """Engine settings; 0 / -1 in max_model_len, vocab_size and eos_token_id mean "from the model dir or default"."""
+    """Engine settings; 0 / -1 in max_model_len, vocab_size, eos_token_id and kv_bytes_per_token mean "from the
+    model dir or default"."""
 
     model_path: str | None = None  # an HF model dir; only its config.json is read
     model_name: str = ""  # served name; defaults to the model dir's name, else "mocker"
@@ -38,6 +43,8 @@ class MockerConfig:
     kv_events_replay_endpoint: str | None = None
     kv_events_topic: str = ""
     kv_events_buffer_steps: int = 10_000
+    kv_bytes_per_token: int = 0  # KV bytes a disaggregated prefill moves per prompt token
+    kv_transfer_bandwidth_gbps: float = DEFAULT_KV_TRANSFER_BANDWIDTH_GBPS  # GB/s (1e9 bytes/s); 0: no transfer time
 
     def __post_init__(self) -> None:
         model = _read_model_config(self.model_path) if self.model_path else {}
@@ -54,11 +61,17 @@ class MockerConfig:
             self.eos_token_id = eos if isinstance(eos, int) else DEFAULT_EOS_TOKEN_ID
         if not self.model_name:
             self.model_name = Path(self.model_path).name if self.model_path else "mocker"
+        if self.kv_bytes_per_token == 0:
+            self.kv_bytes_per_token = kv_bytes_per_token(model) or DEFAULT_KV_BYTES_PER_TOKEN
         self._validate()
 
     @property
     def watermark_blocks(self) -> int:
         return int(self.watermark * self.num_blocks)
+
+    def kv_transfer_ms(self, num_tokens: int) -> float:
+        """Modelled time (before the speed-up) to move the KV of ``num_tokens`` tokens between workers."""
+        return transfer_ms(num_tokens, self.kv_bytes_per_token, self.kv_transfer_bandwidth_gbps)
 
     def _validate(self) -> None:
         for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -86,6 +99,11 @@ class MockerConfig:
             )
         if self.kv_events_buffer_steps <= 0:
             raise ValueError(f"kv_events_buffer_steps must be positive, got {self.kv_events_buffer_steps}")
+        if self.kv_bytes_per_token <= 0:
+            raise ValueError(f"kv_bytes_per_token must be positive (0: from the model), got {self.kv_bytes_per_token}")
+        bandwidth = self.kv_transfer_bandwidth_gbps
+        if not (math.isfinite(bandwidth) and bandwidth >= 0):
+            raise ValueError(f"kv_transfer_bandwidth_gbps must be a finite number >= 0 (0: instant), got {bandwidth}")
 
 
 def _read_model_config(model_path: str) -> dict[str, Any]:
@@ -103,7 +121,7 @@ def _read_model_config(model_path: str) -> dict[str, Any]:
 
 
 _HELP = {
-    "model_path": "HF model dir whose config.json gives max_model_len, vocab_size and eos_token_id",
+    "model_path": "HF model dir whose config.json gives max_model_len, vocab_size, eos_token_id, kv_bytes_per_token",
     "model_name": "served model name (default: the model dir's name, else 'mocker')",
     "block_size": "tokens per KV block",
     "num_blocks": "KV blocks in the simulated cache",
@@ -122,6 +140,10 @@ _HELP = {
     "kv_events_replay_endpoint": "ZMQ ROUTER endpoint answering replay requests",
     "kv_events_topic": "topic frame of every KV event message",
     "kv_events_buffer_steps": "batches kept for replay",
+    "kv_bytes_per_token": "KV-cache bytes per token moved by a disaggregated prefill (0: 2 x layers x KV heads x "
+    "head dim x 2 bytes from the model's config.json, else 131072)",
+    "kv_transfer_bandwidth_gbps": "KV transfer bandwidth between prefill and decode workers in GB/s (1e9 bytes/s; "
+    "0: transfers take no time); a decode worker waits bytes / bandwidth / speedup for a remote prefill's KV",
 }
 
 

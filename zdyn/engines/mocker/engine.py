@@ -11,7 +11,7 @@ import zmq
 
 from zdyn.engines.base import EngineDeadError, EngineInfo
 from zdyn.engines.mocker.config import MockerConfig
-from zdyn.engines.mocker.scheduler import Scheduler, new_sequence
+from zdyn.engines.mocker.scheduler import MockSequence, Scheduler, new_sequence
 from zdyn.engines.mocker.timing import InterpolatedTiming, PolynomialTiming, StepComposition, TimingModel
 from zdyn.kv_events import KvEventPublisher
 from zdyn.protocol import Delta, Generate, Heartbeat
@@ -28,7 +28,9 @@ class MockerEngine:
     """Implements zdyn's Engine protocol with a real scheduler and KV block manager but simulated compute.
 
     One asyncio task steps the scheduler while there is work, sleeping for each step's modelled duration,
-    and publishes the step's KV events in vLLM's wire format when an endpoint is configured.
+    and publishes the step's KV events in vLLM's wire format when an endpoint is configured. It plays both
+    sides of a disaggregated prefill through ``kv_transfer_params`` (see ``kv_transfer``); a KV transfer runs
+    beside the steps, on a timer.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class MockerEngine:
             timing = InterpolatedTiming.from_file(config.timing_file) if config.timing_file else PolynomialTiming()
         self.timing = timing
         self.scheduler = Scheduler(config)
+        self.engine_id = self.scheduler.engine_id  # remote_engine_id in the kv_transfer_params of its prefills
         self.info = EngineInfo(
             model=config.model_name,
             engine="mocker",
@@ -62,6 +65,8 @@ class MockerEngine:
         self.num_steps = 0
         self.simulated_ms = 0.0  # modelled engine time before the speed-up, summed over all steps
         self.last_step: tuple[StepComposition, float] | None = None
+        self.transfer_ms = 0.0  # modelled KV-transfer time before the speed-up, summed over remote prefills
+        self.transfer_wait_s = 0.0  # what those transfers were given to wait, after the speed-up
 
     @property
     def publisher(self) -> KvEventPublisher | None:
@@ -104,6 +109,8 @@ class MockerEngine:
                         queue.put_nowait(following)
                         break
                     merge_into(delta, following)
+                    if following.kv_transfer_params is not None:  # merge_into does not carry it
+                        delta.kv_transfer_params = following.kv_transfer_params
                 finished = delta.finish is not None
                 yield delta
         finally:
@@ -155,6 +162,12 @@ class MockerEngine:
         """Run one engine step; True if it slept (yielded to the event loop)."""
         started = time.monotonic()
         plan = self.scheduler.schedule()
+        for seq in plan.transfers:
+            self._start_transfer(seq)
+        if not plan.chunks and self.scheduler.num_receiving:  # nothing can run before a transfer's timer wakes us
+            self._wake.clear()
+            await self._wake.wait()
+            return True
         if not plan.chunks:  # cannot happen with a validated config; never spin if it does
             log.error("mocker scheduled nothing with %d waiting", self.scheduler.num_waiting)
             await asyncio.sleep(IDLE_RETRY_S)
@@ -178,6 +191,18 @@ class MockerEngine:
             except zmq.ZMQError:
                 log.exception("could not publish KV events")  # best effort, like vLLM's publisher
         return slept
+
+    def _start_transfer(self, seq: MockSequence) -> None:
+        """Let the sequence's prompt KV arrive after its modelled transfer time, divided by the speed-up."""
+        duration_ms = self.config.kv_transfer_ms(seq.num_transferred_tokens)
+        wait_s = duration_ms / 1000 / self.config.speedup
+        self.transfer_ms += duration_ms
+        self.transfer_wait_s += wait_s
+        asyncio.get_running_loop().call_later(wait_s, self._finish_transfer, seq)
+
+    def _finish_transfer(self, seq: MockSequence) -> None:
+        if self.scheduler.finish_transfer(seq):
+            self._wake.set()
 
     def _fail(self, error: EngineDeadError) -> None:
         if self._dead is None:

@@ -99,10 +99,13 @@ class KvBlockManager:
             table.pending_hits.append(block_id)
         return len(table.pending_hits) * self.block_size
 
-    def allocate(self, request_id: str, token_ids: Sequence[int], num_tokens: int, *, reserve: int = 0) -> bool:
+    def allocate(
+        self, request_id: str, token_ids: Sequence[int], num_tokens: int, *, reserve: int = 0, cache: bool = True
+    ) -> bool:
         """Make the request hold blocks for its first ``num_tokens`` tokens and cache those that are full.
 
-        Fails without changing anything when fewer than ``reserve`` blocks would stay free afterwards.
+        Fails without changing anything when fewer than ``reserve`` blocks would stay free afterwards. With
+        ``cache=False`` the blocks are not cached yet (their KV is still arriving); a later call caches them.
         """
         table = self._tables.setdefault(request_id, _Table())
         hits = table.pending_hits
@@ -118,7 +121,7 @@ class KvBlockManager:
         table.pending_hits = []
         for _ in range(num_new):
             table.block_ids.append(self._pop_free_block())
-        if self.enable_prefix_caching:
+        if cache and self.enable_prefix_caching:
             self._cache_full_blocks(table, token_ids, min(num_tokens, len(token_ids)))
         return True
 

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import logging
+import socket
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import xxhash
 
 from zdyn.engines.base import RequestError
 from zdyn.engines.mocker.config import MockerConfig
 from zdyn.engines.mocker.kv_manager import KvBlockManager
+from zdyn.engines.mocker.kv_transfer import (
+    RemotePrefill,
+    parse_remote_prefill,
+    prefill_result,
+    wants_remote_decode,
+    wants_remote_prefill,
+)
 from zdyn.engines.mocker.timing import StepComposition
 from zdyn.protocol import Delta, Finish, Generate
+
+log = logging.getLogger(__name__)
 
 SEED_MASK = (1 << 64) - 1
 
@@ -28,11 +41,14 @@ class MockSequence:
         "eos_token_id",
         "finish",
         "in_prefill",
+        "kv_transfer_params",
         "max_tokens",
         "min_tokens",
         "num_cached_tokens",
         "num_computed",
+        "num_transferred_tokens",
         "prompt_len",
+        "remote_prefill",
         "request_id",
         "seed",
         "stop_token_ids",
@@ -49,6 +65,7 @@ class MockSequence:
         min_tokens: int = 0,
         stop_token_ids: frozenset[int] = frozenset(),
         eos_token_id: int | None = None,
+        kv_transfer_params: dict[str, Any] | None = None,
     ) -> None:
         self.request_id = request_id
         self.token_ids = list(prompt)  # prompt followed by the output so far
@@ -62,6 +79,9 @@ class MockSequence:
         self.num_cached_tokens = -1  # prefix hit at first admission; -1 until then
         self.in_prefill = True  # (re)computing the context rather than decoding
         self.finish: Finish | None = None
+        self.kv_transfer_params = kv_transfer_params  # vLLM KV-connector params, as the request gave them
+        self.remote_prefill: RemotePrefill | None = None  # the prompt's KV to pull in before running
+        self.num_transferred_tokens = 0  # prompt tokens whose KV came from a prefill worker
 
     @property
     def num_output(self) -> int:
@@ -105,6 +125,7 @@ def new_sequence(request: Generate, config: MockerConfig) -> MockSequence:
         seed=seed,
         stop_token_ids=frozenset(sampling.stop_token_ids),
         eos_token_id=None if sampling.ignore_eos else config.eos_token_id,
+        kv_transfer_params=request.kv_transfer_params,
     )
 
 
@@ -119,21 +140,32 @@ class ScheduledChunk:
 class StepPlan:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    transfers: list[MockSequence] = field(default_factory=list)  # started pulling their prompt's KV this step
     composition: StepComposition = field(default_factory=StepComposition)
 
 
 class Scheduler:
-    """Decides what each engine step computes and produces its output tokens; no clocks, no IO."""
+    """Decides what each engine step computes and produces its output tokens; no clocks, no IO.
 
-    def __init__(self, config: MockerConfig, kv: KvBlockManager | None = None) -> None:
+    A remote-prefilled sequence leaves ``waiting`` for ``receiving`` holding its blocks and needing no steps;
+    whoever keeps the clock calls ``finish_transfer`` once its KV has arrived.
+    """
+
+    def __init__(self, config: MockerConfig, kv: KvBlockManager | None = None, *, engine_id: str = "") -> None:
         self.config = config
         self.kv = kv or KvBlockManager(
             config.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )
+        self.engine_id = engine_id or str(uuid.uuid4())  # vLLM's KV-transfer engine id is a uuid4 too
+        self.host = socket.gethostname()
         self.waiting: deque[MockSequence] = deque()
         self.running: list[MockSequence] = []  # in admission order
+        self.receiving: dict[str, MockSequence] = {}  # holding blocks while their prompt's KV arrives
         self._seqs: dict[str, MockSequence] = {}
         self.num_preemptions = 0
+        self.num_remote_prefills = 0
+        self.num_transferred_tokens = 0
+        self.num_kv_transfer_fallbacks = 0  # remote-prefill requests with unusable params, computed locally
 
     @property
     def num_running(self) -> int:
@@ -141,7 +173,11 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.receiving)  # vLLM counts requests waiting for remote KV as waiting
+
+    @property
+    def num_receiving(self) -> int:
+        return len(self.receiving)
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
@@ -149,6 +185,13 @@ class Scheduler:
     def add(self, seq: MockSequence) -> None:
         if seq.request_id in self._seqs:
             raise RequestError(f"request id {seq.request_id} is already running")
+        params = seq.kv_transfer_params
+        if params is not None and wants_remote_prefill(params):
+            try:
+                seq.remote_prefill = parse_remote_prefill(params, seq.prompt_len)
+            except ValueError as e:
+                self.num_kv_transfer_fallbacks += 1
+                log.warning("request %s: unusable kv_transfer_params, prefilling locally: %s", seq.request_id, e)
         self._seqs[seq.request_id] = seq
         self.waiting.append(seq)
 
@@ -159,7 +202,7 @@ class Scheduler:
             return False
         if seq in self.running:
             self.running.remove(seq)
-        else:
+        elif self.receiving.pop(request_id, None) is None:
             self.waiting.remove(seq)
         self.kv.free(request_id)
         seq.finish = Finish(reason="abort", prompt_tokens=seq.prompt_len, completion_tokens=seq.num_output)
@@ -203,12 +246,19 @@ class Scheduler:
     def _schedule_waiting(self, plan: StepPlan, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            num_cached = self.kv.match_prefix(seq.request_id, seq.token_ids)
+            if seq.remote_prefill is not None:
+                if not self._start_transfer(seq, plan):
+                    return
+                continue
+            if seq.num_computed:  # its prompt's KV arrived by transfer: it holds those blocks already
+                num_cached, reserve = seq.num_computed, 0
+            else:
+                num_cached = self.kv.match_prefix(seq.request_id, seq.token_ids)
+                reserve = self.config.watermark_blocks
             num_new = len(seq.token_ids) - num_cached
             if not self.config.enable_chunked_prefill and num_new > budget:
                 return
             num_new = min(num_new, budget)
-            reserve = self.config.watermark_blocks
             if not self.kv.allocate(seq.request_id, seq.token_ids, num_cached + num_new, reserve=reserve):
                 return
             self.waiting.popleft()
@@ -218,6 +268,49 @@ class Scheduler:
                 seq.num_cached_tokens = num_cached
             plan.chunks.append(ScheduledChunk(seq, num_new, True))
             budget -= num_new
+
+    def _start_transfer(self, seq: MockSequence, plan: StepPlan) -> bool:
+        """Move a remote-prefilled sequence from waiting to receiving, holding blocks for the KV it will get
+        (vLLM: WAITING_FOR_REMOTE_KVS). Only the prompt tokens missing from the local prefix cache are pulled.
+        False if memory is short."""
+        remote = seq.remote_prefill
+        assert remote is not None
+        num_cached = self.kv.match_prefix(seq.request_id, seq.token_ids)
+        if min(remote.num_tokens, seq.prompt_len - 1) <= num_cached:  # nothing to gain: compute it locally
+            seq.remote_prefill = None
+            return True
+        reserve = self.config.watermark_blocks
+        if not self.kv.allocate(seq.request_id, seq.token_ids, remote.num_tokens, reserve=reserve, cache=False):
+            return False
+        self.waiting.popleft()
+        self.receiving[seq.request_id] = seq
+        seq.remote_prefill = None
+        seq.num_computed = remote.num_tokens
+        seq.num_transferred_tokens = remote.num_tokens - num_cached
+        # vLLM 0.32 reports the prefill worker's own prefix hit, else its own (local hit + transferred tokens).
+        seq.num_cached_tokens = remote.num_tokens if remote.cached_tokens is None else remote.cached_tokens
+        self.num_remote_prefills += 1
+        self.num_transferred_tokens += seq.num_transferred_tokens
+        plan.transfers.append(seq)
+        log.debug(
+            "request %s: pulling %d tokens of KV from engine %s",
+            seq.request_id,
+            seq.num_transferred_tokens,
+            remote.engine_id,
+        )
+        return True
+
+    def finish_transfer(self, seq: MockSequence) -> bool:
+        """The KV of a receiving sequence has arrived: cache its blocks and queue it first, with every prompt
+        token computed but the last, which is recomputed to sample the first output token (as vLLM does).
+        False if the sequence was aborted meanwhile."""
+        if self.receiving.get(seq.request_id) is not seq:
+            return False
+        del self.receiving[seq.request_id]
+        self.kv.allocate(seq.request_id, seq.token_ids, seq.num_computed)  # no new blocks: only caches them
+        seq.num_computed = min(seq.num_computed, seq.prompt_len - 1)
+        self.waiting.appendleft(seq)
+        return True
 
     def update(self, plan: StepPlan) -> list[Delta]:
         """Finish the step: advance the computed tokens, sample one token per completed context, stop requests."""
@@ -233,8 +326,13 @@ class Scheduler:
             token = self._sample(seq)
             seq.token_ids.append(token)
             seq.finish = self._check_stop(seq, token)
-            deltas.append(Delta(request_id=seq.request_id, token_ids=[token], finish=seq.finish))
+            delta = Delta(request_id=seq.request_id, token_ids=[token], finish=seq.finish)
+            if seq.num_output == 1:
+                delta.num_cached_tokens = max(seq.num_cached_tokens, 0)
+            deltas.append(delta)
             if seq.finish is not None:
+                if wants_remote_decode(seq.kv_transfer_params):
+                    delta.kv_transfer_params = self._prefill_result(seq)
                 self.kv.free(seq.request_id)
                 del self._seqs[seq.request_id]
         if any(d.finish is not None for d in deltas):
@@ -243,6 +341,16 @@ class Scheduler:
 
     def step(self) -> list[Delta]:
         return self.update(self.schedule())
+
+    def _prefill_result(self, seq: MockSequence) -> dict[str, Any]:
+        return prefill_result(
+            engine_id=self.engine_id,
+            request_id=seq.request_id,
+            block_ids=self.kv.blocks_of(seq.request_id),
+            num_tokens=seq.num_computed,
+            cached_tokens=max(seq.num_cached_tokens, 0),
+            host=self.host,
+        )
 
     def _preempt(self, seq: MockSequence) -> None:
         self.kv.free(seq.request_id)

@@ -1,0 +1,202 @@
+"""The decode worker's side of disaggregated prefill: decide, push the job, wait for its KV, decode.
+
+``DisaggEngine`` wraps the worker's engine. For each request it asks ``DisaggPolicy`` whether to prefill
+remotely (long uncached prompt, room in the prefill queue). If so, ``PrefillClient`` PUSHes a ``PrefillJob``
+to the prefill queue and waits for the ``PrefillDone`` on its own PULL socket; then the engine runs the
+request with those ``kv_transfer_params`` and pulls the prompt's KV instead of computing it. Any failure or
+timeout falls back to a local prefill; a client that goes away cancels the job wherever it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+import zmq
+import zmq.asyncio
+
+from zdyn.disagg.policy import DisaggPolicy
+from zdyn.engines.base import Engine, EngineInfo
+from zdyn.protocol import Cancel, Delta, Generate, Heartbeat, PrefillDone, PrefillJob, QueueStatus
+from zdyn.transport import MalformedCounter, advertised, decode_or_count, ignore_result, make_socket, send
+
+log = logging.getLogger(__name__)
+STATUS_STALE_S = 3.0  # no QueueStatus for this long: the queue is gone, prefill locally
+
+
+class PrefillUnavailable(Exception):
+    """The remote prefill failed, timed out or was refused; prefill locally instead."""
+
+
+class PrefillClient:
+    """Sockets to the prefill queue: jobs and cancels out (PUSH), results in (PULL), queue status in (SUB)."""
+
+    def __init__(
+        self, jobs_endpoint: str, status_endpoint: str, host: str, ctx: zmq.asyncio.Context | None = None
+    ) -> None:
+        self.jobs_endpoint = jobs_endpoint
+        self.status_endpoint = status_endpoint
+        self.host = host
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.status = QueueStatus()
+        self.status_at = -1e9
+        self.reply_to = ""
+        self.stats: Counter[str] = Counter()
+        self.malformed = MalformedCounter(f"prefill results ({jobs_endpoint})")
+        self._waiting: dict[str, asyncio.Future[PrefillDone]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._push = make_socket(self.ctx, zmq.PUSH, self.jobs_endpoint, bind=False)
+        local = self.host in ("127.0.0.1", "localhost")
+        self._results = make_socket(self.ctx, zmq.PULL, "tcp://127.0.0.1:*" if local else "tcp://*:*", bind=True)
+        self.reply_to = advertised(self._results.getsockopt_string(zmq.LAST_ENDPOINT), self.host)
+        self._status = make_socket(self.ctx, zmq.SUB, self.status_endpoint, bind=False)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read_results()), loop.create_task(self._read_status())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for sock in (self._push, self._results, self._status):
+            sock.close(linger=0)
+
+    @property
+    def queue_live(self) -> bool:
+        return time.monotonic() - self.status_at < STATUS_STALE_S
+
+    async def prefill(self, request: Generate, timeout_s: float) -> dict[str, Any]:
+        """Run ``request``'s prefill on a prefill worker; its ``kv_transfer_params``, or PrefillUnavailable."""
+        rid = request.request_id
+        job = msgspec.structs.replace(
+            request,
+            sampling=msgspec.structs.replace(request.sampling, max_tokens=1, min_tokens=0),
+            kv_transfer_params={"do_remote_decode": True},
+        )
+        future: asyncio.Future[PrefillDone] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = future
+        done = False
+        try:
+            await send(self._push, PrefillJob(request=job, reply_to=self.reply_to, deadline_s=timeout_s))
+            result = await asyncio.wait_for(future, timeout_s)
+            done = True
+        except TimeoutError:
+            raise PrefillUnavailable(f"no prefill result within {timeout_s:g}s") from None
+        finally:
+            self._waiting.pop(rid, None)
+            if not done:  # timed out or cancelled (client gone): take the job back wherever it is
+                send(self._push, Cancel(request_id=rid)).add_done_callback(ignore_result)
+        if result.error or not result.kv_transfer_params:
+            raise PrefillUnavailable(result.error or "no kv_transfer_params")
+        return result.kv_transfer_params
+
+    async def _read_results(self) -> None:
+        while True:
+            msg = decode_or_count(await self._results.recv_multipart(), self.malformed)
+            if not isinstance(msg, PrefillDone):
+                if msg is not None:
+                    self.malformed.drop(f"unexpected {type(msg).__name__}")
+                continue
+            future = self._waiting.get(msg.request_id)
+            if future is None or future.done():
+                self.stats["unknown_result"] += 1
+                log.warning("prefill result for unknown or finished request %s (from %s): dropped",
+                            msg.request_id, msg.prefill_worker or "?")  # fmt: skip
+                continue
+            future.set_result(msg)
+
+    async def _read_status(self) -> None:
+        while True:
+            msg = decode_or_count(await self._status.recv_multipart(), self.malformed)
+            if isinstance(msg, QueueStatus):
+                self.status, self.status_at = msg, time.monotonic()
+
+
+class DisaggEngine:
+    """An ``Engine`` that prefills long prompts on prefill workers, through the prefill queue."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        client: PrefillClient,
+        policy: DisaggPolicy,
+        *,
+        timeout_s: float = 30.0,
+        settings_file: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.client = client
+        self.policy = policy
+        self.timeout_s = timeout_s
+        self.settings_file = Path(settings_file) if settings_file else None
+        self.decisions: Counter[str] = Counter()  # remote, local, fallback
+        self._settings_mtime = 0.0
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.engine.info
+
+    async def start(self) -> None:
+        await self.engine.start()
+        await self.client.start()
+        if self.settings_file is not None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_settings())
+
+    def load(self) -> Heartbeat:
+        return self.engine.load()
+
+    async def shutdown(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        await self.client.close()
+        await self.engine.shutdown()
+
+    async def generate(self, request: Generate) -> AsyncIterator[Delta]:
+        status = self.client.status if self.client.queue_live else QueueStatus()
+        cached = request.overlap_blocks * self.info.block_size
+        decision = self.policy.decide(len(request.token_ids), cached, status.queued, status.prefill_workers)
+        rid = request.request_id
+        if decision.remote:
+            started = time.perf_counter()
+            try:
+                params = await self.client.prefill(request, self.timeout_s)
+            except PrefillUnavailable as e:
+                self.decisions["fallback"] += 1
+                log.warning("request %s: remote prefill failed (%s): prefilling locally", rid, e)
+            else:
+                self.decisions["remote"] += 1
+                log.info("request %s: remote prefill (%s) took %.3fs", rid, decision.reason,
+                         time.perf_counter() - started)  # fmt: skip
+                request = msgspec.structs.replace(request, kv_transfer_params={**params, "do_remote_prefill": True})
+        else:
+            self.decisions["local"] += 1
+            log.info("request %s: local prefill (%s)", rid, decision.reason)
+        async for delta in self.engine.generate(request):
+            yield delta
+
+    async def _watch_settings(self) -> None:
+        """Re-read max_local_prefill_length / max_prefill_queue_size from the settings file when it changes."""
+        assert self.settings_file is not None
+        while True:
+            try:
+                mtime = self.settings_file.stat().st_mtime
+                if mtime != self._settings_mtime:
+                    self._settings_mtime = mtime
+                    data = yaml.safe_load(self.settings_file.read_text()) or {}
+                    data = {k.replace("-", "_"): v for k, v in data.items()}
+                    self.policy.update(data.get("max_local_prefill_length"), data.get("max_prefill_queue_size"))
+                    log.info("disagg settings from %s: max_local_prefill_length=%d max_prefill_queue_size=%d",
+                             self.settings_file, self.policy.max_local_prefill_length,
+                             self.policy.max_prefill_queue_size)  # fmt: skip
+            except (OSError, ValueError, AttributeError, yaml.YAMLError) as e:
+                log.error("cannot read disagg settings %s: %s (keeping the current ones)", self.settings_file, e)
+            await asyncio.sleep(1.0)
