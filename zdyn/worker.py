@@ -119,6 +119,9 @@ def make_engine(args: argparse.Namespace, index: int = 0) -> Engine:
             args.dtype = "float32"
             log.info("embedded SmolLM2 on CPU: dtype float32 (bfloat16 is ~1.5x faster but answers less accurately)")
         args.model, args.served_model_name = model, names
+        if args.kv_transfer_config is None and (args.prefill or args.prefill_queue):
+            args.kv_transfer_config = vllm.nixl_transfer_config(_on_cpu())
+            nixl_side_channel(args.advertise_host or host_towards(hub_endpoints(args.connect)[0]))
         if args.kv_events_config is None and not args.no_kv_events:
             args.kv_events_config = vllm.kv_events_config(*kv_event_endpoints(args.kv_events_port, index))
         if args.kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and _on_cpu():
@@ -153,6 +156,16 @@ def with_disagg(engine: Engine, args: argparse.Namespace) -> Engine:
     return DisaggEngine(
         engine, client, policy, timeout_s=args.remote_prefill_timeout, settings_file=args.disagg_settings
     )
+
+
+def nixl_side_channel(host: str) -> None:
+    """Where this worker's vLLM answers NIXL handshakes (read by its EngineCore when it starts)."""
+    from zdyn.launch import free_port
+
+    os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", host)
+    os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_PORT", str(free_port()))
+    log.info("NIXL side channel at %s:%s", os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"],
+             os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"])  # fmt: skip
 
 
 def kv_event_endpoints(port: int, index: int = 0) -> tuple[str, str]:

@@ -129,6 +129,8 @@ class PrefillQueueService:
     def _dispatch(self) -> None:
         while (assigned := self.queue.assign(time.monotonic())) is not None:
             job, worker = assigned
+            log.info("prefill job %s -> %s (attempt %d, %d queued)", job.request_id, worker.id, job.attempts,
+                     self.queue.queued)  # fmt: skip
             self._running[job.request_id] = asyncio.get_running_loop().create_task(self._run(job, worker))
         self._status_changed()
 

@@ -32,6 +32,20 @@ def kv_events_config(endpoint: str, replay_endpoint: str) -> Any:
     )
 
 
+def nixl_transfer_config(on_cpu: bool) -> Any:
+    """vLLM's NixlConnector for disaggregated prefill: the decode side pulls the prompt's KV from the prefill
+    side (on CPU through UCX from host memory). A KV pull that fails is recomputed locally, not an error."""
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(
+        kv_connector="NixlConnector",
+        kv_role="kv_both",
+        kv_buffer_device="cpu" if on_cpu else "cuda",
+        kv_load_failure_policy="recompute",
+        kv_connector_extra_config={"backends": ["UCX"]},
+    )
+
+
 def make_parser(**kwargs: Any) -> argparse.ArgumentParser:
     """vLLM's own parser class understands its JSON- and dict-valued flags."""
     from vllm.utils.argparse_utils import FlexibleArgumentParser

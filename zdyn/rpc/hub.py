@@ -90,6 +90,8 @@ def merge_into(delta: Delta, following: Delta) -> None:
     if delta.num_cached_tokens is None:
         delta.num_cached_tokens = following.num_cached_tokens
     delta.finish = following.finish
+    if following.kv_transfer_params is not None:
+        delta.kv_transfer_params = following.kv_transfer_params
 
 
 class Hub:
