@@ -108,9 +108,9 @@ async def test_a_killed_prefill_worker_s_job_completes_elsewhere(queue):
 async def test_depth_and_cancel_while_queued_and_while_running(queue):
     service, client, add_worker = queue
     for i in range(3):  # no prefill worker: the jobs wait and the depth shows it
-        asyncio.create_task(client.prefill(request(f"q{i}"), timeout_s=0.5)).add_done_callback(lambda f: f.exception())
+        asyncio.create_task(client.prefill(request(f"q{i}"), timeout_s=2.0)).add_done_callback(lambda f: f.exception())
     await eventually(lambda: client.status.queued == 3)
-    await eventually(lambda: service.queue.queued == 0, timeout_s=3)  # the client gave up: it cancelled them
+    await eventually(lambda: service.queue.queued == 0, timeout_s=6)  # the client gave up: it cancelled them
     assert service.stats["cancelled"] == 3
 
     slow = add_worker("slow", delay=30.0)

@@ -61,6 +61,15 @@ def setup_logging(args: argparse.Namespace) -> None:
     )
 
 
+def serve_metrics(port: int, *collectors: Any) -> None:
+    """Prometheus metrics of a role without HTTP of its own, on ``port`` (all interfaces)."""
+    from prometheus_client import REGISTRY, start_http_server
+
+    for collector in collectors:
+        REGISTRY.register(collector)
+    start_http_server(port)
+
+
 def freeze_startup_objects() -> None:
     """Call once a role has started: the many objects made at start-up (tokenizers, vLLM, transformers)
     leave the garbage collector's view, so its collections stop rescanning them while serving."""

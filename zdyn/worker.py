@@ -74,6 +74,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     disagg.add_argument(
         "--remote-prefill-timeout", type=float, default=30.0, help="seconds to wait for a remote prefill"
     )
+    disagg.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics (decisions) here")
     disagg.add_argument(
         "--disagg-settings",
         help="YAML file with max-local-prefill-length / max-prefill-queue-size, re-read when it changes",
@@ -282,6 +283,13 @@ async def serve(args: argparse.Namespace) -> int:
     except ValueError as e:  # impossible settings
         log.error("cannot start: %s", e)
         return 2
+    if args.metrics_port:
+        from zdyn.cli import serve_metrics
+        from zdyn.disagg.decode import DisaggEngine
+        from zdyn.disagg.metrics import DisaggCollector
+
+        disagg = [(w.worker_id, w.engine) for w in workers if isinstance(w.engine, DisaggEngine)]
+        serve_metrics(args.metrics_port, DisaggCollector(disagg))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: [w.close() for w in workers])

@@ -21,7 +21,8 @@ from collections import Counter
 import zmq
 import zmq.asyncio
 
-from zdyn.cli import add_common_args, freeze_startup_objects, liveness, parse_args, run, setup_logging
+from zdyn.cli import add_common_args, freeze_startup_objects, liveness, parse_args, run, serve_metrics, setup_logging
+from zdyn.disagg.metrics import DisaggCollector
 from zdyn.disagg.queue import Job, PrefillQueue, PrefillWorker
 from zdyn.protocol import Cancel, PrefillDone, PrefillJob, QueueStatus, encode
 from zdyn.rpc import Hub, Peer, RequestFailed
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--status-endpoint", default="tcp://*:5592", help="queue depth for decode workers (PUB)")
     parser.add_argument("--max-attempts", type=int, default=2, help="runs of a job whose prefill worker died")
     parser.add_argument("--max-jobs-per-worker", type=int, default=0, help="cap on a prefill worker's jobs at once")
+    parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port")
     add_common_args(parser)
     return parser
 
@@ -224,6 +226,8 @@ async def serve(args: argparse.Namespace) -> int:
         args.jobs_endpoint, args.status_endpoint, workers, max_attempts=args.max_attempts,
         max_jobs_per_worker=args.max_jobs_per_worker,
     )  # fmt: skip
+    if args.metrics_port:
+        serve_metrics(args.metrics_port, DisaggCollector(service=service))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, service.close)

@@ -16,7 +16,7 @@ import time
 import zmq
 import zmq.asyncio
 
-from zdyn.cli import add_common_args, freeze_startup_objects, liveness, parse_args, run, setup_logging
+from zdyn.cli import add_common_args, freeze_startup_objects, liveness, parse_args, run, serve_metrics, setup_logging
 from zdyn.protocol import RouteQuery, RouteReply, RouteUpdate
 from zdyn.router.core import KvRouter
 from zdyn.router.feed import WorkerFeed, router_from_args
@@ -136,12 +136,9 @@ async def serve(args: argparse.Namespace) -> int:
     workers = Hub(args.workers_endpoint, role="worker", liveness=liveness(args))
     service = RouterService(args.endpoint, workers, router_from_args(args))
     if args.metrics_port:
-        from prometheus_client import REGISTRY, start_http_server
+        from zdyn.router.metrics import RouterCollector
 
-        from zdyn.router.metrics import register
-
-        register(REGISTRY, service=service)
-        start_http_server(args.metrics_port)
+        serve_metrics(args.metrics_port, RouterCollector(service=service))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, service.close)
