@@ -107,11 +107,14 @@ def test_problems_are_counted_not_raised() -> None:
     idx.apply("a", KvBlockStored([2], None, toks(1), block_size=BS * 2))
     idx.apply("a", stored([3, 4], None, toks(1)))
     idx.apply("a", KvBlockStored([5], None, toks(1), block_size=BS, medium="CPU"))
+    idx.apply("a", stored([6], None, [1, 2, 3, -1]))
+    idx.apply("a", stored([7], None, [1, 2, 3, 2**32]))
     assert idx.stats["unknown_parent"] == 1
     assert idx.stats["unknown_block_removed"] == 1
     assert idx.stats["block_size_mismatch"] == 1
     assert idx.stats["token_count_mismatch"] == 1
     assert idx.stats["other_medium"] == 1
+    assert idx.stats["bad_token_ids"] == 2
     assert idx.stats["events_applied"] == 1  # only the removal (of nothing) went through
     assert idx.num_blocks() == 0
     assert idx.workers == ["a"]  # events add their worker implicitly
@@ -123,7 +126,8 @@ def test_block_is_kept_until_the_last_engine_hash_for_it_is_removed() -> None:
     idx.apply("a", stored([2], None, toks(7)))  # same tokens, another engine hash (e.g. another cache salt)
     idx.apply("a", stored([2], None, toks(7)))  # repeated: no double count
     q = hash_blocks(toks(7), BS)
-    assert idx.num_blocks("a") == 1
+    assert idx.num_blocks("a") == 1 and idx.num_hashes == 1
+    assert idx.stats["blocks_stored"] == 2 and idx.stats["duplicate_stored"] == 1
     idx.apply("a", KvBlockRemoved([1]))
     assert idx.overlaps(q, now=0) == {"a": 1}
     idx.apply("a", KvBlockRemoved([2]))

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import msgpack
 import pytest
 import zmq
 import zmq.asyncio
@@ -128,6 +129,12 @@ async def test_garbage_frames_are_counted_and_skipped():
         await pub.send_multipart([b"", (0).to_bytes(8, "big"), encode_payload([stored(1, None, 0)])])
         await eventually(lambda: overlap(router, chain(1)) == 1)
         assert sub.stats["malformed"] == 3
+        weird = msgpack.packb([0.0, [{"type": "BlockTeleported", "block_hashes": [9]},
+                                     {"type": "BlockStored", "block_hashes": [2], "parent_block_hash": 1,
+                                      "token_ids": list(range(BS, 2 * BS)), "block_size": BS}], 0])  # fmt: skip
+        await pub.send_multipart([b"", (1).to_bytes(8, "big"), weird])
+        await eventually(lambda: overlap(router, chain(2)) == 2)  # the known event of the batch still applies
+        assert router.indexer.stats["unknown_event_type"] == 1
     finally:
         sub.close()
         pub.close(linger=0)

@@ -85,6 +85,8 @@ class KvIndexer:
             self._drop_entries(w)
 
     def apply_batch(self, worker: str, batch: KvEventBatch) -> None:
+        if batch.num_skipped:
+            self.stats["unknown_event_type"] += batch.num_skipped
         for event in batch.events:
             self.apply(worker, event)
 
@@ -181,7 +183,11 @@ class KvIndexer:
             if parent is None:
                 stats["unknown_parent"] += 1
                 return
-        router_hashes = hash_blocks(event.token_ids, self.block_size, event.lora_name, parent)
+        try:
+            router_hashes = hash_blocks(event.token_ids, self.block_size, event.lora_name, parent)
+        except (TypeError, OverflowError):  # a token id that is not a uint32
+            stats["bad_token_ids"] += 1
+            return
         masks, blocks, bit = self._masks, w.blocks, 1 << w.bit
         num_stored = len(router_hashes)
         for engine_hash, h in zip(event.block_hashes, router_hashes, strict=True):
