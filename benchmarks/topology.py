@@ -15,6 +15,7 @@ Output in ``--out-dir``: ``raw/w<N>-r<rate>.json`` (the ``zdyn bench`` result of
 ``ttft.png`` and the logs of every process under ``logs/``.
 
     python benchmarks/topology.py --scenario agg --workers 1,2,4,8 --rates-per-worker 2,4,5,6,7
+    python benchmarks/topology.py --scenario disagg --workers 4 --prefill-workers 3 --rates 2,4  # N = P + decode
 
 Another scenario plugs in with one ``SCENARIOS`` entry: its run.sh and the environment it needs for N workers.
 """
@@ -32,6 +33,7 @@ import platform
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -71,6 +73,11 @@ class Scenario:
     env: Callable[[int], dict[str, str]]  # scenario-specific environment for N workers (ports, role counts)
     expected_workers: Callable[[int], int] = lambda n: n
     about: str = ""
+    # readiness beyond /health (e.g. prefill workers, which /health does not list): None when ready, else what is
+    # still missing; checked once /health lists expected_workers
+    ready: Callable[[Deployment], str | None] | None = None
+    settle_s: float = 0.0  # wait this long once ready (e.g. until every decode worker heard the prefill queue's status)
+    split: Callable[[int], dict[str, int]] | None = None  # role counts of N workers, recorded with each deployment
 
 
 def _agg_env(n: int) -> dict[str, str]:
@@ -96,6 +103,108 @@ SCENARIOS: dict[str, Scenario] = {
         "examples/agg_route/run.sh", _agg_route_env, about="frontend -> KV router process -> N workers"
     ),
 }
+
+
+def free_port_run(n: int, attempts: int = 100) -> int:
+    """The first of ``n`` consecutive ports free on this host right now (run.sh derives ports as base + i)."""
+    for _ in range(attempts):
+        base = free_port()
+        if base + n > 65536:
+            continue
+        socks = [socket.socket() for _ in range(n)]
+        try:
+            for port, sock in zip(range(base, base + n), socks, strict=True):
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"found no {n} consecutive free ports in {attempts} attempts")
+
+
+def prefill_split(n: int, prefill: int | None = None) -> tuple[int, int]:
+    """(prefill, decode) workers of a disaggregated deployment of N workers in all: ``prefill`` of them, else N // 2."""
+    p = n // 2 if prefill is None else prefill
+    if n < 2 or not 1 <= p <= n - 1:
+        raise ValueError(f"{n} workers cannot be split into {p} prefill and {n - p} decode workers (each needs >= 1)")
+    return p, n - p
+
+
+PREFILL_PEER = re.compile(r" prefill (\S+) (joined at|dropped:) ")  # the prefill queue's hub logs both
+
+
+def prefill_workers_joined(log_dir: Path) -> int:
+    """Prefill workers the prefill queue currently lists, from its log (``prefill_queue.log``)."""
+    path = log_dir / "prefill_queue.log"
+    text = path.read_text(errors="replace") if path.exists() else ""
+    live: set[str] = set()
+    for worker, event in PREFILL_PEER.findall(text):
+        (live.add if event == "joined at" else live.discard)(worker)
+    return len(live)
+
+
+def disagg_scenario(name: str, prefill: int | None = None) -> Scenario:
+    """``disagg`` or ``disagg_route`` with N workers in all: ``prefill`` (default N // 2) prefill workers, the rest
+    decode workers. /health lists the decode workers only, so readiness also waits until the prefill queue's log
+    shows every prefill worker joined, then 1.5 s more: the queue publishes its status (with the number of prefill
+    workers) at least once a second, and a decode worker that has not heard it yet prefills locally."""
+    if name not in ("disagg", "disagg_route"):
+        raise ValueError(f"not a disaggregated scenario: {name}")
+
+    def env(n: int) -> dict[str, str]:
+        p, d = prefill_split(n, prefill)
+        queue = free_port_run(3)  # jobs, +1 prefill workers, +2 status
+        taken = set(range(queue, queue + 3))
+        ports = [port for port in free_ports(8) if port not in taken][:3]
+        hub, router, router_hub = ports
+        out = {
+            "ZDYN_NUM_WORKERS": str(d),  # run.sh: decode workers
+            "ZDYN_NUM_PREFILL_WORKERS": str(p),
+            "ZDYN_WORKERS_PORT": str(hub),
+            "ZDYN_QUEUE_PORT": str(queue),
+            "ZDYN_CONNECT": f"tcp://127.0.0.1:{hub}",
+        }
+        if name == "disagg_route":
+            out |= {
+                "ZDYN_ROUTER_PORT": str(router),
+                "ZDYN_ROUTER_WORKERS_PORT": str(router_hub),
+                "ZDYN_CONNECT": f"tcp://127.0.0.1:{hub},tcp://127.0.0.1:{router_hub}",
+            }
+        return out
+
+    def ready(dep: Deployment) -> str | None:
+        want = prefill_split(dep.workers, prefill)[0]
+        have = prefill_workers_joined(Path(dep.env.get("ZDYN_LOG_DIR", dep.log_dir)))
+        return None if have >= want else f"{have}/{want} prefill workers joined the prefill queue"
+
+    def split(n: int) -> dict[str, int]:
+        p, d = prefill_split(n, prefill)
+        return {"prefill_workers": p, "decode_workers": d}
+
+    share = "N // 2" if prefill is None else str(prefill)
+    router = "KV router process -> " if name == "disagg_route" else ""
+    return Scenario(
+        f"examples/{name}/run.sh",
+        env,
+        expected_workers=lambda n: prefill_split(n, prefill)[1],
+        about=f"frontend -> {router}N - P decode workers -> prefill queue -> P = {share} prefill workers",
+        ready=ready,
+        settle_s=1.5,
+        split=split,
+    )
+
+
+SCENARIOS["disagg"] = disagg_scenario("disagg")
+SCENARIOS["disagg_route"] = disagg_scenario("disagg_route")
+
+
+def scenario_for(name: str, prefill: int | None = None) -> Scenario:
+    """The scenario, with ``prefill`` of the N workers prefilling (disaggregated scenarios only)."""
+    if prefill is None:
+        return SCENARIOS[name]
+    return disagg_scenario(name, prefill)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -254,13 +363,23 @@ class Deployment:
             )
         want = self.scenario.expected_workers(self.workers)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while True:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"fewer than {want} workers after {timeout_s:.0f}s; see {self.log_dir}")
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.scenario.script} exited with {self.proc.returncode}; see {self.log_dir}")
             with contextlib.suppress(TimeoutError):
                 wait_for_workers(self.base_url, want, timeout_s=1.0)
-                return
-        raise TimeoutError(f"fewer than {want} workers after {timeout_s:.0f}s; see {self.log_dir}")
+                break
+        if self.scenario.ready is None:
+            return
+        while (missing := self.scenario.ready(self)) is not None:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.scenario.script} exited with {self.proc.returncode}; see {self.log_dir}")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{missing} after {timeout_s:.0f}s; see {self.log_dir}")
+            time.sleep(0.2)
+        time.sleep(self.scenario.settle_s)
 
     def live_workers(self) -> int:
         _, health = get_json(f"{self.base_url}/health")
@@ -593,6 +712,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--scenario", choices=sorted(SCENARIOS), default="agg")
     p.add_argument("--workers", type=_numbers(int), default=[1, 2, 4, 8], metavar="N[,N..]")
+    p.add_argument(
+        "--prefill-workers",
+        type=int,
+        metavar="P",
+        help="disagg, disagg_route: P of the N workers are prefill workers, N - P decode workers (default N // 2)",
+    )
     rates = p.add_mutually_exclusive_group()
     rates.add_argument("--rates", type=_numbers(float), metavar="R[,R..]", help="offered req/s, the same for every N")
     rates.add_argument(
@@ -685,7 +810,7 @@ def _interrupt_on_sigterm() -> None:
 
 
 def run(args: argparse.Namespace, passthrough: list[str], out_dir: Path, command: str) -> dict[str, Any]:
-    scenario = SCENARIOS[args.scenario]
+    scenario = scenario_for(args.scenario, getattr(args, "prefill_workers", None))
     summary: dict[str, Any] = {
         "format": RESULT_FORMAT,
         "scenario": args.scenario,
@@ -719,6 +844,8 @@ def run(args: argparse.Namespace, passthrough: list[str], out_dir: Path, command
         }
         dep = Deployment(scenario, n, env, mocker_flags(args), out_dir / "logs" / f"w{n}")
         record: dict[str, Any] = {"workers": n, "rates": rates, "log_dir": str(dep.log_dir.relative_to(out_dir))}
+        if scenario.split is not None:
+            record |= scenario.split(n)
         summary["deployments"].append(record)
         with bench_lock(args.lock) if args.lock else contextlib.nullcontext():
             t0 = time.monotonic()
@@ -767,6 +894,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.rates and not args.rates_per_worker:
         parser.error("--rates or --rates-per-worker is required")
+    if args.prefill_workers is not None:
+        if args.scenario not in ("disagg", "disagg_route"):
+            parser.error("--prefill-workers applies to disagg and disagg_route only")
+        try:
+            for n in args.workers:
+                prefill_split(n, args.prefill_workers)
+        except ValueError as e:
+            parser.error(str(e))
     if args.model == DEFAULT_MODEL:
         build_tiny_llama(DEFAULT_MODEL)
     out_dir.mkdir(parents=True, exist_ok=True)

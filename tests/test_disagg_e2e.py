@@ -18,6 +18,8 @@ from e2e import VLLM_TEST_ARGS, scratch_env
 from zdyn.launch import ProcessGroup, free_ports, wait_for_workers
 
 pytestmark = pytest.mark.slow
+# Two vLLM engines and NIXL on 2 cores can starve a process for seconds: give liveness room (2 s x 3).
+LIVENESS = ["--heartbeat-interval", "2"]
 
 MAX_LOCAL = 64
 LONG = [(i * 37) % 800 + 20 for i in range(600)]  # well past MAX_LOCAL
@@ -41,16 +43,16 @@ class Disagg:
         self.settings = tmp / "disagg.yaml"
         self.settings.write_text(f"max-local-prefill-length: {MAX_LOCAL}\n")
         self.group.start("frontend", ["zdyn", "frontend", "--model", str(model), "--host", "127.0.0.1", "--port",
-                                      str(port), "--workers-endpoint", f"tcp://127.0.0.1:{hub}"], env)  # fmt: skip
+                                      str(port), "--workers-endpoint", f"tcp://127.0.0.1:{hub}", *LIVENESS], env)  # fmt: skip
         self.group.start(
             "queue",
             ["zdyn", "prefill-queue", "--jobs-endpoint", f"tcp://127.0.0.1:{jobs}",
              "--prefill-workers-endpoint", f"tcp://127.0.0.1:{prefill_hub}",
-             "--status-endpoint", f"tcp://127.0.0.1:{status}"],
+             "--status-endpoint", f"tcp://127.0.0.1:{status}", *LIVENESS],
             env,
         )  # fmt: skip
         self.prefill_argv = ["zdyn", "worker", "--prefill", "--model", str(model), "--connect",
-                             f"tcp://127.0.0.1:{prefill_hub}", *VLLM_TEST_ARGS]  # fmt: skip
+                             f"tcp://127.0.0.1:{prefill_hub}", *LIVENESS, *VLLM_TEST_ARGS]  # fmt: skip
         self.env = env
         self.group.start("prefill0", [*self.prefill_argv, "--worker-id", "prefill0"], env)
         self.group.start(
@@ -58,7 +60,7 @@ class Disagg:
             ["zdyn", "worker", "--model", str(model), "--connect", f"tcp://127.0.0.1:{hub}", "--worker-id", "decode0",
              "--prefill-queue", f"tcp://127.0.0.1:{jobs}",
              "--prefill-queue-status", f"tcp://127.0.0.1:{status}", "--disagg-settings", str(self.settings),
-             "--remote-prefill-timeout", "10", "--no-enable-prefix-caching", *VLLM_TEST_ARGS],
+             "--remote-prefill-timeout", "10", "--no-enable-prefix-caching", *LIVENESS, *VLLM_TEST_ARGS],
             env,
         )  # fmt: skip
         wait_for_workers(self.base_url, 1, self.group, timeout_s=300)

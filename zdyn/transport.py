@@ -155,6 +155,19 @@ def error(request_id: str, message: str, status: int = 503, type: str = "unavail
     return Error(request_id=request_id, message=message, status=status, type=type)
 
 
+STALL_GRACE_S = 0.1
+
+
+async def stalled_sleep(interval_s: float) -> None:
+    """Sleep ``interval_s``; if this process's event loop was stalled meanwhile (busy CPU, a blocking call),
+    wait a moment longer so that readers handle what arrived during the stall before anyone is declared silent."""
+    loop = asyncio.get_running_loop()
+    due = loop.time() + interval_s
+    await asyncio.sleep(interval_s)
+    if loop.time() - due > interval_s:
+        await asyncio.sleep(STALL_GRACE_S)
+
+
 def ignore_result(future: asyncio.Future[object]) -> None:
     """Done-callback for best-effort sends (heartbeats, cancels): retrieve the outcome so none is logged."""
     if not future.cancelled():

@@ -146,8 +146,8 @@ class DisaggEngine:
         return self.engine.info
 
     async def start(self) -> None:
+        await self.client.start()  # first, so the queue's status is known by the time the engine is up
         await self.engine.start()
-        await self.client.start()
         if self.settings_file is not None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_settings())
 

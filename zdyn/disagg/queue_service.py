@@ -214,7 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill-workers-endpoint", default="tcp://*:5591", help="prefill workers register here")
     parser.add_argument("--status-endpoint", default="tcp://*:5592", help="queue depth for decode workers (PUB)")
     parser.add_argument("--max-attempts", type=int, default=2, help="runs of a job whose prefill worker died")
-    parser.add_argument("--max-jobs-per-worker", type=int, default=0, help="cap on a prefill worker's jobs at once")
+    parser.add_argument(
+        "--max-jobs-per-worker",
+        type=int,
+        default=2,
+        help="jobs a prefill worker runs at once (0: its max_num_seqs); beyond that they wait in the queue, "
+        "which is the depth decode workers compare with --max-prefill-queue-size",
+    )
     parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port")
     add_common_args(parser)
     return parser

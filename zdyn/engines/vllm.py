@@ -226,6 +226,69 @@ def setup_vllm_process() -> None:
     if sys.platform.startswith("linux"):
         _allow_amx()
         _die_with_worker()
+    _calm_nixl_progress_thread()
+
+
+NIXL_PROGRESS_ENV = "ZDYN_NIXL_PROGRESS_THREAD"
+NIXL_APIS = ("nixl_cu12._api", "nixl_cu13._api", "nixl._api")
+
+
+def _calm_nixl_progress_thread() -> None:
+    """NIXL's Python agent runs a UCX progress thread that polls with no pause (``pthrDelay = 0``): a whole core
+    per agent, idle or not. With a decode and a prefill worker on a 2-core CPU box that starves everything else
+    (heartbeats stop, transfers stall). vLLM exposes neither setting, so when NIXL's module is imported its agent
+    constructor is wrapped. ``ZDYN_NIXL_PROGRESS_THREAD``: ``off`` (the default without a GPU: vLLM's per-step
+    polling drives UCX), a pause in microseconds between polls, or ``spin`` (NIXL's own behaviour, the default
+    with a GPU)."""
+    default = "spin" if os.environ.get("CUDA_VISIBLE_DEVICES") or _has_nvidia_gpu() else "off"
+    mode = os.environ.get(NIXL_PROGRESS_ENV, default).strip().lower()
+    if mode in ("spin", "0", ""):
+        return
+    import importlib.abc
+    import importlib.util
+
+    def patch(module: Any) -> None:
+        make_agent = module.nixlBind.nixlAgent
+        if getattr(make_agent, "zdyn_calmed", False):
+            return
+
+        def agent(name: str, config: Any) -> Any:
+            if mode == "off":
+                config.useProgThread = False
+            else:
+                config.pthrDelay = int(mode)
+            return make_agent(name, config)
+
+        agent.zdyn_calmed = True  # type: ignore[attr-defined]
+        module.nixlBind.nixlAgent = agent
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+            if fullname not in NIXL_APIS:
+                return None
+            sys.meta_path.remove(self)
+            try:
+                spec = importlib.util.find_spec(fullname)
+            finally:
+                sys.meta_path.insert(0, self)
+            if spec is not None and spec.loader is not None:
+                load = spec.loader.exec_module
+
+                def exec_module(module: Any) -> None:
+                    load(module)
+                    patch(module)
+
+                spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+            return spec
+
+    loaded = [sys.modules[name] for name in NIXL_APIS if name in sys.modules]
+    for module in loaded:  # imported before this plugin ran
+        patch(module)
+    sys.meta_path.insert(0, Finder())
+
+
+def _has_nvidia_gpu() -> bool:
+    return os.path.exists("/dev/nvidiactl")
 
 
 def _allow_amx() -> None:

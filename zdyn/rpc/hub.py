@@ -31,6 +31,7 @@ from zdyn.transport import (
     ignore_result,
     make_socket,
     send,
+    stalled_sleep,
 )
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,7 @@ class Hub:
     async def _beat(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.liveness.interval_s)
+            await stalled_sleep(self.liveness.interval_s)
             now = loop.time()
             self._probe(now)
             for rid, stream in self._streams.items():

@@ -23,6 +23,7 @@ from zdyn.transport import (
     log_send_error,
     make_socket,
     send,
+    stalled_sleep,
 )
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ class Spoke:
     async def _beat(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.liveness.interval_s)
+            await stalled_sleep(self.liveness.interval_s)
             now = loop.time()
             beat = self.load()
             for link in self.links:
