@@ -29,6 +29,15 @@ class DisaggCollector(Collector):
                     results.add_metric([worker, kind], n)
             yield decisions
             yield results
+            prompt = CounterMetricFamily(
+                "zdyn_engine_prompt_tokens",
+                "Prompt tokens by where their KV came from (vLLM: computed, local_cache_hit, external_kv_transfer)",
+                labels=["worker", "source"],
+            )
+            for worker, engine in self.engines:
+                for source, n in sorted(getattr(engine.engine, "prompt_tokens", {}).items()):
+                    prompt.add_metric([worker, source], n)
+            yield prompt
         if self.service is not None:
             q = self.service.queue
             for name, value, text in (

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
@@ -14,6 +15,9 @@ from zdyn.engines.base import EngineDeadError, EngineInfo, RequestError
 from zdyn.protocol import Delta, Finish, Generate, Heartbeat, SamplingParams, TokenLogprob, TopLogprob
 
 log = logging.getLogger(__name__)
+
+
+PROMPT_TOKEN_SOURCES = ("computed", "local_cache_hit", "external_kv_transfer")  # vLLM's PromptTokenStats
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +68,7 @@ class VllmEngine:
         self.info = EngineInfo(served_model_name, "vllm", 0, 0, 0, 0)
         self._load = Heartbeat()
         self._num_inflight = 0
+        self.prompt_tokens: Counter[str] = Counter()  # prompt tokens by where their KV came from
         self._llm: Any = None
 
     async def start(self) -> None:
@@ -78,6 +83,10 @@ class VllmEngine:
                 pass
 
             def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
+                prompt = getattr(iteration_stats, "prompt_token_stats", None)
+                if prompt is not None and prompt.total:
+                    for source in PROMPT_TOKEN_SOURCES:
+                        engine.prompt_tokens[source] += getattr(prompt, source, 0)
                 if scheduler_stats is not None:
                     engine._load = Heartbeat(
                         num_running=scheduler_stats.num_running_reqs,

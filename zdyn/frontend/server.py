@@ -23,6 +23,9 @@ from zdyn.rpc import Hub, RequestFailed
 log = logging.getLogger(__name__)
 
 
+KEEP_ALIVE_S = 75  # longer than clients' idle-connection pools (aiohttp 15 s), so they close first, not mid-request
+
+
 class LocalBackend:
     """The processor runs in this process; workers register at its hub."""
 
@@ -142,6 +145,7 @@ async def serve(args: argparse.Namespace) -> None:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     await uvicorn.Server(config).serve()
 

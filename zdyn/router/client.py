@@ -64,7 +64,8 @@ class RouterClient:
         return reply
 
     def update(self, request_id: str, event: str) -> None:
-        if self._sock is not None and time.monotonic() >= self._down_until:
+        """Always sent, also while backing off: a request the router routed must not stay counted as load."""
+        if self._sock is not None:
             send(self._sock, RouteUpdate(request_id=request_id, event=event)).add_done_callback(ignore_result)
 
     def _failed(self, why: str) -> None:

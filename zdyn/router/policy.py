@@ -110,8 +110,7 @@ class RoutingPolicy:
     where ``new_blocks = request_blocks - overlap`` are the blocks the worker would have to compute and hold.
     kv-load also weighs the load the worker publishes: ``held_blocks = max(tracked, kv_usage * num_kv_blocks)``
     and ``pending_prefill_blocks = max(tracked, num_waiting * request_blocks)``. A worker at capacity (tracked
-    requests >= max_num_seqs; in kv-load also a waiting queue while another candidate has none) is picked only
-    when every candidate is.
+    requests >= max_num_seqs) is picked only when every candidate is.
     """
 
     def __init__(
@@ -155,13 +154,10 @@ class RoutingPolicy:
         return Decision(worker, overlap, costs[i], reason)
 
     def _below_capacity(self, candidates: Sequence[WorkerState], active: ActiveRequests) -> list[WorkerState]:
-        some_idle = self.mode == "kv-load" and any(s.num_waiting == 0 for s in candidates)
+        # Only a hard limit excludes a worker: a published waiting queue is priced in kv-load's cost instead (with
+        # chunked prefill nearly every busy worker has one, and heartbeats make it up to a second old).
         count = active._count
-        return [
-            s
-            for s in candidates
-            if not (0 < s.max_num_seqs <= count.get(s.worker, 0) or (some_idle and s.num_waiting > 0))
-        ]
+        return [s for s in candidates if not 0 < s.max_num_seqs <= count.get(s.worker, 0)]
 
     def _costs(
         self, pool: Sequence[WorkerState], overlaps: Mapping[str, int], request_blocks: int, active: ActiveRequests
