@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +13,24 @@ from pathlib import Path
 import openai
 
 from zdyn.launch import ProcessGroup, free_port, wait_for_workers
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``check`` until it holds; TimeoutError(``what``) after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+async def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """``wait_until`` for asyncio tests: the event loop keeps running while it waits."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
 
 # Small, fast vLLM settings for the tiny test model on CPU.
 VLLM_TEST_ARGS = [

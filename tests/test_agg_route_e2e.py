@@ -14,7 +14,7 @@ import urllib.request
 
 import openai
 import pytest
-from e2e import VLLM_TEST_ARGS, scratch_env
+from e2e import VLLM_TEST_ARGS, scratch_env, wait_until
 
 from zdyn.launch import ProcessGroup, free_port, wait_for_workers
 
@@ -27,14 +27,6 @@ PREFIX_BLOCKS = 10
 def metric(url: str, name: str) -> float:
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
-
-
-def wait_until(check, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.1)
 
 
 class Route:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import re
 import signal
-import time
 import urllib.request
 
 import openai
 import pytest
-from e2e import VLLM_TEST_ARGS, scratch_env
+from e2e import VLLM_TEST_ARGS, scratch_env, wait_until
 
 from zdyn.launch import ProcessGroup, free_ports, wait_for_workers
 
@@ -26,14 +25,6 @@ MAX_LOCAL = 64
 BLOCK = 32
 LONG = [(i * 37) % 800 + 20 for i in range(600)]  # well past MAX_LOCAL
 SHORT = LONG[:40]
-
-
-def wait_until(check, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.1)
 
 
 class Disagg:

@@ -9,24 +9,16 @@ from __future__ import annotations
 import re
 import signal
 import threading
-import time
 
 import httpx
 import openai
 import pytest
+from e2e import wait_until
 
 from zdyn.launch import ProcessGroup, free_ports, wait_for_workers
 
 MOCKER = ["--engine", "mocker", "--speedup", "0.1", "--block-size", "32", "--max-model-len", "2048"]
 LONG = [(i * 37) % 800 + 20 for i in range(1500)]
-
-
-def wait_until(check, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
 
 
 @pytest.fixture

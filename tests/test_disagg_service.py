@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import zmq
 import zmq.asyncio
+from e2e import eventually
 
 from zdyn.disagg.decode import PrefillClient, PrefillUnavailable
 from zdyn.disagg.queue_service import PrefillQueueService
@@ -16,13 +17,6 @@ from zdyn.rpc import Hub, Spoke
 from zdyn.transport import Liveness
 
 FAST = Liveness(0.1, 3)
-
-
-async def eventually(check, timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 class PrefillWorker:

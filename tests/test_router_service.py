@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import zmq
 import zmq.asyncio
+from e2e import eventually
 
 from zdyn.kv_events import KvBlockStored, KvEventPublisher
 from zdyn.launch import free_ports
@@ -24,13 +25,6 @@ FAST = Liveness(0.1, 3)
 async def never(request):
     raise AssertionError("the router sends no requests")
     yield
-
-
-async def eventually(check, timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

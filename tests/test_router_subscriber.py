@@ -10,6 +10,7 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
+from e2e import eventually
 
 from zdyn.kv_events import KvBlockRemoved, KvBlockStored, KvEventPublisher, encode_payload
 from zdyn.router.core import KvRouter
@@ -25,13 +26,6 @@ def stored(h: int, parent: int | None, first_token: int) -> KvBlockStored:
 
 def chain(n: int, start: int = 0) -> list[int]:
     return list(range(start, start + n * BS))
-
-
-async def eventually(check, timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

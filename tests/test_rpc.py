@@ -315,7 +315,8 @@ async def test_idle_request_times_out(endpoint, ctx):
         await asyncio.sleep(3600)
         yield Delta(request_id=request.request_id)
 
-    hub, spoke, task = await start_pair(endpoint, stuck, ctx, idle_timeout_s=0.3)
+    # liveness well beyond the idle timeout: a loaded box must not turn this into a heartbeat expiry (503)
+    hub, spoke, task = await start_pair(endpoint, stuck, ctx, liveness=Liveness(0.1, 50), idle_timeout_s=0.3)
     with pytest.raises(RequestFailed) as failed:
         async for _ in hub.stream(hub.live_peers()[0], Generate(request_id="r", token_ids=[1])):
             pass

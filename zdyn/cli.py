@@ -7,6 +7,7 @@ import asyncio
 import gc
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -68,6 +69,21 @@ def serve_metrics(port: int, *collectors: Any) -> None:
     for collector in collectors:
         REGISTRY.register(collector)
     start_http_server(port)
+
+
+async def serve_behind_hub(service: Any, hub: Any, banner: str) -> int:
+    """Run a role's ``service`` (``run()``/``close()``) whose peers register at ``hub``, until SIGINT/SIGTERM."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, service.close)
+    await hub.start()
+    freeze_startup_objects()
+    logging.getLogger(type(service).__module__).info("%s", banner)
+    try:
+        await service.run()
+    finally:
+        await hub.close()
+    return 0
 
 
 def freeze_startup_objects() -> None:

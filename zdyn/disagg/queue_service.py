@@ -14,14 +14,13 @@ import argparse
 import asyncio
 import logging
 import math
-import signal
 import time
 from collections import Counter
 
 import zmq
 import zmq.asyncio
 
-from zdyn.cli import add_common_args, freeze_startup_objects, liveness, parse_args, run, serve_metrics, setup_logging
+from zdyn.cli import add_common_args, liveness, parse_args, run, serve_behind_hub, serve_metrics, setup_logging
 from zdyn.disagg.metrics import DisaggCollector
 from zdyn.disagg.queue import Job, PrefillQueue, PrefillWorker
 from zdyn.protocol import Cancel, PrefillDone, PrefillJob, QueueStatus, encode
@@ -234,18 +233,11 @@ async def serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.metrics_port:
         serve_metrics(args.metrics_port, DisaggCollector(service=service))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, service.close)
-    await workers.start()
-    freeze_startup_objects()
-    log.info("prefill queue: jobs at %s, prefill workers at %s, status at %s", args.jobs_endpoint,
-             args.prefill_workers_endpoint, args.status_endpoint)  # fmt: skip
-    try:
-        await service.run()
-    finally:
-        await workers.close()
-    return 0
+    banner = (
+        f"prefill queue: jobs at {args.jobs_endpoint}, prefill workers at {args.prefill_workers_endpoint}, "
+        f"status at {args.status_endpoint}"
+    )
+    return await serve_behind_hub(service, workers, banner)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import time
 
 import zmq
 import zmq.asyncio
 
-from zdyn.cli import add_common_args, freeze_startup_objects, liveness, parse_args, run, serve_metrics, setup_logging
+from zdyn.cli import add_common_args, liveness, parse_args, run, serve_behind_hub, serve_metrics, setup_logging
 from zdyn.protocol import RouteQuery, RouteReply, RouteUpdate
 from zdyn.router.core import KvRouter
 from zdyn.router.feed import WorkerFeed, router_from_args
@@ -139,18 +138,8 @@ async def serve(args: argparse.Namespace) -> int:
         from zdyn.router.metrics import RouterCollector
 
         serve_metrics(args.metrics_port, RouterCollector(service=service))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, service.close)
-    await workers.start()
-    freeze_startup_objects()
-    log.info("router (%s) answering at %s; workers register at %s", args.router_mode, args.endpoint,
-             args.workers_endpoint)  # fmt: skip
-    try:
-        await service.run()
-    finally:
-        await workers.close()
-    return 0
+    banner = f"router ({args.router_mode}) answering at {args.endpoint}; workers register at {args.workers_endpoint}"
+    return await serve_behind_hub(service, workers, banner)
 
 
 def main(argv: list[str] | None = None) -> int:
