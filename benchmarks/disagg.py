@@ -53,13 +53,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: import this checkout's zdyn and benchmarks
 
 from benchmarks import topology  # noqa: E402
-from zdyn.models import build_tiny_llama, cache_dir  # noqa: E402
+from benchmarks.routing_quality import LONG_MODEL, LONG_MODEL_LEN, long_context_model  # noqa: E402
 
 DATA = Path("/work/shared/data")
 RESULTS = REPO / "benchmarks" / "results"
 OUT = RESULTS / "disagg"  # OUT.json, OUT.png and the folder OUT/ (its raw/ and logs/ are git-ignored)
-LONG_MODEL = cache_dir() / "models" / "tiny-llama-262k"
-LONG_MODEL_LEN = 262_144  # the conversation trace's longest prompt is 126,195 tokens
 RESULT_FORMAT = 1
 SLOW_GAP_MS = 100.0  # an inter-token gap longer than this (modelled engine time) counts as a stall
 DECISION = re.compile(
@@ -167,36 +165,6 @@ class Run:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Inputs: the long-context model folder and the trace windows
-
-
-def long_context_model(base: Path = topology.DEFAULT_MODEL, dest: Path = LONG_MODEL) -> Path:
-    """tiny-llama's config and tokenizer with ``max_position_embeddings`` = LONG_MODEL_LEN (the mocker refuses a
-    ``--max-model-len`` beyond the model's positions); no weights. Built once, atomically (the same folder
-    benchmarks/routing_quality.py uses)."""
-    config_path = dest / "config.json"
-    if config_path.exists() and json.loads(config_path.read_text()).get("max_position_embeddings") == LONG_MODEL_LEN:
-        return dest
-    build_tiny_llama(base)
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json"):
-        if (base / name).exists():
-            shutil.copy(base / name, tmp / name)
-    config = json.loads((base / "config.json").read_text())
-    config["max_position_embeddings"] = LONG_MODEL_LEN
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tok_config = json.loads((base / "tokenizer_config.json").read_text())
-    tok_config["model_max_length"] = LONG_MODEL_LEN
-    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-    if dest.exists():  # another process built it meanwhile, or an outdated copy: keep a valid one
-        shutil.rmtree(tmp)
-        if json.loads(config_path.read_text()).get("max_position_embeddings") == LONG_MODEL_LEN:
-            return dest
-        shutil.rmtree(dest)
-        return long_context_model(base, dest)
-    tmp.rename(dest)
-    return dest
 
 
 def write_window(trace: Trace, dest: Path) -> dict[str, Any]:
