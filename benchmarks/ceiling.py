@@ -698,17 +698,7 @@ def aiperf_phase(ctx: Context, speedup: float) -> dict[str, Any]:
         artifacts = ctx.work / f"aiperf-{speedup:g}"
         sampler = CpuSampler(target.groups, "aiperf", "load generator")
         sampler.start()
-        res: AiperfResult = run_aiperf(
-            target.base_url,
-            model=target.model,
-            tokenizer=ctx.model_dir,
-            concurrency=load.concurrency,
-            request_count=load.requests,
-            input_tokens=load.input_len,
-            output_tokens=load.output_len,
-            warmup_request_count=load.warmups,
-            artifact_dir=artifacts,
-        )
+        res: AiperfResult = aiperf_on(ctx, target, load, artifacts)
         sampler.stop()
         figures: dict[str, Any] = res.figures()
         figures["command"] = (artifacts / "aiperf-run.log").read_text().splitlines()[0].removeprefix("$ ")
@@ -858,6 +848,22 @@ def _cpu_pct(cpu_s: dict[str, float], foreign_s: float, window_s: float) -> dict
     return pct
 
 
+def aiperf_on(ctx: Context, target: Target, load: Load, artifacts: Path, **extra: Any) -> AiperfResult:
+    """aiperf against ``target`` with ``load``'s shape (closed loop, fixed lengths), artifacts in ``artifacts``."""
+    return run_aiperf(
+        target.base_url,
+        model=target.model,
+        tokenizer=ctx.model_dir,
+        concurrency=load.concurrency,
+        request_count=load.requests,
+        input_tokens=load.input_len,
+        output_tokens=load.output_len,
+        warmup_request_count=load.warmups,
+        artifact_dir=artifacts,
+        **extra,
+    )
+
+
 def agree_bench_run(ctx: Context, target: Target, load: Load, rnd: int, speedup: float) -> dict[str, Any]:
     row, _ = run_bench(target, "zdyn", rnd, speedup, load, ctx.model_dir, ctx.work)
     reqs = bench_requests(Path(row.extra["result_json"]))
@@ -890,21 +896,12 @@ def agree_aiperf_run(ctx: Context, target: Target, load: Load, rnd: int) -> dict
     sampler = CpuSampler(target.groups, "aiperf", "load generator", detail=True)
     sampler.start()
     try:
-        res = run_aiperf(
-            target.base_url,
-            model=target.model,
-            tokenizer=ctx.model_dir,
-            concurrency=load.concurrency,
-            request_count=load.requests,
-            input_tokens=load.input_len,
-            output_tokens=load.output_len,
-            warmup_request_count=load.warmups,
-            random_seed=load.seed,
+        res = aiperf_on(
+            ctx, target, load, artifacts, random_seed=load.seed,
             # one distinct prompt per request, as zdyn bench sends (aiperf's default pool is 100 prompts, reused:
             # repeats would hit the mocker's prefix cache and shorten their prefill)
             extra_args=["--num-dataset-entries", str(load.requests + load.warmups)],
-            artifact_dir=artifacts,
-        )
+        )  # fmt: skip
     finally:
         sampler.stop()
     records = artifacts / "profile_export.jsonl"
