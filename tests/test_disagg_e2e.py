@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -20,6 +22,7 @@ from zdyn.launch import ProcessGroup, free_ports, wait_for_workers
 pytestmark = pytest.mark.slow
 # Two vLLM engines and NIXL on 2 cores can starve a process for seconds: give liveness room (2 s x 3).
 LIVENESS = ["--heartbeat-interval", "2"]
+KV_LEASE = 6  # the prefill workers' KV lease (s), vLLM's shortest sensible one: a decode worker reads within 3 s
 
 MAX_LOCAL = 64
 BLOCK = 32
@@ -37,7 +40,8 @@ class Disagg:
         self.settings = tmp / "disagg.yaml"
         self.settings.write_text(f"max-local-prefill-length: {MAX_LOCAL}\n")
         self.group.start("frontend", ["zdyn", "frontend", "--model", str(model), "--host", "127.0.0.1", "--port",
-                                      str(port), "--workers-endpoint", f"tcp://127.0.0.1:{hub}", *LIVENESS],
+                                      str(port), "--workers-endpoint", f"tcp://127.0.0.1:{hub}", *LIVENESS,
+                                      "--heartbeat-misses", "6"],  # a decode worker is frozen for 5 s below
                          env)  # fmt: skip
         self.group.start(
             "queue",
@@ -47,7 +51,8 @@ class Disagg:
             env,
         )  # fmt: skip
         self.prefill_argv = ["zdyn", "worker", "--prefill", "--model", str(model), "--connect",
-                             f"tcp://127.0.0.1:{prefill_hub}", *LIVENESS, *VLLM_TEST_ARGS]  # fmt: skip
+                             f"tcp://127.0.0.1:{prefill_hub}", "--kv-lease", str(KV_LEASE), *LIVENESS,
+                             *VLLM_TEST_ARGS]  # fmt: skip
         self.env = env
         self.group.start("prefill0", [*self.prefill_argv, "--worker-id", "prefill0"], env)
         self.group.start(
@@ -120,6 +125,36 @@ def test_the_decode_side_pulled_the_kv_instead_of_computing_it(disagg):
     pulled = after["external_kv_transfer"] - before["external_kv_transfer"]
     computed = after["computed"] - before["computed"]
     assert pulled >= len(prompt) - BLOCK and computed <= BLOCK, (pulled, computed)  # vLLM's own accounting
+
+
+def test_kv_that_waited_too_long_is_released_and_the_prompt_prefilled_locally(disagg):
+    """A decode worker frozen while its job is prefilled wakes up after more than half the prefill worker's KV
+    lease: reading that KV now could return reused blocks. It frees the KV on the prefill worker at once (vLLM
+    would otherwise hold it to the lease's end and log its expiry) and prefills locally."""
+    prompt = [(i * 53) % 800 + 20 for i in range(1000)]
+
+    def queue_log() -> str:
+        return disagg.group.log("queue")
+
+    dispatched, done = queue_log().count(" -> prefill0 "), queue_log().count(" on prefill0: done")
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(disagg.complete, prompt)
+        wait_until(lambda: queue_log().count(" -> prefill0 ") > dispatched, 30, "job not dispatched")
+        disagg.group.kill("decode0", signal.SIGSTOP)  # the prefill of 1000 tokens has barely started
+        try:
+            wait_until(lambda: queue_log().count(" on prefill0: done") > done, 30, "prefill not done")
+            prefilled = time.monotonic()
+            time.sleep(KV_LEASE / 2 + 1)
+        finally:
+            disagg.group.kill("decode0", signal.SIGCONT)
+        r = pending.result(timeout=60)
+    assert "remote prefill failed (its KV may have been held" in disagg.decision(r.id)
+    assert "releasing its KV" in disagg.group.log("decode0")
+    disagg.set_max_local(100_000)
+    assert disagg.complete(prompt).choices[0].text == r.choices[0].text
+    disagg.set_max_local(MAX_LOCAL)
+    time.sleep(max(0.0, prefilled + KV_LEASE + 2 - time.monotonic()))
+    assert "Releasing expired KV blocks" not in disagg.group.log("prefill0")
 
 
 def test_a_stopped_prefill_worker_does_not_lose_the_request(disagg):

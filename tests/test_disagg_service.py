@@ -22,11 +22,13 @@ FAST = Liveness(0.1, 3)
 class PrefillWorker:
     """A scripted prefill worker: answers after ``delay`` with params naming itself; records what it saw."""
 
-    def __init__(self, endpoint: str, name: str, delay: float = 0.0, capacity: int = 4) -> None:
+    def __init__(
+        self, endpoint: str, name: str, delay: float = 0.0, capacity: int = 4, kv_lease_s: float = 0.0
+    ) -> None:
         self.name, self.delay = name, delay
         self.jobs: list[Generate] = []
         self.cancelled: list[str] = []
-        ready = Ready(peer_id=name, role="prefill", model="m", max_num_seqs=capacity)
+        ready = Ready(peer_id=name, role="prefill", model="m", max_num_seqs=capacity, kv_lease_s=kv_lease_s)
         self.spoke = Spoke([endpoint], ready, self.handle, liveness=FAST)
         self.task = asyncio.create_task(self.spoke.run())
 
@@ -53,6 +55,12 @@ async def queue():
     await hub.start()
     run = asyncio.create_task(service.run())
     client = PrefillClient(service.jobs_endpoint, service.status_endpoint, "127.0.0.1")
+    client.released = []  # type: ignore[attr-defined]
+
+    async def release(request_id: str, params: dict) -> None:
+        client.released.append((request_id, params))  # type: ignore[attr-defined]
+
+    client.release = release
     await client.start()
     started: list[PrefillWorker] = []
 
@@ -130,9 +138,40 @@ async def test_timeouts_bad_frames_and_stray_results_are_handled(queue):
         await eventually(lambda: service.malformed.count == 2)
         await stray.send_multipart(encode(PrefillDone(request_id="finished-long-ago", kv_transfer_params={"x": 1})))
         await eventually(lambda: client.stats["unknown_result"] == 1)
+        await eventually(lambda: client.released == [("finished-long-ago", {"x": 1})])  # its KV is freed now
         add_worker("p0")
         await eventually(lambda: client.status.prefill_workers == 1)
         assert (await client.prefill(request("after"), timeout_s=5))["remote_engine_id"] == "p0"
     finally:
         raw.close(linger=0)
         stray.close(linger=0)
+
+
+async def test_a_result_older_than_half_its_kv_lease_is_released_not_used(queue):
+    service, client, add_worker = queue
+    # No prefill worker takes this job. A result arrives 0.3 s after the push and says none of that was queueing
+    # or prefilling (prefill_s=0), against a 0.4 s lease: its KV may be gone, and reading it could return blocks
+    # the prefill worker has reused. So the decode worker prefills locally and frees that KV at once.
+    pending = asyncio.create_task(client.prefill(request("old"), timeout_s=5))
+    await asyncio.sleep(0.3)
+    stray = zmq.asyncio.Context.instance().socket(zmq.PUSH)
+    stray.connect(client.reply_to)
+    try:
+        late = PrefillDone(request_id="old", kv_transfer_params={"b": [1]}, prefill_worker="px", kv_lease_s=0.4)
+        await stray.send_multipart(encode(late))
+        with pytest.raises(PrefillUnavailable, match="lease"):
+            await pending
+    finally:
+        stray.close(linger=0)
+    await eventually(lambda: client.released == [("old", {"b": [1]})])
+    assert client.stats["released"] == 1
+
+    # A prefill that itself takes longer than half the lease is young when it arrives: the queue reports the
+    # time the job spent queued and prefilling, and only the rest counts.
+    add_worker("slow", delay=0.3, kv_lease_s=0.4)
+    await eventually(lambda: client.status.prefill_workers == 1)
+    assert (await client.prefill(request("young"), timeout_s=5))["remote_engine_id"] == "slow"
+    # The queue still had the job "old" (the result above did not come from it) and ran it too: nobody waits for
+    # that result any more, so its KV is released as well.
+    await eventually(lambda: len(client.released) == 2)
+    assert client.released[1] == ("old", {"remote_engine_id": "slow", "n": 100})

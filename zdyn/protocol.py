@@ -70,6 +70,7 @@ class Ready(Message):
     kv_events_endpoint: str = ""  # the worker's KV-event publisher (vLLM wire format), "" = none
     kv_replay_endpoint: str = ""  # where missed KV-event batches can be asked for again
     data_parallel_rank: int = 0
+    kv_lease_s: float = 0.0  # a prefill worker keeps a finished prefill's KV this long for its reader; 0 = unbounded
     session: int = 0  # bumped each time the peer reconnects with a fresh socket (and dropped its requests)
 
 
@@ -225,6 +226,8 @@ class PrefillDone(Message):
     kv_transfer_params: dict[str, Any] | None = None
     prefill_worker: str = ""
     error: str = ""
+    prefill_s: float = 0.0  # from the queue receiving the job to the prefill's end: what the job's age is not
+    kv_lease_s: float = 0.0  # the prefill worker's KV lease (Ready.kv_lease_s): decode must start within it
 
 
 class QueueStatus(Message):

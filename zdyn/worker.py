@@ -74,6 +74,13 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     disagg.add_argument(
         "--remote-prefill-timeout", type=float, default=30.0, help="seconds to wait for a remote prefill"
     )
+    disagg.add_argument(
+        "--kv-lease",
+        type=int,
+        default=30,
+        help="prefill worker (vLLM): seconds a finished prefill's KV waits for its decode worker to read it "
+        "(NixlConnector's kv_lease_duration); a decode worker uses a result only within half of this",
+    )
     disagg.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics (decisions) here")
     disagg.add_argument(
         "--disagg-settings",
@@ -120,8 +127,11 @@ def make_engine(args: argparse.Namespace, index: int = 0) -> Engine:
             args.dtype = "float32"
             log.info("embedded SmolLM2 on CPU: dtype float32 (bfloat16 is ~1.5x faster but answers less accurately)")
         args.model, args.served_model_name = model, names
-        if args.kv_transfer_config is None and (args.prefill or args.prefill_queue):
-            args.kv_transfer_config = vllm.nixl_transfer_config(_on_cpu())
+        if args.prefill or args.prefill_queue:
+            if args.kv_transfer_config is None:
+                if args.kv_lease < 6:  # vLLM renews a lease every lease // 6 s: 0 would renew on every step
+                    raise ValueError(f"--kv-lease must be at least 6 seconds, got {args.kv_lease}")
+                args.kv_transfer_config = vllm.nixl_transfer_config(_on_cpu(), args.kv_lease)
             nixl_side_channel(args.advertise_host or host_towards(hub_endpoints(args.connect)[0]))
         if args.kv_events_config is None and not args.no_kv_events:
             args.kv_events_config = vllm.kv_events_config(*kv_event_endpoints(args.kv_events_port, index))
@@ -228,6 +238,7 @@ class Worker:
             num_kv_blocks=info.num_kv_blocks,
             kv_events_endpoint=advertised(info.kv_events_endpoint, self.advertise_host),
             kv_replay_endpoint=advertised(info.kv_replay_endpoint, self.advertise_host),
+            kv_lease_s=info.kv_lease_s,
         )
         if ready.kv_events_endpoint:
             log.info("worker %s publishes KV events at %s (replay %s)", self.worker_id, ready.kv_events_endpoint,

@@ -5,6 +5,11 @@ remotely (long uncached prompt, room in the prefill queue). If so, ``PrefillClie
 to the prefill queue and waits for the ``PrefillDone`` on its own PULL socket; then the engine runs the
 request with those ``kv_transfer_params`` and pulls the prompt's KV instead of computing it. Any failure or
 timeout falls back to a local prefill; a client that goes away cancels the job wherever it is.
+
+A prefill worker keeps the finished prompt's KV for its reader only for a lease (vLLM's ``kv_lease_duration``),
+and reading it later returns whatever reused those blocks. So a result is used only while it is young enough
+(``HANDOFF_LEASE_FRACTION`` of the lease), and a result that will not be used (too late, or its request gone)
+is released: the engine tells the prefill worker to free that KV at once instead of holding it for the lease.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,9 @@ from zdyn.transport import MalformedCounter, advertised, decode_or_count, ignore
 
 log = logging.getLogger(__name__)
 STATUS_STALE_S = 3.0  # no QueueStatus for this long: the queue is gone, prefill locally
+# Decoding must start within this fraction of the prefill worker's KV lease. Once vLLM has the request it renews
+# the lease every lease/6 s, so the rest is the margin for that first renewal and for clocks that disagree.
+HANDOFF_LEASE_FRACTION = 0.5
 
 
 class PrefillUnavailable(Exception):
@@ -52,6 +60,9 @@ class PrefillClient:
         self.malformed = MalformedCounter(f"prefill results ({jobs_endpoint})")
         self._waiting: dict[str, asyncio.Future[PrefillDone]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # Frees a prefill's KV that will not be read (DisaggEngine sets the engine's release_kv).
+        self.release: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
+        self._releasing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._push = make_socket(self.ctx, zmq.PUSH, self.jobs_endpoint, bind=False)
@@ -63,6 +74,8 @@ class PrefillClient:
         self._tasks = [loop.create_task(self._read_results()), loop.create_task(self._read_status())]
 
     async def close(self) -> None:
+        if self._releasing:
+            await asyncio.wait(self._releasing, timeout=1.0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -84,6 +97,7 @@ class PrefillClient:
         future: asyncio.Future[PrefillDone] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = future
         done = False
+        pushed = time.monotonic()
         try:
             await send(self._push, PrefillJob(request=job, reply_to=self.reply_to, deadline_s=timeout_s))
             result = await asyncio.wait_for(future, timeout_s)
@@ -94,9 +108,39 @@ class PrefillClient:
             self._waiting.pop(rid, None)
             if not done:  # timed out or cancelled (client gone): take the job back wherever it is
                 send(self._push, Cancel(request_id=rid)).add_done_callback(ignore_result)
+                if future.done() and not future.cancelled():  # its result came just as the request went away
+                    self._unused(future.result(), "its request is gone")
         if result.error or not result.kv_transfer_params:
             raise PrefillUnavailable(result.error or "no kv_transfer_params")
+        # The job's age, less the time it spent queued and prefilling: an upper bound on how long the prefill
+        # worker has held the KV (it also counts both transits), measured without comparing two hosts' clocks.
+        held = time.monotonic() - pushed - result.prefill_s
+        if result.kv_lease_s and held > result.kv_lease_s * HANDOFF_LEASE_FRACTION:
+            self._unused(result, "too late")
+            raise PrefillUnavailable(
+                f"its KV may have been held {held:.1f}s, past {HANDOFF_LEASE_FRACTION:g} of "
+                f"{result.prefill_worker}'s {result.kv_lease_s:g}s lease"
+            )
         return result.kv_transfer_params
+
+    def _unused(self, result: PrefillDone, why: str) -> None:
+        """Free, on its prefill worker, KV that this decode worker will not read."""
+        if not result.kv_transfer_params:
+            return
+        self.stats["released"] += 1
+        log.info("prefill result of %s from %s not used (%s): releasing its KV", result.request_id,
+                 result.prefill_worker or "?", why)  # fmt: skip
+        if self.release is not None:
+            task = asyncio.get_running_loop().create_task(self._release(result))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, result: PrefillDone) -> None:
+        assert self.release is not None and result.kv_transfer_params
+        try:
+            await self.release(result.request_id, result.kv_transfer_params)
+        except Exception as e:  # the lease frees it anyway
+            log.warning("could not release the KV of %s on %s: %s", result.request_id, result.prefill_worker, e)
 
     async def _read_results(self) -> None:
         while True:
@@ -110,6 +154,7 @@ class PrefillClient:
                 self.stats["unknown_result"] += 1
                 log.warning("prefill result for unknown or finished request %s (from %s): dropped",
                             msg.request_id, msg.prefill_worker or "?")  # fmt: skip
+                self._unused(msg, "unknown or finished request")
                 continue
             future.set_result(msg)
 
@@ -134,6 +179,7 @@ class DisaggEngine:
     ) -> None:
         self.engine = engine
         self.client = client
+        self.client.release = engine.release_kv
         self.policy = policy
         self.timeout_s = timeout_s
         self.settings_file = Path(settings_file) if settings_file else None

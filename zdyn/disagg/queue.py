@@ -22,6 +22,7 @@ class Job:
     model: str
     deadline: float  # absolute, the caller's clock; math.inf for none
     payload: Any = None  # whatever the caller needs to run it (zdyn: the PrefillJob message)
+    received: float = 0.0  # when the caller got it, the caller's clock
     attempts: int = 0  # runs started so far
     worker: str | None = None  # the prefill worker running it
 

@@ -92,8 +92,9 @@ class PrefillQueueService:
 
     def _submit(self, msg: PrefillJob) -> None:
         rid = msg.request.request_id
-        deadline = time.monotonic() + msg.deadline_s if msg.deadline_s > 0 else math.inf
-        if not self.queue.submit(Job(rid, msg.request.model, deadline, payload=msg)):
+        now = time.monotonic()
+        deadline = now + msg.deadline_s if msg.deadline_s > 0 else math.inf
+        if not self.queue.submit(Job(rid, msg.request.model, deadline, payload=msg, received=now)):
             self.stats["duplicate"] += 1
             log.warning("prefill job %s is already queued or running: ignored", rid)
             return
@@ -138,9 +139,10 @@ class PrefillQueueService:
         msg: PrefillJob = job.payload
         rid = msg.request.request_id
         started = time.perf_counter()
+        peer = self._peers[worker.id]
         params, error = None, ""
         try:
-            async for delta in self.workers.stream(self._peers[worker.id], msg.request):
+            async for delta in self.workers.stream(peer, msg.request):
                 params = delta.kv_transfer_params or params
             if params is None:
                 error = f"prefill worker {worker.id} returned no kv_transfer_params"
@@ -157,8 +159,9 @@ class PrefillQueueService:
             error = "prefill failed"
         self.stats["failed" if error else "done"] += 1
         log.info("prefill job %s on %s: %s in %.3fs", rid, worker.id, error or "done", time.perf_counter() - started)
-        await self._notify(msg.reply_to, PrefillDone(request_id=rid, kv_transfer_params=params,
-                                                     prefill_worker=worker.id, error=error))  # fmt: skip
+        done = PrefillDone(request_id=rid, kv_transfer_params=params, prefill_worker=worker.id, error=error,
+                           prefill_s=time.monotonic() - job.received, kv_lease_s=peer.ready.kv_lease_s)  # fmt: skip
+        await self._notify(msg.reply_to, done)
         self._dispatch()
 
     # -- queue -> decode workers

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from zdyn.errors import EngineDeadError, RequestError
 from zdyn.protocol import Delta, Generate, Heartbeat
@@ -22,6 +22,7 @@ class EngineInfo:
     num_kv_blocks: int
     kv_events_endpoint: str = ""  # where the engine publishes KV events (bind form, e.g. tcp://*:5557)
     kv_replay_endpoint: str = ""
+    kv_lease_s: float = 0.0  # how long a finished prefill's KV waits for a remote reader (0 = not bounded)
 
 
 class Engine(Protocol):
@@ -39,5 +40,9 @@ class Engine(Protocol):
     def generate(self, request: Generate) -> AsyncIterator[Delta]: ...
 
     def load(self) -> Heartbeat: ...
+
+    async def release_kv(self, request_id: str, kv_transfer_params: dict[str, Any]) -> None:
+        """Tell the prefill worker behind ``kv_transfer_params`` that this KV will never be read: free it now."""
+        ...
 
     async def shutdown(self) -> None: ...

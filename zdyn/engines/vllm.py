@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 
 PROMPT_TOKEN_SOURCES = ("computed", "local_cache_hit", "external_kv_transfer")  # vLLM's PromptTokenStats
+NIXL_KV_LEASE_S = 30  # NixlConnector's default kv_lease_duration: unread prefill KV is freed after this
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -36,9 +37,10 @@ def kv_events_config(endpoint: str, replay_endpoint: str) -> Any:
     )
 
 
-def nixl_transfer_config(on_cpu: bool) -> Any:
+def nixl_transfer_config(on_cpu: bool, lease_s: int = NIXL_KV_LEASE_S) -> Any:
     """vLLM's NixlConnector for disaggregated prefill: the decode side pulls the prompt's KV from the prefill
-    side (on CPU through UCX from host memory). A KV pull that fails is recomputed locally, not an error."""
+    side (on CPU through UCX from host memory). A KV pull that fails is recomputed locally, not an error.
+    The prefill side keeps a finished prompt's KV for ``lease_s`` seconds, renewed while a reader has it."""
     from vllm.config import KVTransferConfig
 
     return KVTransferConfig(
@@ -46,7 +48,7 @@ def nixl_transfer_config(on_cpu: bool) -> Any:
         kv_role="kv_both",
         kv_buffer_device="cpu" if on_cpu else "cuda",
         kv_load_failure_policy="recompute",
-        kv_connector_extra_config={"backends": ["UCX"]},
+        kv_connector_extra_config={"backends": ["UCX"], "kv_lease_duration": lease_s},
     )
 
 
@@ -68,6 +70,7 @@ class VllmEngine:
         self.info = EngineInfo(served_model_name, "vllm", 0, 0, 0, 0)
         self._load = Heartbeat()
         self._num_inflight = 0
+        self._released = 0
         self.prompt_tokens: Counter[str] = Counter()  # prompt tokens by where their KV came from
         self._llm: Any = None
 
@@ -108,6 +111,9 @@ class VllmEngine:
             block_size=config.cache_config.block_size,
             num_kv_blocks=config.cache_config.num_gpu_blocks or 0,
         )
+        transfer = config.kv_transfer_config
+        if transfer is not None and transfer.kv_connector == "NixlConnector":
+            self.info.kv_lease_s = float(transfer.get_from_extra_config("kv_lease_duration", NIXL_KV_LEASE_S))
         events = config.kv_events_config
         if events is not None and events.enable_kv_cache_events and events.publisher == "zmq":
             self.info.kv_events_endpoint = events.endpoint
@@ -166,6 +172,12 @@ class VllmEngine:
             raise RequestError(str(e)) from e
         finally:
             self._num_inflight -= 1
+
+    async def release_kv(self, request_id: str, kv_transfer_params: dict[str, Any]) -> None:
+        # A request that vLLM aborts on arrival: its NixlConnector tells the prefill side it is done with the KV.
+        self._released += 1
+        params = {**kv_transfer_params, "do_remote_prefill": True}
+        await self._llm.notify_kv_transfer_request_rejected(f"{request_id}-unused-{self._released}", params)
 
     async def shutdown(self) -> None:
         if self._llm is not None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import zmq
 
@@ -128,6 +129,9 @@ class MockerEngine:
     def reset_prefix_cache(self) -> bool:
         """Drop all cached blocks (AllBlocksCleared goes out with the next step's events, as in vLLM)."""
         return self.scheduler.kv.reset_prefix_cache()
+
+    async def release_kv(self, request_id: str, kv_transfer_params: dict[str, Any]) -> None:
+        """Nothing to free: a simulated prefill worker keeps no KV for its reader (see ``kv_transfer``)."""
 
     async def shutdown(self) -> None:
         if self._task is not None:
