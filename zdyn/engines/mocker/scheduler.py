@@ -360,11 +360,16 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _compose(self, plan: StepPlan) -> StepComposition:
-        prefill = [c for c in plan.chunks if c.is_prefill]
+        # One new token is a decode token's work, whatever made vLLM compute it: the last prompt token after its
+        # KV arrived from a prefill worker or was all in the prefix cache, or the tail of a chunked prompt. A
+        # prefill polynomial would charge its constant term (26 ms in Dynamo's) for it, as for a real prefill.
+        prefill = [c for c in plan.chunks if c.is_prefill and c.num_new_tokens > 1]
         return StepComposition(
             prefill_tokens=tuple(c.num_new_tokens for c in prefill),
             prefill_context=tuple(c.seq.num_computed for c in prefill),
-            decode_context=tuple(len(c.seq.token_ids) for c in plan.chunks if not c.is_prefill),
+            decode_context=tuple(
+                len(c.seq.token_ids) for c in plan.chunks if not c.is_prefill or c.num_new_tokens == 1
+            ),
             kv_usage=self.kv.usage,
         )
 
