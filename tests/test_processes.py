@@ -8,6 +8,7 @@ import time
 
 import openai
 import pytest
+from e2e import wait_until
 
 from zdyn.config import config_argv, to_argv
 from zdyn.launch import ProcessGroup, free_port, get_json, wait_for_workers
@@ -41,7 +42,14 @@ def test_separate_processors_share_the_load(tiny_model, tmp_path):
             ])  # fmt: skip
         connect = ",".join(f"tcp://127.0.0.1:{p}" for p in proc_ports)
         group.start("worker", ["zdyn", "worker", "--model", str(tiny_model), "--connect", connect, *MOCKER])
-        wait_for_workers(f"http://127.0.0.1:{port}", 2, group, timeout_s=60)  # one worker seen by 2 processors
+        wait_for_workers(f"http://127.0.0.1:{port}", 1, group, timeout_s=60)
+
+        def workers() -> list[dict]:
+            return get_json(f"http://127.0.0.1:{port}/health")[1]["workers"]
+
+        wait_until(lambda: sum(len(w["processors"]) for w in workers()) == 2, 30, "the worker at both processors")
+        [worker] = workers()  # one worker, counted once though both processors reach it
+        assert sorted(worker["processors"]) == ["processor0", "processor1"] and worker["model"] == "tiny-llama"
         c = client(port)
         assert [m.id for m in c.models.list().data] == ["tiny-llama"]
         for i in range(6):

@@ -47,7 +47,7 @@ async def serve(args: argparse.Namespace) -> int:
         return processor.process(request.request_id, request.request)
 
     def load() -> Heartbeat:
-        return Heartbeat(num_running=spoke.num_requests, num_workers=len(workers.peers))
+        return Heartbeat(num_running=spoke.num_requests, worker_ids=[p.id for p in workers.live_peers()])
 
     ready = Ready(peer_id=args.processor_id, role="processor", model=name)
     spoke = Spoke([args.frontend], ready, handle, load=load, liveness=liveness(args))

@@ -86,7 +86,7 @@ class Heartbeat(Message):
     num_running: int = 0
     num_waiting: int = 0
     kv_usage: float = 0.0  # fraction of KV blocks in use, 0..1
-    num_workers: int = 0  # a separate processor's live workers
+    worker_ids: list[str] = msgspec.field(default_factory=list)  # a separate processor's live workers
 
 
 class Generate(Message):

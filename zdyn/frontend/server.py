@@ -61,7 +61,7 @@ class RemoteBackend:
         self.selector = RoundRobin()
 
     async def process(self, request_id: str, request: TextRequest) -> AsyncIterator[Delta]:
-        peers = [p for p in self.processors.live_peers() if p.load.num_workers > 0]
+        peers = [p for p in self.processors.live_peers() if p.load.worker_ids]
         if not peers:
             raise RequestError("no processor with a live worker is registered", 503, "unavailable")
         peer = (await self.selector.select(request_id, [], peers)).peer
@@ -75,11 +75,13 @@ class RemoteBackend:
         return sorted({p.ready.model for p in self.processors.live_peers()})
 
     def workers(self) -> list[dict[str, Any]]:
-        return [
-            {"processor": p.id, "model": p.ready.model, "workers": p.load.num_workers}
-            for p in self.processors.live_peers()
-            if p.load.num_workers > 0
-        ]
+        """Each live worker once, with the processors that reach it (a worker may serve several)."""
+        seen: dict[str, dict[str, Any]] = {}
+        for p in self.processors.live_peers():
+            for worker in p.load.worker_ids:
+                entry = seen.setdefault(worker, {"id": worker, "model": p.ready.model, "processors": []})
+                entry["processors"].append(p.id)
+        return list(seen.values())
 
 
 def build_parser() -> argparse.ArgumentParser:
