@@ -108,6 +108,19 @@ def test_active_request_id_reused_and_worker_removed() -> None:
     assert a.num_requests("v") == 1 and a.decode_blocks("v") == 1
 
 
+def test_requests_older_than_a_time_are_forgotten_oldest_first() -> None:
+    a = ActiveRequests()
+    a.add("old", "w", 10, 0, now=1.0)
+    a.add("mid", "v", 4, 0, now=2.0)
+    a.add("new", "w", 3, 0, now=3.0)
+    a.prefilled("mid")
+    assert a.expire(started_before=2.5) == 2
+    assert len(a) == 1 and "new" in a
+    assert (a.prefill_blocks("w"), a.decode_blocks("w"), a.num_requests("w")) == (3, 3, 1)
+    assert (a.prefill_blocks("v"), a.decode_blocks("v"), a.num_requests("v")) == (0, 0, 0)
+    assert a.expire(started_before=2.5) == 0
+
+
 # --- RoutingPolicy ---
 
 
@@ -246,6 +259,16 @@ def router(*workers: str, **kw: object) -> KvRouter:
 
 
 PREFIX = list(range(1000, 1000 + 64 * BS))  # 64 blocks
+
+
+def test_a_request_whose_end_never_comes_stops_counting_as_load() -> None:
+    r = router("a", "b", request_ttl_s=60.0)
+    r.route("lost", PREFIX, now=0.0)  # its processor dies: no PREFILLED, no FINISHED
+    lost_on = next(w for w in ("a", "b") if r.active.num_requests(w))
+    assert r.route("r2", [5, 6, 7], now=30.0).worker != lost_on  # still counted as load
+    r.finished("r2")
+    r.route("r3", [5, 6, 7], now=61.0)
+    assert "lost" not in r.active and r.expired_requests == 1
 
 
 def test_shared_prefix_follows_the_first_request_before_any_event() -> None:

@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 from typing import Protocol
 
+from zdyn.router.core import DEFAULT_REQUEST_TTL_S
 from zdyn.rpc import Hub, Peer
 
 MODES = ("kv", "kv-load", "round-robin", "random")
@@ -63,10 +64,9 @@ class Random(RoundRobin):
 
 
 def add_router_args(parser: argparse.ArgumentParser, default_mode: str = "round-robin") -> None:
+    """Routing flags of a frontend or processor: the policy, or a separate router to ask."""
     group = parser.add_argument_group("routing")
-    group.add_argument(
-        "--router-mode", "--router", dest="router_mode", default=default_mode, choices=MODES, help="worker choice"
-    )
+    add_policy_args(group, default_mode)
     group.add_argument(
         "--router-endpoint",
         help="ask a separate `zdyn router` at this endpoint (e.g. tcp://host:5570) instead of routing here",
@@ -74,9 +74,23 @@ def add_router_args(parser: argparse.ArgumentParser, default_mode: str = "round-
     group.add_argument(
         "--router-timeout", type=float, default=0.25, help="seconds to wait for the router before round-robin"
     )
-    group.add_argument("--kv-overlap-weight", type=float, default=1.0, help="weight of prefill blocks in kv cost")
-    group.add_argument("--router-temperature", type=float, default=0.0, help="0: best worker; >0: softmax sampling")
-    group.add_argument("--block-size", type=int, default=0, help="KV block size (default: the first worker's)")
+
+
+def add_policy_args(parser: argparse._ActionsContainer, default_mode: str) -> None:
+    """The KV router's own settings, for in-process routing and for ``zdyn router``."""
+    parser.add_argument(
+        "--router-mode", "--router", dest="router_mode", default=default_mode, choices=MODES, help="worker choice"
+    )
+    parser.add_argument("--kv-overlap-weight", type=float, default=1.0, help="weight of prefill blocks in kv cost")
+    parser.add_argument("--router-temperature", type=float, default=0.0, help="0: best worker; >0: softmax sampling")
+    parser.add_argument("--block-size", type=int, default=0, help="KV block size (default: the first worker's)")
+    parser.add_argument(
+        "--router-request-ttl",
+        type=float,
+        default=DEFAULT_REQUEST_TTL_S,
+        help="seconds after which a routed request the router never heard finish (its processor died) no longer "
+        "counts as load; 0: never",
+    )
 
 
 def make_selector(args: argparse.Namespace, workers: Hub) -> Selector:

@@ -10,6 +10,8 @@ from zdyn.router.hashing import hash_blocks
 from zdyn.router.indexer import KvIndexer
 from zdyn.router.policy import ActiveRequests, Decision, RoutingPolicy, WorkerState
 
+# A tracked request not finished after this is forgotten: its processor died or its updates were lost.
+DEFAULT_REQUEST_TTL_S = 1800.0
 DEFAULT_PREDICT_TTL_S = 10.0  # long enough for a queued prefill to finish and its BlockStored to arrive
 
 
@@ -29,9 +31,12 @@ class KvRouter:
         temperature: float = 0.0,
         predict_ttl_s: float = DEFAULT_PREDICT_TTL_S,
         seed: int | None = None,
+        request_ttl_s: float = DEFAULT_REQUEST_TTL_S,
     ) -> None:
         self.block_size = block_size
         self.predict_ttl_s = predict_ttl_s
+        self.request_ttl_s = request_ttl_s
+        self.expired_requests = 0  # tracked requests forgotten after request_ttl_s
         self.indexer = KvIndexer(block_size)
         self.active = ActiveRequests()
         self.policy = RoutingPolicy(mode, overlap_weight, temperature, seed)
@@ -99,8 +104,10 @@ class KvRouter:
             request_blocks = -(-len(token_ids) // self.block_size)
         else:
             hashes, overlaps, request_blocks = [], {}, 0
+        if self.request_ttl_s > 0:
+            self.expired_requests += self.active.expire(now - self.request_ttl_s)
         decision = self.policy.choose(states, overlaps, request_blocks, self.active)
-        self.active.add(request_id, decision.worker, request_blocks, decision.overlap_blocks)
+        self.active.add(request_id, decision.worker, request_blocks, decision.overlap_blocks, now)
         if self.predict_ttl_s > 0 and len(hashes) > decision.overlap_blocks:
             # The leading overlap is there already (really, or predicted by an earlier request).
             self.indexer.predict(decision.worker, hashes[decision.overlap_blocks :], now, self.predict_ttl_s)

@@ -29,6 +29,7 @@ def router_from_args(args: argparse.Namespace) -> KvRouter:
         mode=args.router_mode,
         overlap_weight=args.kv_overlap_weight,
         temperature=args.router_temperature,
+        request_ttl_s=args.router_request_ttl,
     )
 
 

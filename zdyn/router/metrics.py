@@ -46,6 +46,12 @@ class RouterCollector(Collector):
             in_flight = GaugeMetricFamily("zdyn_router_active_requests", "Requests the router counts as in flight")
             in_flight.add_metric([], len(router.active))
             yield in_flight
+            expired = CounterMetricFamily(
+                "zdyn_router_expired_requests",
+                "Routed requests forgotten after --router-request-ttl without a finish (processor gone)",
+            )
+            expired.add_metric([], router.expired_requests)
+            yield expired
         if self.service is not None:
             decisions = CounterMetricFamily("zdyn_router_decisions", "Route queries answered", labels=["outcome"])
             decisions.add_metric(["routed"], self.service.decisions)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ class Decision:
 class _Request:
     worker: str
     new_blocks: int
+    started: float
     prefilling: bool = True
 
 
@@ -43,6 +45,9 @@ class ActiveRequests:
     A request counts its new blocks (prompt blocks minus those the worker had cached), as pending prefill until
     ``prefilled`` and as held blocks until ``finish``. Counting only new blocks approximates Dynamo's de-duplicated
     active blocks: requests sharing a cached prefix share its blocks.
+
+    A request whose end the router never hears of (its processor died) would count as load for good, so
+    ``expire`` drops requests started before a given time.
     """
 
     def __init__(self) -> None:
@@ -57,11 +62,11 @@ class ActiveRequests:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._requests
 
-    def add(self, request_id: str, worker: str, prompt_blocks: int, overlap_blocks: int) -> None:
-        """Track a request just sent to ``worker`` (an id already tracked is finished first)."""
+    def add(self, request_id: str, worker: str, prompt_blocks: int, overlap_blocks: int, now: float = 0.0) -> None:
+        """Track a request just sent to ``worker`` at ``now`` (an id already tracked is finished first)."""
         self.finish(request_id)
         new_blocks = max(prompt_blocks - overlap_blocks, 0)
-        self._requests[request_id] = _Request(worker, new_blocks)
+        self._requests[request_id] = _Request(worker, new_blocks, now)
         self._prefill[worker] = self._prefill.get(worker, 0) + new_blocks
         self._decode[worker] = self._decode.get(worker, 0) + new_blocks
         self._count[worker] = self._count.get(worker, 0) + 1
@@ -82,6 +87,14 @@ class ActiveRequests:
             self._prefill[req.worker] -= req.new_blocks
         self._decode[req.worker] -= req.new_blocks
         self._count[req.worker] -= 1
+
+    def expire(self, started_before: float) -> int:
+        """Stop tracking requests started before ``started_before``; how many there were. The oldest come first
+        (``add`` appends), so this looks at no request that stays."""
+        stale = [r for r, _ in itertools.takewhile(lambda i: i[1].started < started_before, self._requests.items())]
+        for request_id in stale:
+            self.finish(request_id)
+        return len(stale)
 
     def remove_worker(self, worker: str) -> None:
         for request_id in [r for r, req in self._requests.items() if req.worker == worker]:

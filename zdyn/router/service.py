@@ -19,7 +19,7 @@ from zdyn.cli import add_common_args, liveness, parse_args, run, serve_behind_hu
 from zdyn.protocol import RouteQuery, RouteReply, RouteUpdate
 from zdyn.router.core import KvRouter
 from zdyn.router.feed import WorkerFeed, router_from_args
-from zdyn.routing import FINISHED, MODES, PREFILLED
+from zdyn.routing import FINISHED, PREFILLED, add_policy_args
 from zdyn.rpc import Hub
 from zdyn.transport import READ_BATCH, MalformedCounter, decode_or_count, log_send_error, make_socket, send
 
@@ -122,10 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zdyn router", description=__doc__)
     parser.add_argument("--endpoint", default="tcp://*:5570", help="where processors ask for routes")
     parser.add_argument("--workers-endpoint", default="tcp://*:5571", help="where workers register")
-    parser.add_argument("--router-mode", default="kv", choices=MODES, help="routing policy")
-    parser.add_argument("--kv-overlap-weight", type=float, default=1.0, help="weight of prefill blocks in kv cost")
-    parser.add_argument("--router-temperature", type=float, default=0.0, help="0: best worker; >0: softmax")
-    parser.add_argument("--block-size", type=int, default=0, help="KV block size (default: the first worker's)")
+    add_policy_args(parser, default_mode="kv")
     parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port")
     add_common_args(parser)
     return parser
