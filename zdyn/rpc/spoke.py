@@ -170,7 +170,10 @@ class Spoke:
             elif isinstance(msg, Cancel):
                 task = link.requests.pop(msg.request_id, None)
                 if task is not None:
+                    log.info("request %s cancelled by %s", msg.request_id, link.endpoint)
                     task.cancel()
+                else:  # it ended before the cancel arrived: a race, nothing to do
+                    log.info("cancel for request %s from %s: it has already ended", msg.request_id, link.endpoint)
             elif isinstance(msg, Refused):
                 log.error("hub %s refused %s: %s", link.endpoint, self.ready.peer_id, msg.reason)
                 self._refusal = f"hub {link.endpoint} refused us: {msg.reason}"
