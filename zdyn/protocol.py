@@ -168,6 +168,7 @@ class Delta(Message):
     num_cached_tokens: int | None = None  # prefix-cache hit, on a request's first delta
     finish: Finish | None = None
     kv_transfer_params: dict[str, Any] | None = None  # a prefill's result: where the decode side pulls the KV from
+    job_s: float | None = None  # a prefill worker's own time for the job, receipt to result (on its last delta)
 
 
 class Outputs(Message):
@@ -226,7 +227,7 @@ class PrefillDone(Message):
     kv_transfer_params: dict[str, Any] | None = None
     prefill_worker: str = ""
     error: str = ""
-    prefill_s: float = 0.0  # from the queue receiving the job to the prefill's end: what the job's age is not
+    prefill_s: float = 0.0  # queued + the prefill worker's own time: the part of the job's age the KV was not held
     kv_lease_s: float = 0.0  # the prefill worker's KV lease (Ready.kv_lease_s): decode must start within it
 
 

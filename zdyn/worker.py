@@ -28,6 +28,7 @@ from zdyn.transport import advertised, host_towards
 log = logging.getLogger(__name__)
 ENGINES = ("vllm", "mocker")
 CPU_KV_CACHE_BYTES = 512 * 2**20  # vLLM on CPU needs an explicit KV cache size
+IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"  # "0": the model runs inside vLLM's EngineCore process
 
 
 def add_worker_args(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +134,11 @@ def make_engine(args: argparse.Namespace, index: int = 0) -> Engine:
                     raise ValueError(f"--kv-lease must be at least 6 seconds, got {args.kv_lease}")
                 args.kv_transfer_config = vllm.nixl_transfer_config(_on_cpu(), args.kv_lease)
             nixl_side_channel(args.advertise_host or host_towards(hub_endpoints(args.connect)[0]))
+            if _on_cpu() and IN_PROCESS_ENV not in os.environ:
+                # With NIXL loaded, vLLM's separate model-worker process made every prefill 10-40x slower on CPU
+                # (benchmarks/nixl_spike/NOTES.md, gotcha 2); inside EngineCore it runs at full speed.
+                os.environ[IN_PROCESS_ENV] = "0"
+                log.info("CPU + NIXL: the model runs inside vLLM's EngineCore process (%s=0)", IN_PROCESS_ENV)
         if args.kv_events_config is None and not args.no_kv_events:
             args.kv_events_config = vllm.kv_events_config(*kv_event_endpoints(args.kv_events_port, index))
         if args.kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and _on_cpu():
@@ -267,8 +273,11 @@ class Worker:
                 raise RequestError(f"this prefill worker serves {self.engine.info.model!r}, not {request.model!r}")
             request.sampling.max_tokens, request.sampling.min_tokens = 1, 0
             request.kv_transfer_params = {**(request.kv_transfer_params or {}), "do_remote_decode": True}
+        received = time.monotonic()
         try:
             async for delta in self.engine.generate(request):
+                if self.prefill and delta.finish is not None:
+                    delta.job_s = time.monotonic() - received  # the KV's lease starts about now
                 yield delta
         except EngineDeadError as e:
             log.error("engine died: %s; worker %s exits", e, self.worker_id)

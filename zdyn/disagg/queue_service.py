@@ -139,11 +139,14 @@ class PrefillQueueService:
         msg: PrefillJob = job.payload
         rid = msg.request.request_id
         started = time.perf_counter()
+        dispatched = time.monotonic()
         peer = self._peers[worker.id]
-        params, error = None, ""
+        params, error, worker_s = None, "", None
         try:
             async for delta in self.workers.stream(peer, msg.request):
                 params = delta.kv_transfer_params or params
+                if delta.job_s is not None:
+                    worker_s = delta.job_s
             if params is None:
                 error = f"prefill worker {worker.id} returned no kv_transfer_params"
         except RequestFailed as e:
@@ -159,8 +162,11 @@ class PrefillQueueService:
             error = "prefill failed"
         self.stats["failed" if error else "done"] += 1
         log.info("prefill job %s on %s: %s in %.3fs", rid, worker.id, error or "done", time.perf_counter() - started)
+        # Queued + the prefill worker's own time: what follows (the result's way back here, a stall of this
+        # process) counts as time the KV may have been held.
+        prefill_s = dispatched - job.received + worker_s if worker_s is not None else time.monotonic() - job.received
         done = PrefillDone(request_id=rid, kv_transfer_params=params, prefill_worker=worker.id, error=error,
-                           prefill_s=time.monotonic() - job.received, kv_lease_s=peer.ready.kv_lease_s)  # fmt: skip
+                           prefill_s=prefill_s, kv_lease_s=peer.ready.kv_lease_s)  # fmt: skip
         await self._notify(msg.reply_to, done)
         self._dispatch()
 
