@@ -48,9 +48,7 @@ import random
 import re
 import shlex
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import time
 import urllib.error
@@ -76,6 +74,7 @@ from benchmarks.topology import (  # noqa: E402
     bench_lock,
     git_state,
     role_label,
+    run_bench,
 )
 from zdyn.launch import free_port  # noqa: E402
 from zdyn.models import build_tiny_llama, cache_dir  # noqa: E402
@@ -402,22 +401,6 @@ def bench_argv(base_url: str, model: Path, replay: Replay, result: Path, label: 
         "--label", label,
         "--no-progress",
     ]  # fmt: skip
-
-
-def run_bench(argv: list[str], log_path: Path, timeout_s: float) -> tuple[subprocess.Popen[bytes], float]:
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-        try:
-            proc.wait(timeout_s)
-            ended = time.monotonic()
-        finally:
-            if proc.poll() is None:  # timed out or interrupted
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    if proc.returncode != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-        raise RuntimeError(f"zdyn bench failed ({proc.returncode}):\n{tail}")
-    return proc, ended
 
 
 def scrape(url: str) -> dict[str, float]:

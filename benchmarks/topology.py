@@ -492,6 +492,26 @@ def bench_argv(
     return argv + passthrough
 
 
+def run_bench(
+    argv: list[str], log_path: Path, timeout_s: float, where: str = ""
+) -> tuple[subprocess.Popen[bytes], float]:
+    """Run ``zdyn bench`` (``argv``) in its own process group, output to ``log_path``; the process and when it
+    ended. Killed after ``timeout_s``; a failure raises with the end of its log."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        try:
+            proc.wait(timeout_s)
+            ended = time.monotonic()
+        finally:
+            if proc.poll() is None:  # timed out or interrupted
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        raise RuntimeError(f"zdyn bench failed ({proc.returncode}){' ' + where if where else ''}:\n{tail}")
+    return proc, ended
+
+
 def run_point(
     args: argparse.Namespace, dep: Deployment, rate: float, seed: int, out_dir: Path, passthrough: list[str]
 ) -> Point:
@@ -504,19 +524,10 @@ def run_point(
     result.unlink(missing_ok=True)
     argv = bench_argv(args, dep, rate, seed, result, passthrough)
     log_path = dep.log_dir / f"bench-r{rate:g}.log"
-    timeout = 600.0 + 4 * (args.duration or 0.0)
-    with CpuSampler() as sampler, open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-        try:
-            proc.wait(timeout)
-            ended = time.monotonic()
-        finally:
-            if proc.poll() is None:  # timed out or interrupted
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    if proc.returncode != 0 or not result.exists():
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-        raise RuntimeError(f"zdyn bench failed ({proc.returncode}) at rate {rate:g}:\n{tail}")
+    with CpuSampler() as sampler:
+        proc, ended = run_bench(argv, log_path, 600.0 + 4 * (args.duration or 0.0), f"at rate {rate:g}")
+    if not result.exists():
+        raise RuntimeError(f"zdyn bench at rate {rate:g} wrote no {result}; see {log_path}")
     point = summarize_result(dep.workers, rate, result, out_dir, None if args.num_requests else args.duration)
     labels = {pid: role_label(name) for name, pid in dep.roles().items()}
     labels[proc.pid] = "bench"
