@@ -165,7 +165,7 @@ class Frontend:
         try:
             parsed = parse_request(endpoint, body)
         except RequestError as e:
-            return self._fail(endpoint, e.status, e.message, e.type, getattr(e, "param", None))
+            return self._fail(endpoint, e.status, e.message, e.type, e.param)
         if parsed.model not in self.backend.models():
             return self._fail(endpoint, 404, f"The model '{parsed.model}' does not exist.", "not_found_error", "model")
         request_id = uuid.uuid4().hex

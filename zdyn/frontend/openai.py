@@ -46,9 +46,7 @@ class ParsedRequest:
 
 
 def invalid(message: str, param: str | None = None) -> RequestError:
-    error = RequestError(message, 400, "invalid_request_error")
-    error.param = param  # type: ignore[attr-defined]
-    return error
+    return RequestError(message, 400, "invalid_request_error", param)
 
 
 def error_body(message: str, type: str, status: int, param: str | None = None) -> dict[str, Any]:
