@@ -18,10 +18,9 @@ from zdyn.engines.mocker import (
     MockerEngine,
     PolynomialTiming,
     Scheduler,
-    add_cli_args,
-    from_cli_args,
     new_sequence,
 )
+from zdyn.roles.mocker_flags import add_cli_args, from_cli_args
 from zdyn.kv_events import KvBlockStored
 from zdyn.protocol import Delta, Generate, Outputs, SamplingParams, decode, encode
 

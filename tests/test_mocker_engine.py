@@ -19,9 +19,8 @@ from zdyn.engines.mocker import (
     MockerEngine,
     PolynomialTiming,
     StepComposition,
-    add_cli_args,
-    from_cli_args,
 )
+from zdyn.roles.mocker_flags import add_cli_args, from_cli_args
 from zdyn.kv_events import KvBlockStored, decode_frames
 from zdyn.protocol import Delta, Finish, Generate, Heartbeat, SamplingParams
 

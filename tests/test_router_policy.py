@@ -5,9 +5,12 @@ from collections import Counter
 import pytest
 
 from zdyn.kv_events import KvBlockStored, KvEventBatch
+from zdyn.protocol import Ready, Role
 from zdyn.router import ActiveRequests, KvRouter, RoutingPolicy, SeqAction, SeqTracker, WorkerState
 from zdyn.router.hashing import hash_blocks
 from zdyn.router.policy import MODES
+from zdyn.router.selector import Random, RoundRobin
+from zdyn.rpc import Peer
 
 BS = 4
 
@@ -198,9 +201,12 @@ def test_worker_at_capacity_is_chosen_only_when_all_are() -> None:
         active.add(f"s{i}", "b", 1, 1)
     d = RoutingPolicy().choose(full, {"a": 10}, 10, active)
     assert d.worker == "a" and "all at capacity" in d.reason
-    # round-robin and random respect capacity too
-    active.finish("s0")
-    assert {RoutingPolicy("random", seed=s).choose(full, {}, 1, active).worker for s in range(20)} == {"b"}
+
+
+def test_round_robin_and_random_are_the_processor_s_not_the_router_s() -> None:
+    for mode in ("round-robin", "random", "smart"):
+        with pytest.raises(ValueError, match="unknown routing mode"):
+            RoutingPolicy(mode)
 
 
 def test_kv_load_avoids_a_worker_with_a_queue_while_another_has_none() -> None:
@@ -239,13 +245,12 @@ def test_softmax_is_seeded_and_favours_the_cheaper() -> None:
     )
 
 
-def test_round_robin_cycles_and_random_covers_all() -> None:
-    rr = RoutingPolicy("round-robin")
-    assert [rr.choose(states("a", "b", "c"), {"c": 9}, 10, ActiveRequests()).worker for _ in range(6)] == list("abcabc")
-    rnd = RoutingPolicy("random", seed=0)
-    assert {rnd.choose(states("a", "b", "c", "d"), {}, 10, ActiveRequests()).worker for _ in range(100)} == set("abcd")
-    d = rr.choose(states("a", "b"), {"a": 3}, 10, ActiveRequests())
-    assert (d.worker, d.overlap_blocks, d.reason) == ("a", 3, "round-robin")
+async def test_round_robin_cycles_and_random_covers_all() -> None:
+    peers = [Peer(name.encode(), Ready(peer_id=name, role=Role.WORKER), 0.0) for name in "abcd"]
+    rr = RoundRobin()
+    assert [(await rr.select("r", [], peers[:3])).peer.id for _ in range(6)] == list("abcabc")
+    rnd = Random(seed=0)
+    assert {(await rnd.select("r", [], peers)).peer.id for _ in range(100)} == set("abcd")
 
 
 # --- KvRouter, end to end in memory ---

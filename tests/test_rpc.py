@@ -22,7 +22,8 @@ from zdyn.protocol import (
     Refused,
     decode,
 )
-from zdyn.rpc import Hub, RefusedError, RequestFailed, Spoke
+from zdyn.errors import RequestError
+from zdyn.rpc import Hub, RefusedError, Spoke
 from zdyn.transport import Liveness, TransportError, make_socket, send
 
 FAST = Liveness(interval_s=0.1, misses=3)
@@ -133,12 +134,12 @@ async def test_silent_peer_is_declared_dead_and_its_requests_fail(endpoint, ctx)
     await send(dealer, ready("silent"))
     await hub.wait_for_peers(1, timeout_s=5)
     started = time.monotonic()
-    with pytest.raises(RequestFailed) as failed:
+    with pytest.raises(RequestError) as failed:
         async for _ in hub.stream(hub.live_peers()[0], Generate(request_id="r", token_ids=[1])):
             pass
     elapsed = time.monotonic() - started
-    assert failed.value.error.status == 503
-    assert "silent" in failed.value.error.message
+    assert failed.value.status == 503
+    assert "silent" in failed.value.message
     assert elapsed < FAST.expiry_s + 0.5
     assert hub.live_peers() == []
     dealer.close()
@@ -176,11 +177,11 @@ async def test_killed_peer_fails_its_streams_before_heartbeat_expiry(endpoint, c
         await anext(stream)
         os.kill(proc.pid, signal.SIGKILL)
         started = time.monotonic()
-        with pytest.raises(RequestFailed) as failed:
+        with pytest.raises(RequestError) as failed:
             async for _ in stream:
                 pass
         assert time.monotonic() - started < 2.0
-        assert failed.value.error.status == 503
+        assert failed.value.status == 503
         assert hub.live_peers() == []
     finally:
         if proc.returncode is None:
@@ -297,7 +298,7 @@ async def test_spoke_reregisters_with_a_restarted_hub(endpoint, ctx):
     pending = asyncio.ensure_future(anext(stream))
     await asyncio.wait_for(started.wait(), 2)
     await hub.close()  # the hub process "dies"
-    with pytest.raises(RequestFailed):
+    with pytest.raises(RequestError):
         await pending
     await asyncio.wait_for(cancelled.wait(), 3)  # the spoke gave up on the dead hub's request
 
@@ -317,10 +318,10 @@ async def test_idle_request_times_out(endpoint, ctx):
 
     # liveness well beyond the idle timeout: a loaded box must not turn this into a heartbeat expiry (503)
     hub, spoke, task = await start_pair(endpoint, stuck, ctx, liveness=Liveness(0.1, 50), idle_timeout_s=0.3)
-    with pytest.raises(RequestFailed) as failed:
+    with pytest.raises(RequestError) as failed:
         async for _ in hub.stream(hub.live_peers()[0], Generate(request_id="r", token_ids=[1])):
             pass
-    assert failed.value.error.status == 504
+    assert failed.value.status == 504
     await stop_pair(hub, spoke, task)
 
 
@@ -337,11 +338,11 @@ async def test_handler_errors_become_error_replies(endpoint, ctx):
     peer = hub.live_peers()[0]
     for rid, status, text in (("bad", 400, "prompt too long"), ("boom", 500, "RuntimeError: engine bug")):
         got = []
-        with pytest.raises(RequestFailed) as failed:
+        with pytest.raises(RequestError) as failed:
             async for d in hub.stream(peer, Generate(request_id=rid, token_ids=[1])):
                 got.extend(d.token_ids)
         assert got == [1]  # the output before the error is handed out first
-        assert failed.value.error.status == status and failed.value.error.message == text
+        assert failed.value.status == status and failed.value.message == text
     assert hub.live_peers() == [peer]  # a failed request does not drop the worker
     await stop_pair(hub, spoke, task)
 
@@ -399,7 +400,7 @@ async def test_repeated_ready_of_the_same_session_keeps_streams(endpoint, ctx):
     pending2 = asyncio.ensure_future(anext(stream2))
     await asyncio.wait_for(dealer.recv_multipart(), 5)
     await send(dealer, ready("w", session=2))
-    with pytest.raises(RequestFailed, match="re-registered"):
+    with pytest.raises(RequestError, match="re-registered"):
         await asyncio.wait_for(pending2, 5)
     dealer.close()
     await hub.close()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from zdyn.protocol import Error
+
 
 class RequestError(Exception):
     """One request cannot be served; everything else keeps running.
 
     ``status`` follows HTTP (400 bad request, 404 unknown model, 429/503 no capacity, 500 a bug, 504 timeout),
-    ``type`` is OpenAI's error type and ``param`` names the request field at fault, when one is.
+    ``type`` is OpenAI's error type and ``param`` names the request field at fault, when one is. It crosses
+    process boundaries as an ``Error`` message (``to_wire`` / ``from_wire``).
     """
 
     def __init__(
@@ -18,6 +21,18 @@ class RequestError(Exception):
         self.status = status
         self.type = type
         self.param = param
+
+    @classmethod
+    def from_wire(cls, error: Error) -> RequestError:
+        return cls(error.message, error.status, error.type, error.param)
+
+    def to_wire(self, request_id: str) -> Error:
+        return Error(request_id=request_id, message=self.message, status=self.status, type=self.type, param=self.param)
+
+
+def unavailable(message: str) -> RequestError:
+    """No capacity, or the peer serving the request is gone: the client may retry (503)."""
+    return RequestError(message, 503, "unavailable")
 
 
 class EngineDeadError(Exception):

@@ -20,12 +20,12 @@ import zmq
 import zmq.asyncio
 
 from zdyn.protocol import ProtocolError
+from zdyn.transport import DEFAULT_HWM, TransportError, make_socket
 
 HASH_MASK = (1 << 64) - 1
 MEDIUM_GPU = "GPU"
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 DEFAULT_BUFFER_STEPS = 10_000
-DEFAULT_HWM = 100_000
 
 
 class KvEventError(ProtocolError):
@@ -324,30 +324,24 @@ class KvEventPublisher:
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._next_seq = 0
         self._ctx = ctx or zmq.asyncio.Context.instance()
-        self._pub = self._ctx.socket(zmq.PUB)
-        self._pub.setsockopt(zmq.LINGER, 0)
         # PUB drops silently past the HWM, so keep it large: a slow router then lags instead of losing events.
-        self._pub.setsockopt(zmq.SNDHWM, hwm)
+        bind = is_bind_endpoint(endpoint)
+        self._pub = make_socket(self._ctx, zmq.PUB, endpoint, bind=bind, hwm=hwm)
+        self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT) if bind else endpoint
         self._replay: zmq.asyncio.Socket | None = None
         self._replay_task: asyncio.Task[None] | None = None
-        try:
-            if is_bind_endpoint(endpoint):
-                self._pub.bind(endpoint)
-                endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
-            else:
-                self._pub.connect(endpoint)
-            self.endpoint = endpoint
-            self.replay_endpoint: str | None = None
-            if replay_endpoint is not None:
-                self._replay = self._ctx.socket(zmq.ROUTER)
-                self._replay.setsockopt(zmq.LINGER, 0)
-                # A full replay is buffer_steps + 1 messages to one peer; ROUTER would drop the rest.
-                self._replay.setsockopt(zmq.SNDHWM, buffer_steps + 16)
-                self._replay.bind(replay_endpoint)
-                self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
-        except zmq.ZMQError:
-            self._close_sockets()
-            raise
+        self.replay_endpoint: str | None = None
+        if replay_endpoint is not None:
+            try:
+                # A full replay is buffer_steps + 1 messages to one peer; past its HWM a ROUTER would drop the rest.
+                # Its clients are one-off DEALERs: one that left is no error (not mandatory).
+                self._replay = make_socket(
+                    self._ctx, zmq.ROUTER, replay_endpoint, bind=True, hwm=buffer_steps + 16, mandatory=False
+                )
+            except TransportError:
+                self._pub.close(linger=0)
+                raise
+            self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
 
     @property
     def next_seq(self) -> int:

@@ -1,7 +1,8 @@
 """The processor: chat template and tokenization, worker choice, streaming, detokenization.
 
-It runs inside the frontend process by default. Started on its own (``zdyn processor``) it registers with
-the frontend as a peer, so several processors spread tokenization over several cores.
+It runs inside the frontend process by default (it is a frontend ``Backend``). Started on its own
+(``zdyn processor``) it registers with the frontend as a peer, so several processors spread tokenization over
+several cores.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,21 @@ import msgspec
 from transformers import AutoTokenizer
 
 from zdyn.detokenizer import Detokenizer
-from zdyn.errors import RequestError
-from zdyn.protocol import GENERATION_DEFAULTS, Delta, Finish, Generate, Ready, TextRequest, TokenLogprob, TopLogprob
-from zdyn.routing import FINISHED, PREFILLED, Route, Selector
-from zdyn.rpc import Hub, RequestFailed
+from zdyn.errors import RequestError, unavailable
+from zdyn.protocol import (
+    GENERATION_DEFAULTS,
+    Delta,
+    Finish,
+    Generate,
+    Ready,
+    RouteEvent,
+    SamplingParams,
+    TextRequest,
+    TokenLogprob,
+    TopLogprob,
+)
+from zdyn.router.selector import Route, Selector
+from zdyn.rpc import Hub, Peer
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +44,7 @@ class Processor:
 
     def __init__(self, tokenizer_path: str, model: str, workers: Hub, selector: Selector) -> None:
         self.model = model
-        self.workers = workers
+        self.hub = workers
         self.selector = selector
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.backend = self.tokenizer.backend_tokenizer  # the fast Rust tokenizer, for decoding
@@ -60,15 +72,40 @@ class Processor:
             return request.prompt
         return list(self.tokenizer.encode(request.prompt or "", add_special_tokens=True))
 
-    async def process(self, request_id: str, request: TextRequest) -> AsyncIterator[Delta]:
+    def models(self) -> list[str]:
+        return [self.model]
+
+    def live_workers(self) -> list[Peer]:
+        return [p for p in self.hub.live_peers() if p.ready.model == self.model]
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Each live worker with its load, as the frontend's /health lists them."""
+        return [
+            {
+                "id": p.id,
+                "model": p.ready.model,
+                "engine": p.ready.engine,
+                "running": p.load.num_running,
+                "waiting": p.load.num_waiting,
+                "kv_usage": round(p.load.kv_usage, 4),
+                "in_flight": p.num_inflight,
+            }
+            for p in self.live_workers()
+        ]
+
+    async def process(self, request_id: str, request: TextRequest) -> AsyncGenerator[Delta]:
         """Yield text deltas (``index`` = choice) until every choice has finished."""
         token_ids = self.tokenize(request)
-        peers = [p for p in self.workers.live_peers() if p.ready.model == self.model]
+        peers = self.live_workers()
         if not peers:
-            raise RequestError(f"no worker is serving {self.model} right now", 503, "unavailable")
+            raise unavailable(f"no worker is serving {self.model} right now")
+        # Validated before routing, against the context every live worker can take: a rejected request is
+        # never counted as load by the router.
+        sampling = self._sampling(
+            request, len(token_ids), min(p.ready.max_model_len or self.max_model_len for p in peers)
+        )
         route = await self.selector.select(request_id, token_ids, peers)
         try:
-            sampling = self._sampling(request, len(token_ids), route.peer.ready.max_model_len or self.max_model_len)
             if request.n == 1:
                 streams = [self._generate(request_id, 0, route, token_ids, sampling, request)]
             else:
@@ -80,14 +117,14 @@ class Processor:
             async with aclosing(streams[0] if len(streams) == 1 else interleave(streams)) as deltas:
                 async for delta in deltas:
                     if not prefilled:
-                        self.selector.update(request_id, PREFILLED)
+                        self.selector.update(request_id, RouteEvent.PREFILLED)
                         prefilled = True
                     delta.request_id = request_id
                     yield delta
         finally:
-            self.selector.update(request_id, FINISHED)
+            self.selector.update(request_id, RouteEvent.FINISHED)
 
-    def _sampling(self, request: TextRequest, num_prompt: int, max_model_len: int) -> Any:
+    def _sampling(self, request: TextRequest, num_prompt: int, max_model_len: int) -> SamplingParams:
         if max_model_len and num_prompt >= max_model_len:
             raise RequestError(
                 f"This model's maximum context length is {max_model_len} tokens, "
@@ -105,8 +142,8 @@ class Processor:
         return msgspec.structs.replace(request.sampling, max_tokens=max_tokens, **defaults)
 
     async def _generate(
-        self, rid: str, index: int, route: Route, token_ids: list[int], sampling: Any, request: TextRequest
-    ) -> AsyncIterator[Delta]:
+        self, rid: str, index: int, route: Route, token_ids: list[int], sampling: SamplingParams, request: TextRequest
+    ) -> AsyncGenerator[Delta]:
         peer = route.peer
         started = time.perf_counter()
         detok = Detokenizer(
@@ -124,7 +161,7 @@ class Processor:
             model=self.model,
             overlap_blocks=route.overlap_blocks,
         )
-        stream = self.workers.stream(peer, generate)
+        stream = self.hub.stream(peer, generate)
         try:
             async for delta in stream:
                 if delta.num_cached_tokens is not None:
@@ -152,9 +189,9 @@ class Processor:
                     return
             outcome = "stream ended without finish"
             raise RequestError(f"worker {peer.id} ended the stream without finishing", 502, "bad_gateway")
-        except RequestFailed as e:
-            outcome = f"failed: {e.error.message}"
-            raise RequestError(e.error.message, e.error.status, e.error.type) from e
+        except RequestError as e:
+            outcome = f"failed: {e.message}"
+            raise
         finally:
             await stream.aclose()
             log.info(
@@ -196,13 +233,13 @@ def accept_model(name: str) -> Callable[[Ready], str | None]:
     return accept
 
 
-def _choice_seed(sampling: Any, index: int) -> Any:
+def _choice_seed(sampling: SamplingParams, index: int) -> SamplingParams:
     """Each of n choices samples independently; with a seed, reproducibly so."""
     seed = None if sampling.seed is None else sampling.seed + index
     return msgspec.structs.replace(sampling, seed=seed)
 
 
-async def interleave(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[Delta]:
+async def interleave(streams: list[AsyncGenerator[Delta]]) -> AsyncGenerator[Delta]:
     """Interleave several delta streams; the first failure cancels the rest and is raised."""
     queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
 

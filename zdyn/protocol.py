@@ -8,8 +8,8 @@ vLLM, torch or starlette.
 
 from __future__ import annotations
 
-from enum import IntEnum
-from typing import Any
+from enum import IntEnum, StrEnum
+from typing import Any, Literal
 
 import msgspec
 
@@ -31,6 +31,24 @@ class MsgType(IntEnum):
     PREFILL_JOB = 0x40
     PREFILL_DONE = 0x41
     QUEUE_STATUS = 0x42
+
+
+class Role(StrEnum):
+    """What a peer registers as at a hub."""
+
+    WORKER = "worker"  # agg or decode worker
+    PREFILL = "prefill"  # prefill worker (registers at the prefill queue)
+    PROCESSOR = "processor"  # a separate processor (registers at the frontend)
+
+
+class RouteEvent(StrEnum):
+    """What a processor tells its router about a routed request."""
+
+    PREFILLED = "prefilled"  # first output seen: the prompt is in the worker's KV cache
+    FINISHED = "finished"
+
+
+FinishReason = Literal["stop", "length", "abort"]
 
 
 class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -59,7 +77,7 @@ class Ready(Message):
     """First message of a peer to a hub: who it is and what it serves."""
 
     peer_id: str
-    role: str  # "worker" | "processor"
+    role: Role
     protocol_version: int = PROTOCOL_VERSION
     model: str = ""
     engine: str = ""  # "vllm" | "mocker" | ...
@@ -147,7 +165,7 @@ class TokenLogprob(Message):
 
 
 class Finish(Message):
-    reason: str  # "stop" | "length" | "abort"
+    reason: FinishReason
     stop_reason: str | int | None = None  # the stop string or stop token id that ended the output
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -184,6 +202,7 @@ class Error(Message):
     message: str
     status: int = 500
     type: str = "internal_error"
+    param: str | None = None
 
 
 class RouteQuery(Message):
@@ -209,7 +228,7 @@ class RouteUpdate(Message):
     """Processor -> router, no reply: a routed request's prefill is done, or it has finished."""
 
     request_id: str
-    event: str  # "prefilled" | "finished"
+    event: RouteEvent
 
 
 class PrefillJob(Message):

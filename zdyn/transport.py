@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from zdyn.protocol import Error, Message, ProtocolError, decode, encode
+from zdyn.protocol import Message, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,10 @@ SCHEMES = ("tcp://", "ipc://", "inproc://")
 
 class TransportError(Exception):
     """A socket could not be created, bound or used."""
+
+
+class BadEndpoint(TransportError, ValueError):
+    """An endpoint string zdyn cannot use (a setting to fix, not a runtime failure)."""
 
 
 @dataclass(slots=True)
@@ -43,7 +49,7 @@ class Liveness:
 
 def check_endpoint(endpoint: str) -> str:
     if not endpoint.startswith(SCHEMES):
-        raise TransportError(f"endpoint {endpoint!r} must start with one of {', '.join(SCHEMES)}")
+        raise BadEndpoint(f"endpoint {endpoint!r} must start with one of {', '.join(SCHEMES)}")
     return endpoint
 
 
@@ -92,8 +98,12 @@ def make_socket(
     bind: bool | None = None,
     identity: bytes | None = None,
     hwm: int = DEFAULT_HWM,
+    mandatory: bool = True,
 ) -> zmq.asyncio.Socket:
-    """Create, configure and bind or connect a socket. ``bind`` defaults to True for ROUTER and PUB."""
+    """Create, configure and bind or connect a socket. ``bind`` defaults to True for ROUTER and PUB.
+
+    ROUTER sockets fail a send to an unknown peer (``mandatory``) rather than dropping it; a replay server
+    answering anonymous one-off clients turns that off."""
     check_endpoint(endpoint)
     if bind is None:
         bind = kind in (zmq.ROUTER, zmq.PUB)
@@ -101,15 +111,15 @@ def make_socket(
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
-    if kind == zmq.ROUTER:
+    if kind == zmq.ROUTER and mandatory:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting under its identity takes over its route
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, b"")
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
-    if endpoint.startswith("tcp://"):
-        sock.setsockopt(zmq.IPV6, 1)
+    if endpoint.startswith("tcp://") and not _is_ipv4(endpoint[len("tcp://") :].rpartition(":")[0]):
+        sock.setsockopt(zmq.IPV6, 1)  # wildcards, names and IPv6 addresses (an IPv4 address reads back as itself)
     try:
         if bind:
             sock.bind(endpoint)
@@ -120,6 +130,14 @@ def make_socket(
         verb = "bind" if bind else "connect"
         raise TransportError(f"cannot {verb} {endpoint}: {e}") from e
     return sock
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+        return True
+    except OSError:
+        return False
 
 
 class MalformedCounter:
@@ -143,6 +161,46 @@ def decode_or_count(frames: list[bytes], malformed: MalformedCounter) -> Message
         return None
 
 
+MessageHandler = Callable[[bytes, Any], None]  # (sender identity, or b"" on unrouted sockets; the message)
+
+
+async def read_messages(
+    sock: zmq.asyncio.Socket,
+    handlers: Mapping[type[Message], MessageHandler],
+    malformed: MalformedCounter,
+    *,
+    routed: bool = False,
+    on_message: Callable[[bytes], None] | None = None,
+) -> None:
+    """Read messages for ever and dispatch each by type: ``handlers[type(msg)](identity, msg)``.
+
+    ``routed``: a ROUTER socket, whose first frame names the sender. ``on_message(identity)`` runs first for
+    every valid message (liveness bookkeeping). Malformed frames and messages of a type with no handler are
+    dropped and counted."""
+    received = 0
+    while True:
+        frames = await sock.recv_multipart()
+        received += 1
+        if received % READ_BATCH == 0:
+            await asyncio.sleep(0)  # awaiting a message that is already queued does not yield: let others run
+        identity = b""
+        if routed:
+            if len(frames) < 2:
+                malformed.drop(f"{len(frames)} frame(s) on a ROUTER socket")
+                continue
+            identity, frames = frames[0], frames[1:]
+        msg = decode_or_count(frames, malformed)
+        if msg is None:
+            continue
+        if on_message is not None:
+            on_message(identity)
+        handler = handlers.get(type(msg))
+        if handler is None:
+            malformed.drop(f"unexpected {type(msg).__name__}")
+            continue
+        handler(identity, msg)
+
+
 def send(sock: zmq.asyncio.Socket, msg: Message, identity: bytes | None = None) -> zmq.asyncio.Future:
     """Queue a message for sending; the returned future fails if the peer is unknown (ROUTER)."""
     frames = encode(msg)
@@ -151,8 +209,17 @@ def send(sock: zmq.asyncio.Socket, msg: Message, identity: bytes | None = None) 
     return sock.send_multipart(frames, copy=False)  # type: ignore[return-value]
 
 
-def error(request_id: str, message: str, status: int = 503, type: str = "unavailable") -> Error:
-    return Error(request_id=request_id, message=message, status=status, type=type)
+def free_tcp_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports free on ``host`` right now (held open together, so never the same one twice).
+    Only for sockets zdyn cannot bind to port 0 itself (an engine's own publishers)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 STALL_GRACE_S = 0.1

@@ -28,9 +28,10 @@ import zmq
 import zmq.asyncio
 
 from zdyn.disagg.policy import DisaggPolicy
+from zdyn.disagg.prefill import as_prefill
 from zdyn.engines.base import Engine, EngineInfo
 from zdyn.protocol import Cancel, Delta, Generate, Heartbeat, PrefillDone, PrefillJob, QueueStatus
-from zdyn.transport import MalformedCounter, advertised, decode_or_count, ignore_result, make_socket, send
+from zdyn.transport import MalformedCounter, advertised, ignore_result, make_socket, read_messages, send
 
 log = logging.getLogger(__name__)
 STATUS_STALE_S = 3.0  # no QueueStatus for this long: the queue is gone, prefill locally
@@ -71,7 +72,10 @@ class PrefillClient:
         self.reply_to = advertised(self._results.getsockopt_string(zmq.LAST_ENDPOINT), self.host)
         self._status = make_socket(self.ctx, zmq.SUB, self.status_endpoint, bind=False)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._read_results()), loop.create_task(self._read_status())]
+        self._tasks = [
+            loop.create_task(read_messages(self._results, {PrefillDone: self._on_result}, self.malformed)),
+            loop.create_task(read_messages(self._status, {QueueStatus: self._on_status}, self.malformed)),
+        ]
 
     async def close(self) -> None:
         if self._releasing:
@@ -89,11 +93,7 @@ class PrefillClient:
     async def prefill(self, request: Generate, timeout_s: float) -> dict[str, Any]:
         """Run ``request``'s prefill on a prefill worker; its ``kv_transfer_params``, or PrefillUnavailable."""
         rid = request.request_id
-        job = msgspec.structs.replace(
-            request,
-            sampling=msgspec.structs.replace(request.sampling, max_tokens=1, min_tokens=0),
-            kv_transfer_params={"do_remote_decode": True},
-        )
+        job = as_prefill(request)
         future: asyncio.Future[PrefillDone] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = future
         done = False
@@ -142,27 +142,18 @@ class PrefillClient:
         except Exception as e:  # the lease frees it anyway
             log.warning("could not release the KV of %s on %s: %s", result.request_id, result.prefill_worker, e)
 
-    async def _read_results(self) -> None:
-        while True:
-            msg = decode_or_count(await self._results.recv_multipart(), self.malformed)
-            if not isinstance(msg, PrefillDone):
-                if msg is not None:
-                    self.malformed.drop(f"unexpected {type(msg).__name__}")
-                continue
-            future = self._waiting.get(msg.request_id)
-            if future is None or future.done():
-                self.stats["unknown_result"] += 1
-                log.warning("prefill result for unknown or finished request %s (from %s): dropped",
-                            msg.request_id, msg.prefill_worker or "?")  # fmt: skip
-                self._unused(msg, "unknown or finished request")
-                continue
-            future.set_result(msg)
+    def _on_result(self, identity: bytes, msg: PrefillDone) -> None:
+        future = self._waiting.get(msg.request_id)
+        if future is None or future.done():
+            self.stats["unknown_result"] += 1
+            log.warning("prefill result for unknown or finished request %s (from %s): dropped",
+                        msg.request_id, msg.prefill_worker or "?")  # fmt: skip
+            self._unused(msg, "unknown or finished request")
+            return
+        future.set_result(msg)
 
-    async def _read_status(self) -> None:
-        while True:
-            msg = decode_or_count(await self._status.recv_multipart(), self.malformed)
-            if isinstance(msg, QueueStatus):
-                self.status, self.status_at = msg, time.monotonic()
+    def _on_status(self, identity: bytes, msg: QueueStatus) -> None:
+        self.status, self.status_at = msg, time.monotonic()
 
 
 class DisaggEngine:
@@ -199,6 +190,9 @@ class DisaggEngine:
 
     def load(self) -> Heartbeat:
         return self.engine.load()
+
+    async def release_kv(self, request_id: str, kv_transfer_params: dict[str, Any]) -> None:
+        await self.engine.release_kv(request_id, kv_transfer_params)
 
     async def shutdown(self) -> None:
         if self._watch is not None:

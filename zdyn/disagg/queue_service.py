@@ -1,4 +1,4 @@
-"""``zdyn prefill-queue``: the prefill queue of the disagg scenarios, as its own small process.
+"""The prefill queue of the disagg scenarios as a service (run by ``zdyn prefill-queue``).
 
 Decode workers PUSH ``PrefillJob``s (and ``Cancel``s) to ``--jobs-endpoint`` (PULL). Prefill workers register
 at ``--prefill-workers-endpoint`` exactly as workers register at a processor (READY, heartbeats) and get jobs
@@ -10,7 +10,6 @@ every 20 ms, and once a second, so decode workers know the queue depth.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import math
@@ -20,12 +19,11 @@ from collections import Counter
 import zmq
 import zmq.asyncio
 
-from zdyn.cli import add_common_args, liveness, parse_args, run, serve_behind_hub, serve_metrics, setup_logging
-from zdyn.disagg.metrics import DisaggCollector
 from zdyn.disagg.queue import Job, PrefillQueue, PrefillWorker
+from zdyn.errors import RequestError
 from zdyn.protocol import Cancel, PrefillDone, PrefillJob, QueueStatus, encode
-from zdyn.rpc import Hub, Peer, RequestFailed
-from zdyn.transport import MalformedCounter, decode_or_count, make_socket
+from zdyn.rpc import Hub, Peer, PeerEvent
+from zdyn.transport import MalformedCounter, make_socket, read_messages
 
 log = logging.getLogger(__name__)
 STATUS_INTERVAL_S = 1.0
@@ -58,13 +56,14 @@ class PrefillQueueService:
         self._replies: dict[str, tuple[zmq.asyncio.Socket, float]] = {}  # reply_to -> PUSH socket, last use
         self._status_due = asyncio.Event()
         self._stop = asyncio.Event()
-        workers.on_change.append(self._sync_workers)
+        workers.listeners.append(self._on_worker)
 
     async def run(self) -> None:
         self._jobs = make_socket(self.ctx, zmq.PULL, self.jobs_endpoint, bind=True)
         self._status = make_socket(self.ctx, zmq.PUB, self.status_endpoint, bind=True)
         loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(c) for c in (self._read(), self._publish_status(), self._housekeeping())]
+        reader = read_messages(self._jobs, {PrefillJob: self._submit, Cancel: self._on_cancel}, self.malformed)
+        tasks = [loop.create_task(c) for c in (reader, self._publish_status(), self._housekeeping())]
         try:
             await self._stop.wait()
         finally:
@@ -80,17 +79,7 @@ class PrefillQueueService:
         self._stop.set()
 
     # -- decode workers -> queue
-    async def _read(self) -> None:
-        while True:
-            msg = decode_or_count(await self._jobs.recv_multipart(), self.malformed)
-            if isinstance(msg, PrefillJob):
-                self._submit(msg)
-            elif isinstance(msg, Cancel):
-                self._cancel(msg.request_id)
-            elif msg is not None:
-                self.malformed.drop(f"unexpected {type(msg).__name__}")
-
-    def _submit(self, msg: PrefillJob) -> None:
+    def _submit(self, identity: bytes, msg: PrefillJob) -> None:
         rid = msg.request.request_id
         now = time.monotonic()
         deadline = now + msg.deadline_s if msg.deadline_s > 0 else math.inf
@@ -101,7 +90,8 @@ class PrefillQueueService:
         self.stats["submitted"] += 1
         self._dispatch()
 
-    def _cancel(self, request_id: str) -> None:
+    def _on_cancel(self, identity: bytes, msg: Cancel) -> None:
+        request_id = msg.request_id
         job = self.queue.cancel(request_id)
         if job is None:
             return
@@ -113,18 +103,17 @@ class PrefillQueueService:
         self._status_changed()
 
     # -- queue -> prefill workers
-    def _sync_workers(self) -> None:
-        live = {p.id: p for p in self.workers.live_peers()}
-        for worker in [w for w in self.queue.workers if live.get(w) is not self._peers.get(w)]:
+    def _on_worker(self, event: PeerEvent) -> None:
+        peer, worker = event.peer, event.peer.id
+        if self._peers.get(worker) is not None and (event.kind == "joined" or self._peers[worker] is peer):
             self.queue.remove_worker(worker)  # its running jobs fail through their streams and run again
-            self._peers.pop(worker, None)
-        for worker, peer in live.items():
-            if worker not in self.queue.workers:
-                capacity = peer.ready.max_num_seqs or 1
-                if self.max_jobs_per_worker:
-                    capacity = min(capacity, self.max_jobs_per_worker)
-                self.queue.add_worker(worker, peer.ready.model, capacity)
-                self._peers[worker] = peer
+            del self._peers[worker]
+        if event.kind == "joined":
+            capacity = peer.ready.max_num_seqs or 1
+            if self.max_jobs_per_worker:
+                capacity = min(capacity, self.max_jobs_per_worker)
+            self.queue.add_worker(worker, peer.ready.model, capacity)
+            self._peers[worker] = peer
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -149,14 +138,14 @@ class PrefillQueueService:
                     worker_s = delta.job_s
             if params is None:
                 error = f"prefill worker {worker.id} returned no kv_transfer_params"
-        except RequestFailed as e:
-            if e.error.status == 503 and self.queue.failed(rid):  # the worker died or its engine did: again
+        except RequestError as e:
+            if e.status == 503 and self.queue.failed(rid):  # the worker died or its engine did: again
                 self.stats["redelivered"] += 1
-                log.warning("prefill job %s: %s; queued again (attempt %d)", rid, e.error.message, job.attempts + 1)
+                log.warning("prefill job %s: %s; queued again (attempt %d)", rid, e.message, job.attempts + 1)
                 self._running.pop(rid, None)
                 self._dispatch()
                 return
-            error = e.error.message
+            error = e.message
         self._running.pop(rid, None)
         if self.queue.done(rid) is None and not error:  # failed for good above: already removed
             error = "prefill failed"
@@ -214,46 +203,3 @@ class PrefillQueueService:
                 if now - used > IDLE_REPLY_SOCKET_S:
                     sock.close(linger=0)
                     del self._replies[endpoint]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zdyn prefill-queue", description=__doc__)
-    parser.add_argument("--jobs-endpoint", default="tcp://*:5590", help="decode workers push jobs here (PULL)")
-    parser.add_argument("--prefill-workers-endpoint", default="tcp://*:5591", help="prefill workers register here")
-    parser.add_argument("--status-endpoint", default="tcp://*:5592", help="queue depth for decode workers (PUB)")
-    parser.add_argument("--max-attempts", type=int, default=2, help="runs of a job whose prefill worker died")
-    parser.add_argument(
-        "--max-jobs-per-worker",
-        type=int,
-        default=2,
-        help="jobs a prefill worker runs at once (0: its max_num_seqs); beyond that they wait in the queue, "
-        "which is the depth decode workers compare with --max-prefill-queue-size",
-    )
-    parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port")
-    add_common_args(parser)
-    return parser
-
-
-async def serve(args: argparse.Namespace) -> int:
-    workers = Hub(args.prefill_workers_endpoint, role="prefill", liveness=liveness(args))
-    service = PrefillQueueService(
-        args.jobs_endpoint, args.status_endpoint, workers, max_attempts=args.max_attempts,
-        max_jobs_per_worker=args.max_jobs_per_worker,
-    )  # fmt: skip
-    if args.metrics_port:
-        serve_metrics(args.metrics_port, DisaggCollector(service=service))
-    banner = (
-        f"prefill queue: jobs at {args.jobs_endpoint}, prefill workers at {args.prefill_workers_endpoint}, "
-        f"status at {args.status_endpoint}"
-    )
-    return await serve_behind_hub(service, workers, banner)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), argv, "PrefillQueue")
-    setup_logging(args)
-    return run(serve(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

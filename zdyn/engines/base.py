@@ -33,7 +33,8 @@ class Engine(Protocol):
     request inside the engine. Bad requests raise RequestError, a dead engine EngineDeadError.
     """
 
-    info: EngineInfo
+    @property
+    def info(self) -> EngineInfo: ...
 
     async def start(self) -> None: ...
 

@@ -14,10 +14,10 @@ import time
 import zmq
 import zmq.asyncio
 
-from zdyn.protocol import RouteQuery, RouteReply, RouteUpdate
-from zdyn.routing import RoundRobin, Route
+from zdyn.protocol import RouteEvent, RouteQuery, RouteReply, RouteUpdate
+from zdyn.router.selector import RoundRobin, Route
 from zdyn.rpc import Peer
-from zdyn.transport import MalformedCounter, decode_or_count, ignore_result, make_socket, send
+from zdyn.transport import MalformedCounter, ignore_result, make_socket, read_messages, send
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ class RouterClient:
     def _ensure_started(self) -> zmq.asyncio.Socket:
         if self._sock is None:
             self._sock = make_socket(self.ctx, zmq.DEALER, self.endpoint)
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+            reader = read_messages(self._sock, {RouteReply: self._on_reply}, self.malformed)
+            self._reader = asyncio.get_running_loop().create_task(reader)
         return self._sock
 
     async def route(self, query: RouteQuery) -> RouteReply | None:
@@ -63,7 +64,7 @@ class RouterClient:
             return None
         return reply
 
-    def update(self, request_id: str, event: str) -> None:
+    def update(self, request_id: str, event: RouteEvent) -> None:
         """Always sent, also while backing off: a request the router routed must not stay counted as load."""
         if self._sock is not None:
             send(self._sock, RouteUpdate(request_id=request_id, event=event)).add_done_callback(ignore_result)
@@ -73,17 +74,10 @@ class RouterClient:
         self._down_until = time.monotonic() + self.backoff_s
         log.warning("router %s: %s; routing round-robin for %gs", self.endpoint, why, self.backoff_s)
 
-    async def _read(self) -> None:
-        assert self._sock is not None
-        while True:
-            msg = decode_or_count(await self._sock.recv_multipart(), self.malformed)
-            if not isinstance(msg, RouteReply):
-                if msg is not None:
-                    self.malformed.drop(f"unexpected {type(msg).__name__}")
-                continue
-            future = self._pending.get(msg.request_id)
-            if future is not None and not future.done():
-                future.set_result(msg)
+    def _on_reply(self, identity: bytes, msg: RouteReply) -> None:
+        future = self._pending.get(msg.request_id)
+        if future is not None and not future.done():
+            future.set_result(msg)
 
     async def aclose(self) -> None:
         if self._reader is not None:
@@ -112,7 +106,7 @@ class RemoteSelector:
         route.reason = "round-robin: router unavailable"
         return route
 
-    def update(self, request_id: str, event: str) -> None:
+    def update(self, request_id: str, event: RouteEvent) -> None:
         self.client.update(request_id, event)
 
     async def aclose(self) -> None:

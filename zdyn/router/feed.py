@@ -7,30 +7,20 @@ worker that leaves or dies is removed with all its index entries. Loads come fro
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from collections import Counter
 
 import zmq.asyncio
 
+from zdyn.protocol import RouteEvent
 from zdyn.router.core import KvRouter
 from zdyn.router.policy import WorkerState
+from zdyn.router.selector import RoundRobin, Route
 from zdyn.router.subscriber import KvSubscriber
-from zdyn.routing import FINISHED, PREFILLED, RoundRobin, Route
-from zdyn.rpc import Hub, Peer
+from zdyn.rpc import Hub, Peer, PeerEvent
 
 log = logging.getLogger(__name__)
-
-
-def router_from_args(args: argparse.Namespace) -> KvRouter:
-    return KvRouter(
-        block_size=args.block_size or 0,
-        mode=args.router_mode,
-        overlap_weight=args.kv_overlap_weight,
-        temperature=args.router_temperature,
-        request_ttl_s=args.router_request_ttl,
-    )
 
 
 class WorkerFeed:
@@ -41,16 +31,19 @@ class WorkerFeed:
         self.peers: dict[str, Peer] = {}
         self.subscribers: dict[str, KvSubscriber] = {}
         self.stats: Counter[str] = Counter()
-        hub.on_change.append(self.sync)
+        for peer in hub.live_peers():
+            self._add(peer)
+        hub.listeners.append(self.on_peer)
 
-    def sync(self) -> None:
-        live = {p.id: p for p in self.hub.live_peers()}
-        for worker, peer in list(self.peers.items()):
-            if live.get(worker) is not peer:  # gone, or registered again (restarted: its cache is new)
-                self._remove(worker)
-        for worker, peer in live.items():
-            if worker not in self.peers:
-                self._add(peer)
+    def on_peer(self, event: PeerEvent) -> None:
+        """A worker joined (subscribe to its KV events) or left (forget its index entries). One that registers
+        again after losing contact restarted or lost its requests: its cache is new, so it starts from empty."""
+        if event.kind == "joined":
+            if event.peer.id in self.peers:
+                self._remove(event.peer.id)
+            self._add(event.peer)
+        elif self.peers.get(event.peer.id) is event.peer:
+            self._remove(event.peer.id)
 
     def _add(self, peer: Peer) -> None:
         ready = peer.ready
@@ -84,7 +77,7 @@ class WorkerFeed:
             self.router.update_load(worker, load.num_running, load.num_waiting, load.kv_usage)
 
     async def aclose(self) -> None:
-        self.hub.on_change.remove(self.sync)
+        self.hub.listeners.remove(self.on_peer)
         for sub in self.subscribers.values():
             sub.close()
         self.subscribers.clear()
@@ -109,10 +102,10 @@ class LocalSelector:
             return route
         return Route(by_id[decision.worker], decision.overlap_blocks, decision.reason)
 
-    def update(self, request_id: str, event: str) -> None:
-        if event == PREFILLED:
+    def update(self, request_id: str, event: RouteEvent) -> None:
+        if event is RouteEvent.PREFILLED:
             self.router.prefilled(request_id)
-        elif event == FINISHED:
+        else:
             self.router.finished(request_id)
 
     async def aclose(self) -> None:

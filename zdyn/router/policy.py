@@ -8,7 +8,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-MODES = ("random", "round-robin", "kv", "kv-load")
+MODES = ("kv", "kv-load")  # round-robin and random need no router: see ``selector``
 
 
 @dataclass(slots=True)
@@ -113,8 +113,8 @@ class ActiveRequests:
 
 
 class RoutingPolicy:
-    """Picks a worker for a request. Modes: random, round-robin, kv (overlap vs router-tracked load) and
-    kv-load (kv, plus the load workers publish).
+    """Picks a worker for a request. Modes: kv (prefix overlap against router-tracked load) and kv-load (kv,
+    plus the load workers publish).
 
     kv cost, lower is better (Dynamo's form)::
 
@@ -137,7 +137,6 @@ class RoutingPolicy:
         self.overlap_weight = overlap_weight
         self.temperature = temperature
         self._rng = random.Random(seed)
-        self._next = 0  # round-robin position
 
     def choose(
         self,
@@ -152,13 +151,6 @@ class RoutingPolicy:
         note = "" if len(pool) == len(candidates) else f", {len(candidates) - len(pool)} at capacity skipped"
         if not pool:
             pool, note = list(candidates), ", all at capacity"
-        if self.mode == "random":
-            state = self._rng.choice(pool)
-            return Decision(state.worker, overlaps.get(state.worker, 0), 0.0, f"random{note}")
-        if self.mode == "round-robin":
-            state = pool[self._next % len(pool)]
-            self._next += 1
-            return Decision(state.worker, overlaps.get(state.worker, 0), 0.0, f"round-robin{note}")
         costs = self._costs(pool, overlaps, request_blocks, active)
         i, how = self._argmin(pool, costs, active) if self.temperature == 0 else self._sample(costs)
         worker = pool[i].worker

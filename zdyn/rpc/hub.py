@@ -4,32 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from zdyn.errors import RequestError, unavailable
 from zdyn.protocol import (
     PROTOCOL_VERSION,
     Cancel,
     Delta,
     Error,
     Heartbeat,
+    Message,
     Outputs,
     Ready,
     Refused,
     Request,
+    Role,
 )
 from zdyn.transport import (
-    READ_BATCH,
     Liveness,
     MalformedCounter,
-    decode_or_count,
-    error,
+    MessageHandler,
     ignore_result,
     make_socket,
+    read_messages,
     send,
     stalled_sleep,
 )
@@ -37,14 +40,6 @@ from zdyn.transport import (
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_S = 600.0  # a request with no output for this long fails (engine stuck, not dead)
-
-
-class RequestFailed(Exception):
-    """A streamed request ended with an error; ``error`` says why and which HTTP status fits."""
-
-    def __init__(self, error: Error) -> None:
-        super().__init__(error.message)
-        self.error = error
 
 
 @dataclass(slots=True, eq=False)
@@ -58,6 +53,18 @@ class Peer:
     @property
     def id(self) -> str:
         return self.ready.peer_id
+
+
+@dataclass(slots=True, frozen=True)
+class PeerEvent:
+    """A peer registered (``joined``) or was dropped (``left``, with the reason)."""
+
+    kind: Literal["joined", "left"]
+    peer: Peer
+    reason: str = ""
+
+
+PeerListener = Callable[[PeerEvent], None]
 
 
 @dataclass(slots=True, eq=False)
@@ -93,16 +100,21 @@ def merge_into(delta: Delta, following: Delta) -> None:
     delta.finish = following.finish
     if following.kv_transfer_params is not None:
         delta.kv_transfer_params = following.kv_transfer_params
+    if following.job_s is not None:
+        delta.job_s = following.job_s
 
 
 class Hub:
-    """ROUTER side. ``stream(peer, request)`` yields the peer's deltas for that request."""
+    """ROUTER side. ``stream(peer, request)`` yields the peer's deltas for that request.
+
+    ``listeners`` hear every peer that joins or leaves (``PeerEvent``), in order, from the hub's own task.
+    """
 
     def __init__(
         self,
         endpoint: str,
         *,
-        role: str,
+        role: Role,
         liveness: Liveness | None = None,
         accept: Callable[[Ready], str | None] | None = None,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
@@ -116,7 +128,9 @@ class Hub:
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.peers: dict[bytes, Peer] = {}
         self.malformed = MalformedCounter(f"hub {endpoint}")
-        self.on_change: list[Callable[[], None]] = []
+        self.listeners: list[PeerListener] = []
+        self.num_refused = 0
+        self._joined = asyncio.Event()
         self._streams: dict[str, _Stream] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._sock: zmq.asyncio.Socket | None = None
@@ -125,8 +139,15 @@ class Hub:
     async def start(self) -> None:
         self._sock = make_socket(self.ctx, zmq.ROUTER, self.endpoint, bind=True)
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        handlers: dict[type[Message], MessageHandler] = {
+            Outputs: self._on_outputs,
+            Heartbeat: self._on_heartbeat,
+            Error: self._on_error,
+            Ready: self._on_ready,
+        }
+        reader = read_messages(self._sock, handlers, self.malformed, routed=True, on_message=self._seen)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(c) for c in (self._read(), self._beat(), self._watch_disconnects())]
+        self._tasks = [loop.create_task(c) for c in (reader, self._beat(), self._watch_disconnects())]
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -153,23 +174,24 @@ class Hub:
 
     async def wait_for_peers(self, n: int = 1, timeout_s: float = 60.0) -> None:
         """Wait until ``n`` peers are registered; TimeoutError names what was missing."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while len(self.peers) < n:
-            if loop.time() > deadline:
-                raise TimeoutError(f"{len(self.peers)} of {n} {self.role}s registered at {self.endpoint}")
-            await asyncio.sleep(0.02)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while len(self.peers) < n:
+                    self._joined.clear()
+                    await self._joined.wait()
+        except TimeoutError:
+            raise TimeoutError(f"{len(self.peers)} of {n} {self.role}s registered at {self.endpoint}") from None
 
-    async def stream(self, peer: Peer, request: Request) -> AsyncIterator[Delta]:
+    async def stream(self, peer: Peer, request: Request) -> AsyncGenerator[Delta]:
         """Send ``request`` to ``peer`` and yield its deltas until one carries ``finish``.
 
-        Raises RequestFailed when the peer reports an error, dies, or goes quiet past the idle timeout.
+        Raises RequestError when the peer reports an error, dies, or goes quiet past the idle timeout.
         Leaving the iteration early (client gone) sends Cancel so the engine aborts the request.
         """
         assert self._sock is not None, "Hub.start() first"
         rid = request.request_id
         if rid in self._streams:
-            raise RequestFailed(error(rid, f"duplicate request id {rid!r}", 400, "invalid_request_error"))
+            raise RequestError(f"duplicate request id {rid!r}")
         stream = _Stream(peer.identity, last_output=asyncio.get_running_loop().time())
         self._streams[rid] = stream
         peer.num_inflight += 1
@@ -180,12 +202,12 @@ class Hub:
             except zmq.ZMQError as e:
                 self._drop(peer, f"unreachable ({e})")
                 done = True
-                raise RequestFailed(error(rid, f"{self.role} {peer.id} is unreachable")) from e
+                raise unavailable(f"{self.role} {peer.id} is unreachable") from e
             while True:
                 item = await stream.next()
                 if isinstance(item, Error):
                     done = True
-                    raise RequestFailed(item)
+                    raise RequestError.from_wire(item)
                 if item.finish is not None:
                     done = True
                 yield item
@@ -197,41 +219,31 @@ class Hub:
             if not done and self.peers.get(peer.identity) is peer:
                 send(self._sock, Cancel(request_id=rid), peer.identity).add_done_callback(ignore_result)
 
-    async def _read(self) -> None:
-        assert self._sock is not None
-        loop = asyncio.get_running_loop()
-        received = 0
-        while True:
-            identity, *frames = await self._sock.recv_multipart()
-            received += 1
-            if received % READ_BATCH == 0:
-                await asyncio.sleep(0)  # awaiting a message already queued does not yield: let streams run
-            msg = decode_or_count(frames, self.malformed)
-            if msg is None:
-                continue
-            now = loop.time()
-            peer = self.peers.get(identity)
-            if peer is not None:
-                peer.last_seen = now
-            if isinstance(msg, Outputs):
-                for delta in msg.deltas:
-                    stream = self._streams.get(delta.request_id)
-                    if stream is not None and stream.identity == identity:
-                        stream.last_output = now
-                        stream.queue.put_nowait(delta)
-            elif isinstance(msg, Heartbeat):
-                if peer is not None:
-                    peer.load = msg
-            elif isinstance(msg, Error):
-                stream = self._streams.get(msg.request_id)
-                if stream is not None and stream.identity == identity:
-                    stream.queue.put_nowait(msg)
-            elif isinstance(msg, Ready):
-                self._register(identity, msg, now)
-            else:
-                self.malformed.drop(f"unexpected {type(msg).__name__} from a {self.role}")
+    # -- messages from peers
+    def _seen(self, identity: bytes) -> None:
+        peer = self.peers.get(identity)
+        if peer is not None:
+            peer.last_seen = asyncio.get_running_loop().time()
 
-    def _register(self, identity: bytes, ready: Ready, now: float) -> None:
+    def _on_outputs(self, identity: bytes, msg: Outputs) -> None:
+        now = asyncio.get_running_loop().time()
+        for delta in msg.deltas:
+            stream = self._streams.get(delta.request_id)
+            if stream is not None and stream.identity == identity:
+                stream.last_output = now
+                stream.queue.put_nowait(delta)
+
+    def _on_heartbeat(self, identity: bytes, msg: Heartbeat) -> None:
+        peer = self.peers.get(identity)
+        if peer is not None:
+            peer.load = msg
+
+    def _on_error(self, identity: bytes, msg: Error) -> None:
+        stream = self._streams.get(msg.request_id)
+        if stream is not None and stream.identity == identity:
+            stream.queue.put_nowait(msg)
+
+    def _on_ready(self, identity: bytes, ready: Ready) -> None:
         reason = None
         if ready.protocol_version != PROTOCOL_VERSION:
             reason = f"protocol version {ready.protocol_version} is not this hub's {PROTOCOL_VERSION}"
@@ -240,6 +252,7 @@ class Hub:
         elif self.accept is not None:
             reason = self.accept(ready)
         if reason is not None:
+            self.num_refused += 1
             log.error("refused %s %s at %s: %s", ready.role, ready.peer_id, self.endpoint, reason)
             assert self._sock is not None
             send(self._sock, Refused(reason=reason), identity).add_done_callback(ignore_result)
@@ -249,14 +262,16 @@ class Hub:
             return  # announced again before it heard from us: nothing changed
         if old is not None:  # a new session: it lost us and cancelled what it had, so fail those streams
             self._drop(old, "re-registered after losing contact")
-        self.peers[identity] = Peer(identity, ready, now)
+        peer = self.peers[identity] = Peer(identity, ready, asyncio.get_running_loop().time())
         log.info(
             "%s %s joined at %s: model=%s engine=%s max_num_seqs=%d block_size=%d kv_blocks=%d",
             ready.role, ready.peer_id, self.endpoint, ready.model, ready.engine,
             ready.max_num_seqs, ready.block_size, ready.num_kv_blocks,
         )  # fmt: skip
-        self._changed()
+        self._joined.set()
+        self._tell(PeerEvent("joined", peer))
 
+    # -- peers leaving
     def _drop(self, peer: Peer, reason: str) -> None:
         if self.peers.get(peer.identity) is not peer:
             return
@@ -264,14 +279,14 @@ class Hub:
         failed = 0
         for rid, stream in self._streams.items():
             if stream.identity == peer.identity:
-                stream.queue.put_nowait(error(rid, f"{self.role} {peer.id} {reason}"))
+                stream.queue.put_nowait(unavailable(f"{self.role} {peer.id} {reason}").to_wire(rid))
                 failed += 1
         log.warning("%s %s dropped: %s; %d request(s) in flight failed", self.role, peer.id, reason, failed)
-        self._changed()
+        self._tell(PeerEvent("left", peer, reason))
 
-    def _changed(self) -> None:
-        for callback in self.on_change:
-            callback()
+    def _tell(self, event: PeerEvent) -> None:
+        for listener in list(self.listeners):
+            listener(event)
 
     def _probe(self, now: float) -> None:
         """Heartbeat every peer; ROUTER_MANDATORY makes a vanished peer fail at once."""
@@ -293,7 +308,7 @@ class Hub:
             for rid, stream in self._streams.items():
                 if now - stream.last_output > self.idle_timeout_s:
                     message = f"no output for {self.idle_timeout_s:.0f}s"
-                    stream.queue.put_nowait(error(rid, message, 504, "timeout"))
+                    stream.queue.put_nowait(RequestError(message, 504, "timeout").to_wire(rid))
                     stream.last_output = now
 
     async def _watch_disconnects(self) -> None:

@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import zmq
 import zmq.asyncio
 
 from zdyn.errors import RequestError
-from zdyn.protocol import Cancel, Delta, Error, Generate, Heartbeat, Outputs, Process, Ready, Refused, Request
+from zdyn.protocol import Cancel, Delta, Error, Generate, Heartbeat, Message, Outputs, Process, Ready, Refused, Request
 from zdyn.transport import (
-    READ_BATCH,
     Liveness,
     MalformedCounter,
-    decode_or_count,
-    error,
+    MessageHandler,
     ignore_result,
     log_send_error,
     make_socket,
+    read_messages,
     send,
     stalled_sleep,
 )
@@ -29,6 +29,10 @@ from zdyn.transport import (
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Request], AsyncIterator[Delta]]
+
+
+def _ignore(identity: bytes, msg: object) -> None:
+    pass
 
 
 class RefusedError(Exception):
@@ -149,37 +153,40 @@ class Spoke:
             self._close_link(link)
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _read(self, link: _Link) -> None:
+    def _read(self, link: _Link) -> Coroutine[Any, Any, None]:
         assert link.sock is not None
-        loop = asyncio.get_running_loop()
-        received = 0
-        while True:
-            msg = decode_or_count(await link.sock.recv_multipart(), self.malformed)
-            received += 1
-            if received % READ_BATCH == 0:
-                await asyncio.sleep(0)  # awaiting a message already queued does not yield
-            if msg is None:
-                continue
-            link.last_seen = loop.time()
+
+        def heard(identity: bytes) -> None:
+            link.last_seen = asyncio.get_running_loop().time()
             link.heard = True
-            if isinstance(msg, Generate | Process):
-                if msg.request_id in link.requests:
-                    self.malformed.drop(f"duplicate request id {msg.request_id!r}")
-                    continue
-                link.requests[msg.request_id] = loop.create_task(self._serve(link, msg))
-            elif isinstance(msg, Cancel):
-                task = link.requests.pop(msg.request_id, None)
-                if task is not None:
-                    log.info("request %s cancelled by %s", msg.request_id, link.endpoint)
-                    task.cancel()
-                else:  # it ended before the cancel arrived: a race, nothing to do
-                    log.info("cancel for request %s from %s: it has already ended", msg.request_id, link.endpoint)
-            elif isinstance(msg, Refused):
-                log.error("hub %s refused %s: %s", link.endpoint, self.ready.peer_id, msg.reason)
-                self._refusal = f"hub {link.endpoint} refused us: {msg.reason}"
-                self._stopped.set()
-            elif not isinstance(msg, Heartbeat):
-                self.malformed.drop(f"unexpected {type(msg).__name__} from a hub")
+
+        def request(identity: bytes, msg: Request) -> None:
+            if msg.request_id in link.requests:
+                self.malformed.drop(f"duplicate request id {msg.request_id!r}")
+                return
+            link.requests[msg.request_id] = asyncio.get_running_loop().create_task(self._serve(link, msg))
+
+        def cancel(identity: bytes, msg: Cancel) -> None:
+            task = link.requests.pop(msg.request_id, None)
+            if task is not None:
+                log.info("request %s cancelled by %s", msg.request_id, link.endpoint)
+                task.cancel()
+            else:  # it ended before the cancel arrived: a race, nothing to do
+                log.info("cancel for request %s from %s: it has already ended", msg.request_id, link.endpoint)
+
+        def refused(identity: bytes, msg: Refused) -> None:
+            log.error("hub %s refused %s: %s", link.endpoint, self.ready.peer_id, msg.reason)
+            self._refusal = f"hub {link.endpoint} refused us: {msg.reason}"
+            self._stopped.set()
+
+        handlers: dict[type[Message], MessageHandler] = {
+            Generate: request,
+            Process: request,
+            Cancel: cancel,
+            Refused: refused,
+            Heartbeat: _ignore,
+        }
+        return read_messages(link.sock, handlers, self.malformed, on_message=heard)
 
     async def _serve(self, link: _Link, request: Request) -> None:
         rid = request.request_id
@@ -189,10 +196,10 @@ class Spoke:
         except asyncio.CancelledError:
             raise
         except RequestError as e:
-            self._reply_error(link, error(rid, e.message, e.status, e.type))
+            self._reply_error(link, e.to_wire(rid))
         except Exception as e:
             log.exception("request %s failed", rid)
-            self._reply_error(link, error(rid, f"{type(e).__name__}: {e}", 500, "internal_error"))
+            self._reply_error(link, RequestError(f"{type(e).__name__}: {e}", 500, "internal_error").to_wire(rid))
         finally:
             if link.requests.get(rid) is asyncio.current_task():
                 del link.requests[rid]

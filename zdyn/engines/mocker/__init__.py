@@ -1,6 +1,6 @@
 """Simulated vLLM engine ("mocker"): real scheduling and KV-cache accounting, modelled compute time."""
 
-from zdyn.engines.mocker.config import MockerConfig, add_cli_args, from_cli_args
+from zdyn.engines.mocker.config import MockerConfig
 from zdyn.engines.mocker.engine import MockerEngine
 from zdyn.engines.mocker.kv_manager import KvBlockManager, hash_block
 from zdyn.engines.mocker.scheduler import MockSequence, Scheduler, new_sequence, sample_token
@@ -16,8 +16,6 @@ __all__ = [
     "Scheduler",
     "StepComposition",
     "TimingModel",
-    "add_cli_args",
-    "from_cli_args",
     "hash_block",
     "new_sequence",
     "sample_token",

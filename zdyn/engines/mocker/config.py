@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +119,8 @@ def _read_model_config(model_path: str) -> dict[str, Any]:
     return {**data, **text_config} if isinstance(text_config, dict) else data
 
 
-_HELP = {
+# One line per field: the help of its command-line flag (``zdyn worker --engine mocker --help``).
+FIELD_HELP = {
     "model_path": "HF model dir whose config.json gives max_model_len, vocab_size, eos_token_id, kv_bytes_per_token",
     "model_name": "served model name (default: the model dir's name, else 'mocker')",
     "block_size": "tokens per KV block",
@@ -145,24 +145,3 @@ _HELP = {
     "kv_transfer_bandwidth_gbps": "KV transfer bandwidth between prefill and decode workers in GB/s (1e9 bytes/s; "
     "0: transfers take no time); a decode worker waits bytes / bandwidth / speedup for a remote prefill's KV",
 }
-
-
-def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add one ``--flag`` per MockerConfig field (``--block-size``, ``--no-enable-prefix-caching``, ...)."""
-    group = parser.add_argument_group("mocker engine")
-    defaults = MockerConfig.__dataclass_fields__
-    for f in fields(MockerConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = defaults[f.name].default
-        assert default is not MISSING
-        if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=_HELP[f.name])
-        elif default is None:
-            group.add_argument(flag, default=None, help=_HELP[f.name])
-        else:
-            group.add_argument(flag, type=type(default), default=default, help=_HELP[f.name])
-    return parser
-
-
-def from_cli_args(args: argparse.Namespace) -> MockerConfig:
-    return MockerConfig(**{f.name: getattr(args, f.name) for f in fields(MockerConfig)})

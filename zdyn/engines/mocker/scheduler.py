@@ -22,7 +22,7 @@ from zdyn.engines.mocker.kv_transfer import (
     wants_remote_prefill,
 )
 from zdyn.engines.mocker.timing import StepComposition
-from zdyn.protocol import Delta, Finish, Generate
+from zdyn.protocol import Delta, Finish, FinishReason, Generate
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ class Scheduler:
         return token
 
     def _check_stop(self, seq: MockSequence, token: int) -> Finish | None:
-        reason: str | None = None
+        reason: FinishReason | None = None
         stop_reason: int | None = None
         if seq.num_output >= seq.min_tokens:
             if token == seq.eos_token_id:

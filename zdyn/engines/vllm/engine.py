@@ -1,71 +1,32 @@
-"""vLLM's AsyncLLM behind the Engine interface. The only module that imports vLLM."""
+"""``VllmEngine``: vLLM's ``AsyncLLM`` behind zdyn's Engine interface (token ids in, token deltas out)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from zdyn.engines.base import EngineDeadError, EngineInfo, RequestError
-from zdyn.protocol import Delta, Finish, Generate, Heartbeat, SamplingParams, TokenLogprob, TopLogprob
+from zdyn.engines.vllm.host import NIXL_KV_LEASE_S
+from zdyn.engines.vllm.plugin import WORKER_PID_ENV
+from zdyn.protocol import Delta, Finish, FinishReason, Generate, Heartbeat, SamplingParams, TokenLogprob, TopLogprob
 
 log = logging.getLogger(__name__)
 
-
 PROMPT_TOKEN_SOURCES = ("computed", "local_cache_hit", "external_kv_transfer")  # vLLM's PromptTokenStats
-NIXL_KV_LEASE_S = 30  # NixlConnector's default kv_lease_duration: unread prefill KV is freed after this
-
-
-def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    """Every vLLM engine argument (``--max-model-len``, ``--block-size``, ...) on the worker's command line."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    AsyncEngineArgs.add_cli_args(parser)  # type: ignore[arg-type]
-
-
-def kv_events_config(endpoint: str, replay_endpoint: str) -> Any:
-    """vLLM's own ZMQ publisher of KV-cache events (what the KV router subscribes to)."""
-    from vllm.config import KVEventsConfig
-
-    return KVEventsConfig(
-        enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint, replay_endpoint=replay_endpoint
-    )
-
-
-def nixl_transfer_config(on_cpu: bool, lease_s: int = NIXL_KV_LEASE_S) -> Any:
-    """vLLM's NixlConnector for disaggregated prefill: the decode side pulls the prompt's KV from the prefill
-    side (on CPU through UCX from host memory). A KV pull that fails is recomputed locally, not an error.
-    The prefill side keeps a finished prompt's KV for ``lease_s`` seconds, renewed while a reader has it."""
-    from vllm.config import KVTransferConfig
-
-    return KVTransferConfig(
-        kv_connector="NixlConnector",
-        kv_role="kv_both",
-        kv_buffer_device="cpu" if on_cpu else "cuda",
-        kv_load_failure_policy="recompute",
-        kv_connector_extra_config={"backends": ["UCX"], "kv_lease_duration": lease_s},
-    )
-
-
-def make_parser(**kwargs: Any) -> argparse.ArgumentParser:
-    """vLLM's own parser class understands its JSON- and dict-valued flags."""
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    return FlexibleArgumentParser(**kwargs)
+FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
 
 
 class VllmEngine:
     """Token ids in, token deltas out, one ``AsyncLLM`` (its EngineCore runs in a child process)."""
 
-    def __init__(self, args: argparse.Namespace, served_model_name: str) -> None:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-
-        self.engine_args = AsyncEngineArgs.from_cli_args(args)
+    def __init__(self, engine_args: Any) -> None:
+        """``engine_args``: vLLM's ``AsyncEngineArgs`` (see ``host.engine_args``)."""
+        self.engine_args = engine_args
+        served_model_name = engine_args.served_model_name[0] if engine_args.served_model_name else engine_args.model
         self.served_model_name = served_model_name
         self.info = EngineInfo(served_model_name, "vllm", 0, 0, 0, 0)
         self._load = Heartbeat()
@@ -157,9 +118,11 @@ class VllmEngine:
                 if request.sampling.logprobs is not None and completion.logprobs:
                     delta.logprobs = convert_logprobs(token_ids, completion.logprobs, request.sampling.logprobs)
                 if out.finished:
+                    if completion.finish_reason == "error":
+                        raise RequestError(f"vLLM failed request {rid}", 500, "internal_error")
                     delta.kv_transfer_params = out.kv_transfer_params  # a prefill's result (KV connector)
                     delta.finish = Finish(
-                        reason=completion.finish_reason or "stop",
+                        reason=FINISH_REASONS.get(completion.finish_reason or "stop", "stop"),
                         stop_reason=completion.stop_reason,
                         prompt_tokens=num_prompt,
                         completion_tokens=num_output,
@@ -168,7 +131,7 @@ class VllmEngine:
                 yield delta
         except VllmEngineDead as e:
             raise EngineDeadError(str(e)) from e
-        except (ValueError, TypeError) as e:  # vLLM's input validation (VLLMValidationError is a ValueError)
+        except ValueError as e:  # vLLM's input validation (VLLMValidationError is a ValueError)
             raise RequestError(str(e)) from e
         finally:
             self._num_inflight -= 1
@@ -234,110 +197,3 @@ def _stat_logger_base() -> type:
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     return StatLoggerBase
-
-
-WORKER_PID_ENV = "ZDYN_WORKER_PID"
-ARCH_REQ_XCOMP_PERM = 0x1023
-XFEATURE_XTILEDATA = 18
-SYS_ARCH_PRCTL = 158  # x86_64
-
-
-def setup_vllm_process() -> None:
-    """vLLM general plugin: vLLM calls it at the start of each of its processes (EngineCore, workers)."""
-    if sys.platform.startswith("linux"):
-        _allow_amx()
-        _die_with_worker()
-    _calm_nixl_progress_thread()
-
-
-NIXL_PROGRESS_ENV = "ZDYN_NIXL_PROGRESS_THREAD"
-NIXL_APIS = ("nixl_cu12._api", "nixl_cu13._api", "nixl._api")
-
-
-def _calm_nixl_progress_thread() -> None:
-    """NIXL's Python agent runs a UCX progress thread that polls with no pause (``pthrDelay = 0``): a whole core
-    per agent, idle or not. With a decode and a prefill worker on a 2-core CPU box that starves everything else
-    (heartbeats stop, transfers stall). vLLM exposes neither setting, so when NIXL's module is imported its agent
-    constructor is wrapped. ``ZDYN_NIXL_PROGRESS_THREAD``: ``off`` (the default without a GPU: vLLM's per-step
-    polling drives UCX), a pause in microseconds between polls, or ``spin`` (NIXL's own behaviour, the default
-    with a GPU)."""
-    default = "spin" if os.environ.get("CUDA_VISIBLE_DEVICES") or _has_nvidia_gpu() else "off"
-    mode = os.environ.get(NIXL_PROGRESS_ENV, default).strip().lower()
-    if mode in ("spin", "0", ""):
-        return
-    import importlib.abc
-    import importlib.util
-
-    def patch(module: Any) -> None:
-        make_agent = module.nixlBind.nixlAgent
-        if getattr(make_agent, "zdyn_calmed", False):
-            return
-
-        def agent(name: str, config: Any) -> Any:
-            if mode == "off":
-                config.useProgThread = False
-            else:
-                config.pthrDelay = int(mode)
-            return make_agent(name, config)
-
-        agent.zdyn_calmed = True  # type: ignore[attr-defined]
-        module.nixlBind.nixlAgent = agent
-
-    class Finder(importlib.abc.MetaPathFinder):
-        def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-            if fullname not in NIXL_APIS:
-                return None
-            sys.meta_path.remove(self)
-            try:
-                spec = importlib.util.find_spec(fullname)
-            finally:
-                sys.meta_path.insert(0, self)
-            if spec is not None and spec.loader is not None:
-                load = spec.loader.exec_module
-
-                def exec_module(module: Any) -> None:
-                    load(module)
-                    patch(module)
-
-                spec.loader.exec_module = exec_module  # type: ignore[method-assign]
-            return spec
-
-    loaded = [sys.modules[name] for name in NIXL_APIS if name in sys.modules]
-    for module in loaded:  # imported before this plugin ran
-        patch(module)
-    sys.meta_path.insert(0, Finder())
-
-
-def _has_nvidia_gpu() -> bool:
-    return os.path.exists("/dev/nvidiactl")
-
-
-def _allow_amx() -> None:
-    """Ask Linux for the AMX tile state before any kernel uses it: without that permission the first AMX
-    instruction (vLLM's CPU bf16 kernels on AMX Xeons) kills the process with SIGILL."""
-    import ctypes
-    import platform
-
-    if platform.machine() != "x86_64":
-        return
-    try:
-        with open("/proc/cpuinfo") as f:
-            has_amx = "amx_tile" in f.read()
-    except OSError:
-        return
-    if has_amx:
-        ctypes.CDLL(None, use_errno=True).syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
-
-
-def _die_with_worker() -> None:
-    """An EngineCore whose zdyn worker dies (even by SIGKILL) gets SIGTERM from the kernel instead of living
-    on as an orphan holding the model's memory."""
-    import ctypes
-    import signal
-
-    if os.environ.get(WORKER_PID_ENV) != str(os.getppid()):
-        return
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-    if os.environ.get(WORKER_PID_ENV) != str(os.getppid()):  # the worker died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)

@@ -1,0 +1,145 @@
+"""What every role's command line shares: the config file, logging, heartbeats, metrics, running, stopping."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from zdyn.config import config_argv
+from zdyn.transport import Liveness
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(slots=True)
+class CommonConfig:
+    """Settings every role has."""
+
+    log_level: str = "info"
+    liveness: Liveness = field(default_factory=Liveness)
+
+    def __post_init__(self) -> None:
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> CommonConfig:
+        return cls(
+            log_level=str(getattr(args, "log_level", "info")).lower(),
+            liveness=Liveness(args.heartbeat_interval, args.heartbeat_misses),
+        )
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("zdyn")
+    group.add_argument("-f", "--config-file", help="YAML deployment config (Common + per-role sections)")
+    if "--log-level" not in parser._option_string_actions:  # vLLM's parser has its own
+        group.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
+    group.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
+    group.add_argument(
+        "--heartbeat-misses", type=int, default=3, help="missed heartbeats after which a peer is declared dead"
+    )
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, *sections: str) -> argparse.Namespace:
+    """Parse ``argv`` after the flags of ``--config-file FILE``'s sections (command line wins)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-f", "--config-file")
+    known, _ = pre.parse_known_args(argv)
+    if known.config_file:
+        argv = config_argv(parser, known.config_file, *sections) + argv
+    return parser.parse_args(argv)
+
+
+def setup_logging(config: CommonConfig) -> None:
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def serve_metrics(port: int, *collectors: Any) -> None:
+    """Prometheus metrics of a role without HTTP of its own, on ``port`` (all interfaces)."""
+    from prometheus_client import REGISTRY, start_http_server
+
+    for collector in collectors:
+        REGISTRY.register(collector)
+    start_http_server(port)
+
+
+def on_stop_signals(stop: Callable[[], None]) -> None:
+    """Call ``stop`` on SIGINT or SIGTERM (it should only set an event; the role's own code then ends)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+
+
+def freeze_startup_objects() -> None:
+    """Call once a role has started: the many objects made at start-up (tokenizers, vLLM, transformers)
+    leave the garbage collector's view, so its collections stop rescanning them while serving."""
+    gc.collect()
+    gc.freeze()
+
+
+def run(main: Coroutine[Any, Any, int | None]) -> int:
+    """Run a role's main coroutine on uvloop when available."""
+    try:
+        import uvloop
+
+        return uvloop.run(main) or 0
+    except ImportError:
+        return asyncio.run(main) or 0
+
+
+class RoleConfig(Protocol):
+    common: CommonConfig
+
+
+C = TypeVar("C", bound=RoleConfig)
+
+
+def role_main(
+    argv: list[str] | None,
+    parser: argparse.ArgumentParser,
+    sections: tuple[str, ...],
+    make_config: Callable[[argparse.Namespace], C],
+    serve: Callable[[C], Coroutine[Any, Any, int]],
+) -> int:
+    """A role's ``main``: flags (after the config file's ``sections``) -> typed config -> ``serve`` on uvloop.
+    A setting that cannot work is said on stderr with exit code 2, as argparse does."""
+    args = parse_args(parser, argv, *sections)
+    try:
+        config = make_config(args)
+    except ValueError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    setup_logging(config.common)
+    return run(serve(config))
+
+
+class Service(Protocol):
+    async def run(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+async def serve_behind_hub(service: Service, hub: Any, banner: str) -> int:
+    """Run a ``service`` whose peers register at ``hub`` until SIGINT or SIGTERM."""
+    on_stop_signals(service.close)
+    await hub.start()
+    freeze_startup_objects()
+    logging.getLogger(type(service).__module__).info("%s", banner)
+    try:
+        await service.run()
+    finally:
+        await hub.close()
+    return 0

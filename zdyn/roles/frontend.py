@@ -1,0 +1,165 @@
+"""``zdyn frontend``: the HTTP server with an embedded processor, or in front of separate processors."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import anyio
+import uvicorn
+from starlette.applications import Starlette
+
+from zdyn.frontend.app import Backend, Frontend
+from zdyn.frontend.remote import RemoteBackend
+from zdyn.processor import Processor, accept_model
+from zdyn.protocol import Role
+from zdyn.roles.common import CommonConfig, add_common_args, freeze_startup_objects, role_main
+from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
+from zdyn.router.selector import RoundRobin
+from zdyn.rpc import Hub
+from zdyn.transport import check_endpoint
+
+log = logging.getLogger("zdyn.frontend")
+
+KEEP_ALIVE_S = 75  # longer than clients' idle-connection pools (aiohttp 15 s), so they close first, not mid-request
+
+
+@dataclass(slots=True)
+class FrontendConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    served_model_name: str | None = None
+    tokenizer: str | None = None
+    workers_endpoint: str = "tcp://*:5555"  # the embedded processor's hub
+    processors_endpoint: str | None = None  # separate processors instead of an embedded one
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    common: CommonConfig = field(default_factory=CommonConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"--port must be in [0, 65535], got {self.port}")
+        check_endpoint(self.workers_endpoint)
+        if self.processors_endpoint is not None:
+            check_endpoint(self.processors_endpoint)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> FrontendConfig:
+        return cls(
+            host=args.host,
+            port=args.port,
+            model=args.model,
+            served_model_name=args.served_model_name,
+            tokenizer=args.tokenizer,
+            workers_endpoint=args.workers_endpoint,
+            processors_endpoint=args.processors_endpoint,
+            routing=RoutingConfig.from_args(args),
+            common=CommonConfig.from_args(args),
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zdyn frontend", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port")
+    parser.add_argument("--model", help="model folder or HF id (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--served-model-name", help="name clients use (default: the model folder's name)")
+    parser.add_argument("--tokenizer", help="tokenizer folder or id, if not the model's")
+    parser.add_argument(
+        "--workers-endpoint", default="tcp://*:5555", help="where the embedded processor's workers connect"
+    )
+    parser.add_argument(
+        "--processors-endpoint",
+        help="run no embedded processor; separate `zdyn processor`s register here (e.g. tcp://*:5550)",
+    )
+    add_router_args(parser)
+    add_common_args(parser)
+    return parser
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, bound before anything else starts so that a busy port is the first thing said."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise OSError(
+                e.errno,
+                f"port {port} on {host} is already in use: stop what holds it (`ss -ltnp 'sport = :{port}'` "
+                "shows it) or choose another port with --port (ZDYN_PORT for the example scripts)",
+            ) from None
+        raise
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def build_backend(config: FrontendConfig) -> tuple[Backend, Hub, str]:
+    """The backend the frontend serves through, the hub it needs started, and a line saying what it is."""
+    if config.processors_endpoint:
+        hub = Hub(config.processors_endpoint, role=Role.PROCESSOR, liveness=config.common.liveness)
+        return RemoteBackend(hub), hub, f"processors register at {config.processors_endpoint}"
+    from zdyn.models import resolve_model, served_model_name
+
+    model = resolve_model(config.model)
+    name = config.served_model_name or served_model_name(model)
+    hub = Hub(config.workers_endpoint, role=Role.WORKER, liveness=config.common.liveness, accept=accept_model(name))
+    processor = Processor(config.tokenizer or model, name, hub, make_selector(config.routing, hub))
+    return processor, hub, f"serving {name}; workers connect to {config.workers_endpoint}"
+
+
+async def serve(config: FrontendConfig) -> int:
+    try:
+        sock = listen(config.host, config.port)
+    except OSError as e:
+        log.error("cannot start: %s", e.strerror or e)
+        return 2
+    backend, hub, where = build_backend(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Streaming responses use anyio task groups; anyio imports its backend lazily, which on the first
+        # request blocked the event loop (and every stream) for seconds. Take that cost at start-up.
+        async with anyio.create_task_group():
+            pass
+        await hub.start()
+        freeze_startup_objects()
+        log.info("frontend serving on http://%s:%d: %s", config.host, sock.getsockname()[1], where)
+        try:
+            yield
+        finally:
+            if isinstance(backend, Processor):
+                await backend.selector.aclose()
+            await hub.close()
+
+    frontend = Frontend(backend)
+    if isinstance(backend, Processor) and not isinstance(backend.selector, RoundRobin):
+        from zdyn.router.metrics import register
+
+        register(frontend.metrics.registry, selector=backend.selector)
+    uvicorn_config = uvicorn.Config(
+        frontend.app(lifespan),
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )
+    await uvicorn.Server(uvicorn_config).serve(sockets=[sock])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return role_main(argv, build_parser(), ("Frontend",), FrontendConfig.from_args, serve)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""``zdyn processor``: a processor in its own process, between the frontend and the workers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from zdyn.errors import RequestError
+from zdyn.processor import Processor, accept_model
+from zdyn.protocol import Delta, Heartbeat, Process, Ready, Role
+from zdyn.roles.common import CommonConfig, add_common_args, freeze_startup_objects, on_stop_signals, role_main
+from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
+from zdyn.rpc import Hub, RefusedError, Request, Spoke
+from zdyn.transport import check_endpoint
+
+log = logging.getLogger("zdyn.processor")
+
+
+@dataclass(slots=True)
+class ProcessorConfig:
+    frontend: str = "tcp://127.0.0.1:5550"  # the frontend's processors endpoint
+    workers_endpoint: str = "tcp://*:5556"
+    model: str | None = None
+    served_model_name: str | None = None
+    tokenizer: str | None = None
+    processor_id: str = field(default_factory=lambda: f"processor-{socket.gethostname()}-{os.getpid()}")
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    common: CommonConfig = field(default_factory=CommonConfig)
+
+    def __post_init__(self) -> None:
+        check_endpoint(self.frontend)
+        check_endpoint(self.workers_endpoint)
+        if not self.processor_id:
+            raise ValueError("--processor-id must not be empty")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ProcessorConfig:
+        return cls(
+            frontend=args.frontend,
+            workers_endpoint=args.workers_endpoint,
+            model=args.model,
+            served_model_name=args.served_model_name,
+            tokenizer=args.tokenizer,
+            processor_id=args.processor_id or f"processor-{socket.gethostname()}-{os.getpid()}",
+            routing=RoutingConfig.from_args(args),
+            common=CommonConfig.from_args(args),
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zdyn processor", description=__doc__)
+    parser.add_argument("--frontend", default="tcp://127.0.0.1:5550", help="the frontend's processors endpoint")
+    parser.add_argument("--workers-endpoint", default="tcp://*:5556", help="where this processor's workers connect")
+    parser.add_argument("--model", help="model folder or HF id (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--served-model-name", help="name clients use (default: the model folder's name)")
+    parser.add_argument("--tokenizer", help="tokenizer folder or id, if not the model's")
+    add_router_args(parser)
+    parser.add_argument("--processor-id", help="unique id (default: processor-<host>-<pid>)")
+    add_common_args(parser)
+    return parser
+
+
+async def serve(config: ProcessorConfig) -> int:
+    from zdyn.models import resolve_model, served_model_name
+
+    model = resolve_model(config.model)
+    name = config.served_model_name or served_model_name(model)
+    liveness = config.common.liveness
+    workers = Hub(config.workers_endpoint, role=Role.WORKER, liveness=liveness, accept=accept_model(name))
+    processor = Processor(config.tokenizer or model, name, workers, make_selector(config.routing, workers))
+
+    def handle(request: Request) -> AsyncIterator[Delta]:
+        if not isinstance(request, Process):
+            raise RequestError("a processor serves Process requests, not token-level Generate")
+        return processor.process(request.request_id, request.request)
+
+    def load() -> Heartbeat:
+        return Heartbeat(num_running=spoke.num_requests, worker_ids=[p.id for p in workers.live_peers()])
+
+    ready = Ready(peer_id=config.processor_id, role=Role.PROCESSOR, model=name)
+    spoke = Spoke([config.frontend], ready, handle, load=load, liveness=liveness)
+    on_stop_signals(spoke.close)
+    await workers.start()
+    freeze_startup_objects()
+    log.info("processor %s serving %s: frontend %s, workers at %s", config.processor_id, name, config.frontend,
+             config.workers_endpoint)  # fmt: skip
+    try:
+        await spoke.run()
+    except RefusedError as e:
+        log.error("%s", e)
+        return 2
+    finally:
+        await processor.selector.aclose()
+        await workers.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return role_main(argv, build_parser(), ("Processor",), ProcessorConfig.from_args, serve)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

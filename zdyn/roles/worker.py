@@ -1,0 +1,332 @@
+"""``zdyn worker``: an inference engine (vLLM or the mocker) serving one or more processors.
+
+Every vLLM engine argument can be given on the command line (``zdyn worker --max-model-len 2048 ...``).
+The worker connects to each processor it is given, registers with READY, streams one Outputs message per
+engine step, and beats its load (running, waiting, KV usage) to them. With ``--prefill`` it is a prefill
+worker of the prefill queue given in ``--connect``; with ``--prefill-queue`` a decode worker that sends long
+prefills there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from zdyn.engines.base import Engine
+from zdyn.protocol import Role
+from zdyn.roles.common import CommonConfig, add_common_args, on_stop_signals, role_main, serve_metrics
+from zdyn.transport import check_endpoint, free_tcp_ports, host_towards
+from zdyn.worker import Worker
+
+log = logging.getLogger("zdyn.worker")
+ENGINES = ("vllm", "mocker")
+
+
+@dataclass(slots=True)
+class DisaggConfig:
+    """A worker's part in disaggregated prefill: none, a prefill worker, or a decode worker."""
+
+    prefill: bool = False  # a prefill worker: takes jobs from the prefill queue it connects to
+    prefill_queue: str | None = None  # a decode worker: sends long prefills to this queue's jobs endpoint
+    prefill_queue_status: str | None = None  # the queue's status endpoint (default: jobs port + 2)
+    max_local_prefill_length: int = 512
+    max_prefill_queue_size: int = 8
+    remote_prefill_timeout_s: float = 30.0
+    kv_lease_s: int = 30
+    settings_file: str | None = None  # re-read max-local-prefill-length / max-prefill-queue-size from here
+
+    def __post_init__(self) -> None:
+        if self.prefill and self.prefill_queue:
+            raise ValueError("--prefill (a prefill worker) and --prefill-queue (a decode worker) exclude each other")
+        if self.prefill_queue:
+            check_endpoint(self.prefill_queue)
+            self.prefill_queue_status = self.prefill_queue_status or offset_port(self.prefill_queue, 2)
+        if self.remote_prefill_timeout_s <= 0:
+            raise ValueError(f"--remote-prefill-timeout must be positive, got {self.remote_prefill_timeout_s}")
+
+    @property
+    def kv_transfer(self) -> bool:
+        return self.prefill or bool(self.prefill_queue)
+
+
+@dataclass(slots=True)
+class WorkerConfig:
+    engine: str = "vllm"
+    hubs: list[str] = field(default_factory=lambda: ["tcp://127.0.0.1:5555"])
+    worker_id: str = field(default_factory=lambda: f"worker-{socket.gethostname()}-{os.getpid()}")
+    num_workers: int = 1  # mocker only: simulated workers in this process
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    served_model_name: str | None = None
+    kv_events: bool = True
+    kv_events_port: int = 0  # 0: free ports
+    advertise_host: str | None = None  # None: this host's address on the route to the first hub
+    metrics_port: int = 0
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)
+    common: CommonConfig = field(default_factory=CommonConfig)
+    engine_flags: Any = None  # the parsed engine flags: vLLM's (for AsyncEngineArgs) or the mocker's
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if not self.hubs:
+            raise ValueError("--connect needs at least one endpoint")
+        for hub in self.hubs:
+            check_endpoint(hub)
+        if self.num_workers < 1 or (self.num_workers > 1 and self.engine != "mocker"):
+            raise ValueError("--num-workers > 1 is for the mocker; start one process per vLLM worker")
+        if not 0 <= self.kv_events_port < 65535:
+            raise ValueError(f"--kv-events-port must be in [0, 65534], got {self.kv_events_port}")
+
+    def host_towards(self, endpoint: str) -> str:
+        """The address peers at ``endpoint`` reach this worker at."""
+        return self.advertise_host or host_towards(endpoint)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> WorkerConfig:
+        served = args.served_model_name
+        return cls(
+            engine=args.engine,
+            hubs=list(dict.fromkeys(e.strip() for e in args.connect.split(",") if e.strip())),
+            worker_id=args.worker_id or f"worker-{socket.gethostname()}-{os.getpid()}",
+            num_workers=args.num_workers,
+            model=args.model,
+            served_model_name=served[0] if isinstance(served, list) else served,
+            kv_events=not args.no_kv_events,
+            kv_events_port=args.kv_events_port,
+            advertise_host=args.advertise_host,
+            metrics_port=args.metrics_port,
+            disagg=DisaggConfig(
+                prefill=args.prefill,
+                prefill_queue=args.prefill_queue,
+                prefill_queue_status=args.prefill_queue_status,
+                max_local_prefill_length=args.max_local_prefill_length,
+                max_prefill_queue_size=args.max_prefill_queue_size,
+                remote_prefill_timeout_s=args.remote_prefill_timeout,
+                kv_lease_s=args.kv_lease,
+                settings_file=args.disagg_settings,
+            ),
+            common=CommonConfig.from_args(args),
+            engine_flags=args,
+        )
+
+    def worker_ids(self) -> list[str]:
+        return [self.worker_id] if self.num_workers == 1 else [f"{self.worker_id}-{i}" for i in range(self.num_workers)]
+
+
+def add_worker_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("zdyn worker")
+    group.add_argument("--engine", default="vllm", choices=ENGINES, help="inference engine")
+    group.add_argument(
+        "--connect",
+        default="tcp://127.0.0.1:5555",
+        help="processor endpoint(s) to serve, comma-separated (default tcp://127.0.0.1:5555)",
+    )
+    group.add_argument("--worker-id", help="unique id (default: worker-<host>-<pid>)")
+    group.add_argument(
+        "--num-workers", type=int, default=1, help="mocker only: this many simulated workers in one process"
+    )
+    group.add_argument(
+        "--kv-events-port",
+        type=int,
+        default=0,
+        help="port of the KV-event publisher the KV router subscribes to; replay is on the next port "
+        "(default: free ports; vLLM's --kv-events-config or the mocker's --kv-events-endpoint win)",
+    )
+    group.add_argument("--no-kv-events", action="store_true", help="publish no KV-cache events")
+    group.add_argument(
+        "--advertise-host",
+        help="host name or address other hosts reach this worker at (default: this host's address on the "
+        "route to the first processor)",
+    )
+    disagg = parser.add_argument_group("zdyn disaggregated prefill")
+    disagg.add_argument(
+        "--prefill",
+        action="store_true",
+        help="be a prefill worker: take prefill jobs from the prefill queue given in --connect",
+    )
+    disagg.add_argument(
+        "--prefill-queue",
+        help="be a decode worker that sends long prefills to this prefill queue (its jobs endpoint, e.g. "
+        "tcp://host:5590; the queue's status is read from the port after next)",
+    )
+    disagg.add_argument("--prefill-queue-status", help="the prefill queue's status endpoint, if not port + 2")
+    disagg.add_argument(
+        "--max-local-prefill-length",
+        type=int,
+        default=512,
+        help="prefill remotely only when more prompt tokens than this are not cached here",
+    )
+    disagg.add_argument(
+        "--max-prefill-queue-size", type=int, default=8, help="prefill locally while this many jobs wait"
+    )
+    disagg.add_argument(
+        "--remote-prefill-timeout", type=float, default=30.0, help="seconds to wait for a remote prefill"
+    )
+    disagg.add_argument(
+        "--kv-lease",
+        type=int,
+        default=30,
+        help="prefill worker (vLLM): seconds a finished prefill's KV waits for its decode worker to read it "
+        "(NixlConnector's kv_lease_duration); a decode worker uses a result only within half of this",
+    )
+    disagg.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics (decisions) here")
+    disagg.add_argument(
+        "--disagg-settings",
+        help="YAML file with max-local-prefill-length / max-prefill-queue-size, re-read when it changes",
+    )
+    add_common_args(parser)
+
+
+def build_parser(engine: str) -> argparse.ArgumentParser:
+    if engine == "vllm":
+        from zdyn.engines import vllm
+
+        parser: argparse.ArgumentParser = vllm.make_parser(prog="zdyn worker", description=__doc__)
+        vllm.add_cli_args(parser)
+        add_worker_args(parser)
+        parser.set_defaults(model=None)  # no --model: the embedded default model
+    else:
+        from zdyn.roles import mocker_flags
+
+        parser = argparse.ArgumentParser(prog="zdyn worker", description=__doc__)
+        add_worker_args(parser)
+        parser.add_argument("--model", help="model folder: only config.json and the tokenizer are used")
+        parser.add_argument("--served-model-name", help="name clients use (default: the model folder's name)")
+        mocker_flags.add_cli_args(parser)
+    return parser
+
+
+def make_engine(config: WorkerConfig, index: int = 0) -> Engine:
+    """The engine ``config`` describes; ``index`` numbers the simulated workers of one process."""
+    from zdyn.models import resolve_model, served_model_name
+
+    model = resolve_model(config.model)
+    name = config.served_model_name or served_model_name(model)
+    if config.engine == "vllm":
+        from zdyn.engines import vllm
+
+        host = vllm.HostSettings(
+            model=model,
+            served_model_name=name,
+            embedded_default=config.model is None,
+            kv_transfer=config.disagg.kv_transfer,
+            kv_lease_s=config.disagg.kv_lease_s,
+            advertise_host=config.host_towards(config.hubs[0]),
+            kv_events=kv_event_endpoints(config.kv_events_port, index) if config.kv_events else None,
+        )
+        return vllm.VllmEngine(vllm.engine_args(config.engine_flags, host))
+    from zdyn.engines.mocker.engine import MockerEngine
+    from zdyn.roles.mocker_flags import from_cli_args
+
+    mocker = from_cli_args(config.engine_flags, model_path=model, model_name=name)
+    mocker.seed += index
+    if mocker.kv_events_endpoint:  # given: one port per simulated worker from there on
+        mocker.kv_events_endpoint = offset_port(mocker.kv_events_endpoint, 2 * index)
+        mocker.kv_events_replay_endpoint = offset_port(mocker.kv_events_replay_endpoint, 2 * index)
+    elif config.kv_events:
+        mocker.kv_events_endpoint, mocker.kv_events_replay_endpoint = kv_event_endpoints(config.kv_events_port, index)
+    return MockerEngine(mocker)
+
+
+def with_disagg(engine: Engine, config: WorkerConfig) -> Engine:
+    """A prefill worker's engine runs prompts only; a decode worker's sends long prefills to prefill workers."""
+    disagg = config.disagg
+    if disagg.prefill:
+        from zdyn.disagg.prefill import PrefillEngine
+
+        return PrefillEngine(engine)
+    if not disagg.prefill_queue:
+        return engine
+    from zdyn.disagg.decode import DisaggEngine, PrefillClient
+    from zdyn.disagg.policy import DisaggPolicy
+
+    assert disagg.prefill_queue_status is not None
+    queue = disagg.prefill_queue
+    client = PrefillClient(queue, disagg.prefill_queue_status, config.host_towards(queue))
+    policy = DisaggPolicy(disagg.max_local_prefill_length, disagg.max_prefill_queue_size)
+    return DisaggEngine(
+        engine, client, policy, timeout_s=disagg.remote_prefill_timeout_s, settings_file=disagg.settings_file
+    )
+
+
+def kv_event_endpoints(port: int, index: int = 0) -> tuple[str, str]:
+    """Bind endpoints of a KV-event publisher and its replay socket: ``port`` and ``port + 1`` (two ports
+    further for each simulated worker of a process), or two free ports when ``port`` is 0."""
+    if port:
+        first = port + 2 * index
+        return f"tcp://*:{first}", f"tcp://*:{first + 1}"
+    events, replay = free_tcp_ports(2)
+    return f"tcp://*:{events}", f"tcp://*:{replay}"
+
+
+def offset_port(endpoint: str | None, index: int) -> str | None:
+    """``tcp://host:5557`` -> ``tcp://host:(5557 + index)``, as vLLM offsets data-parallel ranks."""
+    if not endpoint or index == 0 or not endpoint.startswith("tcp://"):
+        return endpoint
+    head, _, port = endpoint.rpartition(":")
+    return f"{head}:{int(port) + index}" if port.isdigit() else endpoint
+
+
+async def serve(config: WorkerConfig) -> int:
+    role = Role.PREFILL if config.disagg.prefill else Role.WORKER
+    try:
+        workers = [
+            Worker(
+                with_disagg(make_engine(config, i), config),
+                config.hubs,
+                worker_id,
+                advertise_host=config.host_towards(config.hubs[0]),
+                role=role,
+                liveness=config.common.liveness,
+            )  # fmt: skip
+            for i, worker_id in enumerate(config.worker_ids())
+        ]
+    except ValueError as e:  # impossible settings
+        log.error("cannot start: %s", e)
+        return 2
+    if config.metrics_port:
+        from zdyn.disagg.decode import DisaggEngine
+        from zdyn.disagg.metrics import DisaggCollector
+
+        disagg = [(w.worker_id, w.engine) for w in workers if isinstance(w.engine, DisaggEngine)]
+        serve_metrics(config.metrics_port, DisaggCollector(disagg))
+
+    def stop() -> None:
+        for worker in workers:
+            worker.close()
+
+    on_stop_signals(stop)
+    codes = await asyncio.gather(*(w.run() for w in workers))
+    return max(codes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--engine", default=None)
+    pre.add_argument("-f", "--config-file")
+    known, _ = pre.parse_known_args(argv)
+    engine = known.engine or _engine_from_config(known.config_file) or "vllm"
+    if engine not in ENGINES:
+        print(f"zdyn worker: --engine must be one of {', '.join(ENGINES)}", file=sys.stderr)
+        return 2
+    return role_main(argv, build_parser(engine), ("Worker", f"Worker.{engine}"), WorkerConfig.from_args, serve)
+
+
+def _engine_from_config(path: str | None) -> Any:
+    if not path:
+        return None
+    from zdyn.config import load_sections
+
+    sections = load_sections(path)
+    return sections.get("Worker", {}).get("engine") or sections.get("Common", {}).get("engine")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
