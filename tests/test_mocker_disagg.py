@@ -20,9 +20,9 @@ from zdyn.engines.mocker import (
     Scheduler,
     new_sequence,
 )
-from zdyn.roles.mocker_flags import add_cli_args, from_cli_args
 from zdyn.kv_events import KvBlockStored
 from zdyn.protocol import Delta, Generate, Outputs, SamplingParams, decode, encode
+from zdyn.roles.mocker_flags import add_cli_args, from_cli_args
 
 FAST = 1e6
 LONG = 4000

@@ -20,9 +20,9 @@ from zdyn.engines.mocker import (
     PolynomialTiming,
     StepComposition,
 )
-from zdyn.roles.mocker_flags import add_cli_args, from_cli_args
 from zdyn.kv_events import KvBlockStored, decode_frames
 from zdyn.protocol import Delta, Finish, Generate, Heartbeat, SamplingParams
+from zdyn.roles.mocker_flags import add_cli_args, from_cli_args
 
 FAST = 1e6
 

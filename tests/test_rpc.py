@@ -11,6 +11,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from zdyn.errors import RequestError
 from zdyn.protocol import (
     Cancel,
     Delta,
@@ -22,7 +23,6 @@ from zdyn.protocol import (
     Refused,
     decode,
 )
-from zdyn.errors import RequestError
 from zdyn.rpc import Hub, RefusedError, Spoke
 from zdyn.transport import Liveness, TransportError, make_socket, send
 
