@@ -115,8 +115,16 @@ def run_aiperf(
             out.write(f"$ {shlex.join(argv)}\n".encode())
             out.flush()
             try:
-                done = subprocess.run(argv, env={**env, "TMPDIR": str(scratch)}, cwd=scratch, stdin=subprocess.DEVNULL,
-                                      stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s, start_new_session=True)  # fmt: skip
+                done = subprocess.run(
+                    argv,
+                    env={**env, "TMPDIR": str(scratch)},
+                    cwd=scratch,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout_s,
+                    start_new_session=True,
+                )
             except subprocess.TimeoutExpired as e:
                 raise AiperfError(f"aiperf did not finish within {timeout_s:g} s; see {log}") from e
     finally:

@@ -89,6 +89,16 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: bool = T
     return "\n".join("| " + " | ".join(r) + " |" for r in [list(headers), align, *body])
 
 
+Column = tuple[str, Callable[[Any], Number], int | None]  # title, value of a row, digits (None: by size)
+
+
+def summary_table(groups: dict[str, list[Any]], columns: Sequence[Column], first: str = "") -> str:
+    """One line per group of rows: its name, the number of rows and ``median (min-max)`` of every column."""
+    rows = [[name, str(len(rs)), *(mr([value(r) for r in rs], digits) for _, value, digits in columns)]
+            for name, rs in groups.items() if rs]  # fmt: skip
+    return table([first, "n", *(title for title, _, _ in columns)], rows)
+
+
 def grouped(rows: Iterable[Any], key: Callable[[Any], Any]) -> dict[Any, list[Any]]:
     """Rows by ``key(row)``, in first-seen order."""
     out: dict[Any, list[Any]] = {}

@@ -14,9 +14,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zdyn.bench.host import CpuSampler, Labeller
+from zdyn.bench.deploy import Deployment
+from zdyn.bench.host import CpuSampler, Labeller, by_group
 from zdyn.bench.procs import log_tail
 from zdyn.bench.results import read_json
+
+
+@dataclass(frozen=True)
+class Load:
+    """A fixed-length load: closed loop at ``concurrency``, or Poisson at ``request_rate`` capped at it."""
+
+    concurrency: int = 64
+    requests: int = 500
+    warmups: int = 32
+    input_len: int = 200
+    output_len: int = 64
+    seed: int = 0
+    request_rate: float | None = None
+
+    def flags(self) -> list[str]:
+        """``zdyn bench`` flags: random prompts, streaming chat, ``ignore_eos``, per-request records."""
+        flags = ["--input-len", str(self.input_len), "--output-len", str(self.output_len), "--ignore-eos",
+                 "--concurrency", str(self.concurrency), "--num-requests", str(self.requests),
+                 "--warmups", str(self.warmups), "--seed", str(self.seed), "--save-requests"]  # fmt: skip
+        return flags + (["--request-rate", f"{self.request_rate:g}"] if self.request_rate else [])
 
 
 def bench_argv(base_url: str, tokenizer: str | Path, result_json: Path, label: str, *flags: str) -> list[str]:
@@ -88,6 +109,38 @@ def run_bench(argv: list[str], log: Path, timeout_s: float = 600.0, sampler: Cpu
     if proc.returncode != 0 or not result_json.exists():
         raise RuntimeError(f"zdyn bench failed ({proc.returncode}); {log} ends:\n{log_tail(log, 20)}")
     return BenchRun(argv, result_json, log, proc.pid, read_json(result_json))
+
+
+def measure(
+    dep: Deployment, argv: list[str], log: Path, interval_s: float = 0.5, timeout_s: float = 600.0
+) -> dict[str, Any]:
+    """One ``zdyn bench`` run (``argv``) against ``dep``: its figures, the command, and the CPU seconds each role of
+    the deployment and the load generator used over the measured window (plus ``machine`` and ``other``)."""
+    groups = dep.roles()
+    with CpuSampler(groups.values(), interval_s=interval_s) as sampler:
+        run = run_bench(argv, log, timeout_s, sampler)
+    t0, t1 = run.window
+    cpu = sampler.usage(t0, t1, by_group({**groups, "load generator": run.pgid}))
+    return {
+        **run.figures(),
+        "window_s": t1 - t0,
+        "cpu_s": cpu,
+        "command": run.command,
+        "result_json": str(run.result_json),
+    }
+
+
+def cpu_pct(row: dict[str, Any], prefix: str) -> float:
+    """Percent of one core the roles whose names start with ``prefix`` used over a ``measure`` row's window."""
+    used = sum(v for k, v in row["cpu_s"].items() if k.startswith(prefix))
+    return 100.0 * used / row["window_s"] if row["window_s"] > 0 else math.nan
+
+
+def idle_workers(row: dict[str, Any]) -> list[str]:
+    """Workers that did (almost) nothing while another worked: the run did not use every worker."""
+    workers = {k: v for k, v in row["cpu_s"].items() if k.startswith("worker")}
+    busiest = max(workers.values(), default=0.0)
+    return sorted(k for k, v in workers.items() if busiest > 0 and v < 0.1 * busiest)
 
 
 def _latency(metrics: dict[str, Any], name: str, p: str) -> float:
