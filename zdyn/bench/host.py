@@ -158,6 +158,7 @@ class CpuSampler:
         self.interval_s, self.rescan_s = interval_s, rescan_s
         self.samples: list[Sample] = []
         self.pgid_of: dict[int, int] = {}  # pid -> process group, of every process seen in a tracked group
+        self.titles: dict[int, str] = {}  # pid -> command line, of the processes of the ``match`` groups
         self._pids: list[int] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -173,9 +174,11 @@ class CpuSampler:
         table = process_table()
         if self.match:
             me = os.getpid()
-            found = {p.pgid for p in table.values() if p.pid != me and any(m in cmdline(p.pid) for m in self.match)}
+            lines = {p.pid: cmdline(p.pid) for p in table.values() if p.pid != me}
+            found = {table[pid].pgid for pid, line in lines.items() if any(m in line for m in self.match)}
             with self._lock:
                 self.pgids |= found
+                self.titles |= {pid: lines[pid] for pid in lines if table[pid].pgid in found}
         with self._lock:
             mine = [p for p in table.values() if p.pgid in self.pgids and p.state != "Z"]
             self.pgid_of.update({p.pid: p.pgid for p in mine})
