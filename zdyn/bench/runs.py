@@ -112,15 +112,16 @@ def run_bench(argv: list[str], log: Path, timeout_s: float = 600.0, sampler: Cpu
 
 
 def measure(
-    dep: Deployment, argv: list[str], log: Path, interval_s: float = 0.5, timeout_s: float = 600.0
+    dep: Deployment, argv: list[str], log: Path, interval_s: float = 0.5, timeout_s: float = 600.0, titles: bool = False
 ) -> dict[str, Any]:
     """One ``zdyn bench`` run (``argv``) against ``dep``: its figures, the command, and the CPU seconds each role of
-    the deployment and the load generator used over the measured window (plus ``machine`` and ``other``)."""
+    the deployment (``titles``: vLLM's processes apart) and the load generator used over the measured window (plus
+    ``machine`` and ``other``)."""
     groups = dep.roles()
     with CpuSampler(groups.values(), interval_s=interval_s) as sampler:
         run = run_bench(argv, log, timeout_s, sampler)
     t0, t1 = run.window
-    cpu = sampler.usage(t0, t1, by_group({**groups, "load generator": run.pgid}))
+    cpu = sampler.usage(t0, t1, by_group({**groups, "load generator": run.pgid}, titles))
     return {
         **run.figures(),
         "window_s": t1 - t0,
