@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import sys
 import threading
 import time
@@ -27,19 +28,27 @@ def lock_path() -> str:
 @contextlib.contextmanager
 def bench_lock(path: str | None = None) -> Iterator[float]:
     """Hold the benchmark lock (fcntl, as ``flock PATH cmd`` takes it) so that no two benchmarks share the cores;
-    waits for it, with a note, while another holds it. Yields the seconds spent waiting."""
+    waits for it, with a note, while another holds it. Yields the seconds spent waiting. Meanwhile SIGTERM raises
+    KeyboardInterrupt in the main thread, so that a stopped benchmark still stops the deployments it started (they
+    run in process groups of their own, which the signal does not reach)."""
     path = path or lock_path()
-    with open(path, "a") as f:
-        t0 = time.monotonic()
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for {path}: another benchmark holds it", file=sys.stderr, flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield time.monotonic() - t0
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
+    try:
+        with open(path, "a") as f:
+            t0 = time.monotonic()
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for {path}: another benchmark holds it", file=sys.stderr, flush=True)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield time.monotonic() - t0
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------------------------------------------ /proc
