@@ -222,7 +222,9 @@ def report(doc: dict[str, Any]) -> str:
     for label, e in doc["summary"].items():
         for s in (s for s in SYSTEMS if s in e):
             name = f"{s} ({e[s]['disturbed']} disturbed)" if e[s]["disturbed"] else s
-            rows.append([label, name, *(f"{m:.3g} [{lo:.3g}-{hi:.3g}]" for m, lo, hi in (e[s][k] for k, _ in METRICS))])
+            rows.append(
+                [label, name, *(f"{fmt(m)} [{fmt(lo)}-{fmt(hi)}]" for m, lo, hi in (e[s][k] for k, _ in METRICS))]
+            )
         if r := e.get("zdyn_over_vllm"):
             rows.append([label, "**zdyn/vLLM**", *(f"{r[k]:.3f}" for k, _ in METRICS)])
             ci = e["added_ttft_p50_ci95_ms"]
