@@ -40,6 +40,7 @@ from zdyn.bench.host import CpuSampler, bench_lock, by_group, memory_mib
 from zdyn.bench.results import (
     RESULTS,
     command,
+    fmt,
     footer,
     med_range,
     provenance,
