@@ -21,7 +21,6 @@ know go to ``zdyn bench`` (e.g. ``--dataset prefix --prefix-len 512``); for the 
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -33,7 +32,7 @@ from zdyn.bench.deploy import SCENARIOS, Deployment, ZdynSpec, start
 from zdyn.bench.host import bench_lock, group_members
 from zdyn.bench.inputs import model_or_tiny
 from zdyn.bench.results import RESULTS, command, fmt, footer, provenance, pyplot, read_json, save_figure, write_json
-from zdyn.bench.runs import bench_argv, measure
+from zdyn.bench.runs import bench_argv, cpu_by_kind, measure
 
 TRACE_DATASETS = ("mooncake", "azure")  # these replay timestamps: the swept value is zdyn bench's --speed
 OWN_FLAGS = (
@@ -113,10 +112,7 @@ def run_point(
     ]
     argv = bench_argv(dep.base_url, args.model, result, f"{n} workers", *flags, *passthrough)
     row = measure(dep, argv, dep.log_dir / f"bench-r{rate:g}.log", timeout_s=600.0 + 4 * (args.duration or 0.0))
-    cpu: dict[str, float] = {}
-    for role, seconds in row["cpu_s"].items():
-        label = "bench" if role == "load generator" else re.sub(r"\d+$", "", role)
-        cpu[label] = cpu.get(label, 0.0) + round(100.0 * seconds / row["window_s"], 1)
+    cpu = cpu_by_kind(row)
     m = {k: round(row[k], 2) for k in ("ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "tpot_p50", "tpot_p99")}
     sent = None if args.num_requests else round(row["num_requests"] / args.duration, 2)
     return Point(n, rate, str(result.relative_to(out_dir)), row["completed"], row["failed"], row["duration_s"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shlex
 import signal
 import statistics
@@ -135,6 +136,16 @@ def cpu_pct(row: dict[str, Any], prefix: str) -> float:
     """Percent of one core the roles whose names start with ``prefix`` used over a ``measure`` row's window."""
     used = sum(v for k, v in row["cpu_s"].items() if k.startswith(prefix))
     return 100.0 * used / row["window_s"] if row["window_s"] > 0 else math.nan
+
+
+def cpu_by_kind(row: dict[str, Any]) -> dict[str, float]:
+    """Percent of one core per kind of role over a ``measure`` row's window: worker0 and worker1 count as ``worker``,
+    the load generator as ``bench``; plus ``machine`` and ``other``."""
+    out: dict[str, float] = {}
+    for role, seconds in row["cpu_s"].items():
+        kind = "bench" if role == "load generator" else re.sub(r"\d+$", "", role)
+        out[kind] = round(out.get(kind, 0.0) + 100.0 * seconds / row["window_s"], 1)
+    return out
 
 
 def idle_workers(row: dict[str, Any]) -> list[str]:
