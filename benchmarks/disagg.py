@@ -223,7 +223,8 @@ def run_one(args: argparse.Namespace, trace: Trace, name: str, window: Path, req
     ]
     t0 = time.monotonic()
     with start(spec, work / "logs", timeout_s=120) as dep:
-        row = measure(dep, bench_argv(dep.base_url, args.model, work / "bench.json", name, *flags), work / "bench.log")
+        argv = bench_argv(dep.base_url, args.model, work / "raw" / "bench.json", name, *flags)
+        row = measure(dep, argv, work / "logs" / "bench.log")
         queue = (
             {k: v for k, v in scrape(dep.metrics["prefill_queue"]).items() if "_jobs" in k} if layout.prefill else {}
         )
@@ -236,7 +237,7 @@ def run_one(args: argparse.Namespace, trace: Trace, name: str, window: Path, req
         "queue": queue,
         "wall_s": round(time.monotonic() - t0, 1),
         "killed_on_stop": dep.info["killed_on_stop"],
-        "per_request": breakdown(work / "bench.json", args.max_local_prefill_length, SLOW_GAP_MS / args.speedup),
+        "per_request": breakdown(Path(row["result_json"]), args.max_local_prefill_length, SLOW_GAP_MS / args.speedup),
     }
     return out | (decisions(work / "logs") if layout.prefill else {"decisions": {}})
 

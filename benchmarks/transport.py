@@ -35,8 +35,19 @@ import numpy as np
 import zmq
 
 from zdyn.bench.host import bench_lock, lock_path
-from zdyn.bench.results import RESULTS, command, fmt, footer, median, mr, provenance, pyplot, save_figure, table
-from zdyn.bench.results import write_json
+from zdyn.bench.results import (
+    RESULTS,
+    command,
+    fmt,
+    footer,
+    median,
+    mr,
+    provenance,
+    pyplot,
+    save_figure,
+    table,
+    write_json,
+)
 from zdyn.bench.zmq_pair import ClientSpec, RttSpec, StreamSpec, run_pair
 from zdyn.bench.zmq_servers import IMPLS
 
@@ -93,7 +104,7 @@ def report(agg: dict[str, Any], transports: Sequence[str], streams: Sequence[int
     for t in transports:
         for n in streams:
 
-            def vs(other: str, column: str) -> str:
+            def vs(other: str, column: str, t: str = t, n: int = n) -> str:
                 zdyn = med(agg, "streams", f"{t}/zdyn/{n}", column)
                 return fmt(zdyn / med(agg, "streams", f"{t}/{other}/{n}", column))
 
