@@ -1,13 +1,13 @@
 """Is a remote prefill through zdyn's own disagg deployment (real vLLM on CPU, KV over NIXL) as fast as a local one?
 
 examples/disagg is started as its run.sh starts it: the frontend, the prefill queue, one decode and one prefill
-worker, both vLLM with the embedded SmolLM2-135M-Instruct (float32 on CPU) and prefix caching off, so every prompt is
-computed. For each prompt length the same kind of request (greedy, 8 output tokens, token-id prompt, a new prompt each
-time) runs with the decode worker's ``max-local-prefill-length`` above the prompt (local prefill) and below it
+worker, both vLLM with the embedded SmolLM2-135M-Instruct (float32 on CPU) and prefix caching off, so every prompt
+is computed. For each prompt length the same kind of request (greedy, 8 output tokens, token-id prompt, a new prompt
+each time) runs with the decode worker's ``max-local-prefill-length`` above the prompt (local prefill) and below it
 (remote: the prefill worker computes the prompt and the decode worker pulls its KV through NIXL), alternating. The
-limit is switched at run time through the decode worker's ``--disagg-settings`` file. Reported per length: client-side TTFT
-and end-to-end latency (medians), the decode worker's wait for the remote prefill (from its log), and whether the
-greedy outputs of the two paths are equal. The benchmark lock is held throughout.
+limit is switched at run time through the decode worker's ``--disagg-settings`` file. Reported per length: client-
+side TTFT and end-to-end latency (medians), the decode worker's wait for the remote prefill (from its log), and
+whether the greedy outputs of the two paths are equal. The benchmark lock is held throughout.
 
     python -m benchmarks.disagg_vllm                         # ~4 min
     python -m benchmarks.disagg_vllm --sizes 256,2000 --reps 3
