@@ -343,6 +343,36 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path, f"Routing quality: Mooncake traces on {WORKERS} mocker workers")
 
 
+def measure_all(args: argparse.Namespace, doc: dict[str, Any], cmd: str, p: argparse.ArgumentParser) -> None:
+    model, traces = long_context_model(), [t for t in args.traces.split(",") if t]
+    replays = {t: Replay(t, args.speed, args.duration, args.mocker_speedup) for t in traces}
+    for t, rp in replays.items():
+        kept = doc["replays"].setdefault(t, asdict(rp) | {"ideal": ideal_hits(t, rp.speed * rp.duration_s)})
+        if {k: kept[k] for k in asdict(rp)} != asdict(rp):
+            p.error(f"--append: {args.out} replayed {t} with other settings")
+    doc["commands"].append(cmd)
+    dynamo, work = [d for d in args.dynamo.split(",") if d], args.out.with_suffix("")
+
+    def go(rp: Replay, system: str, mode: str) -> None:
+        key = (rp.trace, system, mode, rp.speedup)
+        rep = 1 + sum((r["trace"], r["system"], r["mode"], r["speedup"]) == key for r in doc["runs"])
+        doc["runs"].append(run(model, rp, system, mode, args.seed, rep, work))
+        write_json(args.out, doc)
+
+    if dynamo and "synthetic" in traces and not doc.get("calibration"):
+        doc["calibration"] = calibrate(model, work)
+    for trace, rp in replays.items():
+        for mode in [m for m in args.modes.split(",") if m] * args.reps:
+            go(rp, "zdyn", mode)
+        prefill = (doc.get("calibration") or {}).get("prefill_ratio", 1.0)
+        fast, slow = round(rp.speedup * prefill, 2), round(rp.speedup / prefill, 2)
+        peers = (("same", "dynamo", "kv", rp.speedup), ("matched", "zdyn", "kv", fast),
+                 ("scaled", "dynamo", "kv", slow), ("scaled-rr", "dynamo", "round-robin", slow))  # fmt: skip
+        for key, system, mode, speedup in peers if trace == "synthetic" else ():
+            if key in dynamo:
+                go(replace(rp, speedup=speedup), system, mode)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks.routing_quality", description=__doc__.split("\n\n")[0])
@@ -367,57 +397,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="only re-print the tables and redraw the plot of --out")
     args = p.parse_args(argv)
     cmd = command("benchmarks.routing_quality", argv)
-    if args.report:
-        doc = read_json(args.out)
-    else:
-        model, traces = long_context_model(), [t for t in args.traces.split(",") if t]
-        replays = {t: Replay(t, args.speed, args.duration, args.mocker_speedup) for t in traces}
-        doc = (
-            read_json(args.out)
-            if args.append
-            else {
-                "benchmark": "routing-quality",
-                **provenance(),
-                "commands": [],
-                "replays": {
-                    t: asdict(rp) | {"ideal": ideal_hits(t, rp.speed * rp.duration_s)} for t, rp in replays.items()
-                },
-                "runs": [],
-                "calibration": None,
-            }
-        )
-        if any(
-            doc["replays"].get(t, asdict(rp) | {"ideal": {}}) | {"ideal": {}} != asdict(rp) | {"ideal": {}}
-            for t, rp in replays.items()
-        ):
-            p.error(f"--append: {args.out} replayed a trace with other settings")
-        doc["commands"].append(cmd)
-        dynamo = [d for d in args.dynamo.split(",") if d]
-
-        def go(rp: Replay, system: str, mode: str) -> None:
-            reps = sum(
-                1
-                for r in doc["runs"]
-                if (r["trace"], r["system"], r["mode"], r["speedup"]) == (rp.trace, system, mode, rp.speedup)
-            )
-            doc["runs"].append(run(model, rp, system, mode, args.seed, reps + 1, args.out.with_suffix("")))
-            write_json(args.out, doc)
-
-        if dynamo and "synthetic" in traces and not doc["calibration"]:
-            doc["calibration"] = calibrate(model, args.out.with_suffix(""))
-        for trace, rp in replays.items():
-            for _ in range(args.reps):
-                for mode in [m for m in args.modes.split(",") if m]:
-                    go(rp, "zdyn", mode)
-            prefill = (doc["calibration"] or {}).get("prefill_ratio", 1.0)
-            for key, system, mode, speedup in (
-                ("same", "dynamo", "kv", rp.speedup),
-                ("matched", "zdyn", "kv", round(rp.speedup * prefill, 2)),
-                ("scaled", "dynamo", "kv", round(rp.speedup / prefill, 2)),
-                ("scaled-rr", "dynamo", "round-robin", round(rp.speedup / prefill, 2)),
-            ):
-                if key in dynamo and trace == "synthetic":
-                    go(replace(rp, speedup=speedup), system, mode)
+    new = {"benchmark": "routing-quality", **provenance(), "commands": [], "replays": {}, "runs": []}
+    doc = read_json(args.out) if args.report or args.append else new
+    if not args.report:
+        measure_all(args, doc, cmd, p)
     write_json(args.out, doc)
     print(report(doc))
     print(footer(cmd, args.out, plot(doc, args.out.with_suffix(".png"))))
