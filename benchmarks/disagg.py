@@ -371,7 +371,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 write_json(args.out, doc)
     print(report(doc))
-    print(footer(cmd, args.out, plot(doc, args.out.with_suffix(".png"))))
+    print(
+        footer(
+            doc["commands"][-1] if "commands" in doc else doc["command"],
+            args.out,
+            plot(doc, args.out.with_suffix(".png")),
+        )
+    )
     return 0
 
 
