@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from dynamo.llm import RadixTree, compute_block_hash_for_seq
+from dynamo.llm import RadixTree, compute_block_hash_for_seq  # type: ignore[import-not-found]  # Dynamo's venv
 
 from zdyn.bench.host import bench_lock
 from zdyn.bench.router_workload import Stored, Workload
