@@ -1,28 +1,24 @@
-#!/usr/bin/env python3
-"""Remote against local prefill through zdyn itself, with real vLLM on CPU and NIXL.
+"""Is a remote prefill through zdyn's own disagg deployment (real vLLM on CPU, KV over NIXL) as fast as a local one?
 
-``examples/disagg/run.sh`` starts the frontend, the prefill queue, one decode and one prefill worker, both vLLM
-with the embedded SmolLM2-135M-Instruct (float32 on CPU) and prefix caching off, so every prompt is computed. For
-each prompt length the same kind of request (greedy, 8 output tokens, token-id prompt, a new prompt each time) runs
-with the decode worker's ``max-local-prefill-length`` above the prompt (local prefill) and below it (remote: the
-prefill worker computes the prompt and the decode worker pulls its KV through NIXL), alternating. The limit is
-switched at run time through the decode worker's ``--disagg-settings`` file. Reported per length: client-side TTFT
-and end-to-end latency (medians), the decode worker's wait for the remote prefill (from its log), and whether the
-greedy outputs of the two paths are equal. The lock ``/tmp/zdyn-bench.lock`` is held throughout.
+examples/disagg is started as its run.sh starts it: the frontend, the prefill queue, one decode and one prefill
+worker, both vLLM with the embedded SmolLM2-135M-Instruct (float32 on CPU) and prefix caching off, so every prompt
+is computed. For each prompt length the same kind of request (greedy, 8 output tokens, token-id prompt, a new prompt
+each time) runs with the decode worker's ``max-local-prefill-length`` above the prompt (local prefill) and below it
+(remote: the prefill worker computes the prompt and the decode worker pulls its KV through NIXL), alternating. The
+limit is switched at run time through the decode worker's ``--disagg-settings`` file. Reported per length: client-
+side TTFT and end-to-end latency (medians), the decode worker's wait for the remote prefill (from its log), and
+whether the greedy outputs of the two paths are equal. The benchmark lock is held throughout.
 
-    python benchmarks/disagg_vllm.py                         # ~4 min
-    python benchmarks/disagg_vllm.py --sizes 256,2000 --reps 3
+    python -m benchmarks.disagg_vllm                         # ~4 min
+    python -m benchmarks.disagg_vllm --sizes 256,2000 --reps 3
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as dt
 import json
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,16 +26,10 @@ from typing import Any
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from zdyn.bench.deploy import ZdynSpec, start, vllm_scratch_env
+from zdyn.bench.host import bench_lock
+from zdyn.bench.results import RESULTS, command, footer, provenance, pyplot, save_figure, write_json
 
-from benchmarks import topology  # noqa: E402
-from zdyn.launch import free_port  # noqa: E402
-
-RESULTS = REPO / "benchmarks" / "results"
-OUT_JSON = RESULTS / "disagg-vllm.json"
-OUT_PNG = RESULTS / "disagg-vllm.png"
-WORK = RESULTS / "disagg-vllm"  # logs (git-ignored)
 REMOTE_TOOK = re.compile(r"request (\w+): remote prefill \([^)]*\) took ([\d.]+)s")
 
 
@@ -48,7 +38,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sizes", default="256,1024,2000,3500", help="prompt lengths in tokens")
     p.add_argument("--reps", type=int, default=3, help="requests per length and path")
     p.add_argument("--output-tokens", type=int, default=8)
-    p.add_argument("--lock", default=topology.LOCK_PATH, help="shared benchmark lock ('' for none)")
+    p.add_argument("--out", type=Path, default=RESULTS / "disagg-vllm.json", help="also OUT.png; logs in OUT/logs/")
     return p.parse_args()
 
 
@@ -99,19 +89,14 @@ def timed_completion(base_url: str, prompt: list[int], max_tokens: int) -> dict[
 
 
 def measure(args: argparse.Namespace, sizes: list[int]) -> dict[str, Any]:
-    log_dir = WORK / "logs"
+    log_dir = args.out.with_suffix("") / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings(log_dir / "disagg-settings.yaml", log_dir / "decode0.log")
-    scenario = topology.disagg_scenario("disagg", prefill=1)
-    env = {"ZDYN_HOST": "127.0.0.1", "ZDYN_PORT": str(free_port()), "ZDYN_LOG_DIR": str(log_dir.resolve()),
-           "ZDYN_START_TIMEOUT": "600", **scenario.env(2)}  # fmt: skip
-    flags = ["--disagg-settings", str(settings.path.resolve()), "--no-enable-prefix-caching"]
-    dep = topology.Deployment(scenario, 2, env, flags, log_dir)
+    flags = ("--disagg-settings", str(settings.path.resolve()), "--no-enable-prefix-caching")
+    spec = ZdynSpec("disagg", engine="vllm", worker_args=flags, env=vllm_scratch_env(log_dir / "scratch"))
     rows: list[dict[str, Any]] = []
-    try:
-        t0 = time.monotonic()
-        dep.start(600)
-        print(f"ready in {time.monotonic() - t0:.0f}s at {dep.base_url}", flush=True)
+    with start(spec, log_dir, timeout_s=600) as dep:
+        print(f"ready in {dep.info['start_s']:.0f}s at {dep.base_url}", flush=True)
         for salt, limit in enumerate((100_000, 64)):  # warm-up, local and remote: the first pull shakes hands
             settings.use(limit)
             timed_completion(dep.base_url, prompt_of(300, salt), args.output_tokens)
@@ -125,15 +110,13 @@ def measure(args: argparse.Namespace, sizes: list[int]) -> dict[str, Any]:
                     rows.append({"tokens": n, "rep": rep, "path": path, **r})
                     print(f"  {n:>5} tokens  {path:<6}  TTFT {r['ttft_s'] * 1e3:7.1f} ms  "
                           f"E2E {r['e2e_s'] * 1e3:7.1f} ms", flush=True)  # fmt: skip
-    finally:
-        leftovers = dep.stop()
     decode_log = (log_dir / "decode0.log").read_text(errors="replace")
     waits = {rid: float(s) for rid, s in REMOTE_TOOK.findall(decode_log)}
     for row in rows:
         row["remote_wait_s"] = waits.get(row["request_id"]) if row["path"] == "remote" else None
         if row["path"] == "remote" and row["remote_wait_s"] is None:
             raise RuntimeError(f"request {row['request_id']} was not prefilled remotely; see {log_dir}")
-    return {"rows": rows, "leftovers": leftovers}
+    return {"rows": rows, "killed_on_stop": dep.info["killed_on_stop"]}
 
 
 def summarize(rows: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, Any]]:
@@ -169,45 +152,31 @@ def table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+def plot(summary: list[dict[str, Any]], path: Path) -> Path:
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     x = range(len(summary))
     ax.bar([i - 0.2 for i in x], [s["local_ttft_ms"] for s in summary], 0.4, label="local prefill")
     ax.bar([i + 0.2 for i in x], [s["remote_ttft_ms"] for s in summary], 0.4, label="remote prefill (NIXL)")
     ax.set_xticks(list(x), [f"{s['tokens']:,}" for s in summary])
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("TTFT, median (ms)")
-    ax.set_title("zdyn disagg, SmolLM2-135M fp32 on vLLM CPU: remote vs local prefill")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(OUT_PNG, dpi=120)
+    return save_figure(fig, path, "zdyn disagg, SmolLM2-135M fp32 on vLLM CPU: remote vs local prefill")
 
 
 def main() -> int:
     args = parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    command = "python benchmarks/disagg_vllm.py" + "".join(f" {a}" for a in sys.argv[1:])
-    with topology.bench_lock(args.lock) if args.lock else contextlib.nullcontext():
+    cmd = command("benchmarks.disagg_vllm", sys.argv[1:])
+    with bench_lock():
         measured = measure(args, sizes)
     summary = summarize(measured["rows"], sizes)
-    doc = {
-        "command": command,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "git": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
-        "settings": {"sizes": sizes, "reps": args.reps, "output_tokens": args.output_tokens,
-                     "model": "embedded SmolLM2-135M-Instruct (float32 on CPU)", "prefix_caching": False},
-        "summary": summary,
-        **measured,
-    }  # fmt: skip
-    OUT_JSON.write_text(json.dumps(doc, indent=1) + "\n")
-    plot(summary)
+    settings = {"sizes": sizes, "reps": args.reps, "output_tokens": args.output_tokens, "prefix_caching": False,
+                "model": "embedded SmolLM2-135M-Instruct (float32 on CPU)"}  # fmt: skip
+    doc = {"command": cmd, **provenance(), "settings": settings, "summary": summary, **measured}
+    write_json(args.out, doc)
     print(table(summary))
-    print(f"\nCommand: {command}\nwrote {OUT_JSON.relative_to(REPO)}, {OUT_PNG.relative_to(REPO)}")
+    print(footer(cmd, args.out, plot(summary, args.out.with_suffix(".png"))))
     return 0
 
 

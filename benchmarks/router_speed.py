@@ -1,7 +1,7 @@
 """Micro-benchmark of the KV router's pure logic: decision latency and KV-event throughput.
 
 For W workers and block size B it indexes about 1M blocks (shared documents cached by subsets of workers, unique
-tails, unique sequences; see ``router_speed_workload.py``), then measures:
+tails, unique sequences; see ``zdyn/bench/router_workload.py``), then measures:
 
 - ``KvRouter.route`` latency (hashing, overlap walk, policy, in-flight accounting, prediction) for prompts of
   1k, 8k and 32k tokens, 50-90 % of each a cached document; and ``match`` = ``hash_blocks`` + ``overlaps`` alone;
@@ -9,7 +9,7 @@ tails, unique sequences; see ``router_speed_workload.py``), then measures:
   block per event as vLLM sends them, and the full wire path ``decode_payload`` + ``apply_batch`` of vLLM 0.32
   payloads.
 
-Run: ``python benchmarks/router_speed.py`` (on a shared box: ``flock /tmp/zdyn-bench.lock python ...``).
+Run: ``python -m benchmarks.router_speed`` (it holds the benchmark lock).
 """
 
 from __future__ import annotations
@@ -23,28 +23,29 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # run as a script from anywhere: this checkout's zdyn and workload
-from router_speed_workload import Stored, Workload  # noqa: E402
-
-from zdyn.kv_events import KvBlockRemoved, KvBlockStored, KvEventBatch, decode_payload, encode_payload  # noqa: E402
-from zdyn.router import KvRouter, WorkerState  # noqa: E402
-from zdyn.router.hashing import hash_blocks  # noqa: E402
+from zdyn.bench.host import bench_lock
+from zdyn.bench.results import RESULTS as RESULTS_DIR
+from zdyn.bench.results import command as command_line
+from zdyn.bench.router_workload import Stored, Workload
+from zdyn.kv_events import KvBlockRemoved, KvBlockStored, KvEvent, KvEventBatch, decode_payload, encode_payload
+from zdyn.router import KvRouter, WorkerState
+from zdyn.router.hashing import hash_blocks
 
 PROMPT_TOKENS = (1024, 8192, 32768)
 EVENTS_PER_BATCH = 8  # BlockStored events per batch (one engine step)
 REMOVED_PER_BATCH = 64  # BlockRemoved events per batch, one hash each
 IN_FLIGHT = 64  # requests kept in flight while timing route()
 TARGETS = {"route_p99_ms_8k_64w": 1.0, "block_events_per_s": 200_000}
-RESULTS = HERE / "results" / "router_speed.json"
+RESULTS = RESULTS_DIR / "router_speed.json"
 
 
 def stored_event(e: Stored, block_size: int) -> KvBlockStored:
     return KvBlockStored(e.hashes, e.parent, e.tokens, block_size)
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
@@ -74,7 +75,7 @@ def build(router: KvRouter, workload: Workload) -> dict[str, float]:
 
 
 def apply_stored(router: KvRouter, names: list[str], events: list[Stored], block_size: int) -> float:
-    by_worker: dict[int, list[KvBlockStored]] = {}
+    by_worker: dict[int, list[KvEvent]] = {}
     for e in events:
         by_worker.setdefault(e.worker, []).append(stored_event(e, block_size))
     batches = [(names[w], KvEventBatch(0, 0.0, evs)) for w, evs in by_worker.items()]
@@ -116,7 +117,7 @@ def time_removals(router: KvRouter, workload: Workload, max_blocks: int) -> dict
     batches: list[tuple[str, KvEventBatch]] = []
     n = 0
     for worker, hashes in workload.unique_seqs:
-        events = [KvBlockRemoved([h]) for h in reversed(hashes)]
+        events: list[KvEvent] = [KvBlockRemoved([h]) for h in reversed(hashes)]
         for i in range(0, len(events), REMOVED_PER_BATCH):
             batches.append((f"w{worker}", KvEventBatch(0, 0.0, events[i : i + REMOVED_PER_BATCH])))
         n += len(events)
@@ -152,12 +153,12 @@ def time_wire(router: KvRouter, workload: Workload, num_blocks: int) -> dict[str
     return out
 
 
-def run_config(num_workers: int, block_size: int, args: argparse.Namespace) -> dict[str, object]:
+def run_config(num_workers: int, block_size: int, args: argparse.Namespace) -> dict[str, Any]:
     workload = Workload(num_workers, block_size, args.blocks, seed=args.seed)
     router = KvRouter(block_size, seed=args.seed)
     for i in range(num_workers):
         router.add_worker(WorkerState(f"w{i}", num_kv_blocks=args.blocks // num_workers * 2, max_num_seqs=256))
-    result: dict[str, object] = {"workers": num_workers, "block_size": block_size}
+    result: dict[str, Any] = {"workers": num_workers, "block_size": block_size}
     rss_before = rss_mib()
     result["store"] = build(router, workload)
     gc.collect()
@@ -169,7 +170,7 @@ def run_config(num_workers: int, block_size: int, args: argparse.Namespace) -> d
     for n in PROMPT_TOKENS:
         prompts = workload.prompts(n, args.prompts, seed=n)
         time_routes(router, prompts[: min(20, len(prompts))])  # warm-up
-        result["routes"][str(n)] = time_routes(router, prompts)  # type: ignore[index]
+        result["routes"][str(n)] = time_routes(router, prompts)
     result["remove"] = time_removals(router, workload, args.event_blocks)
     result["wire"] = time_wire(router, workload, args.event_blocks)
     result["stats"] = dict(router.indexer.stats)
@@ -211,12 +212,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     results = []
-    for block_size in map(int, args.block_sizes.split(",")):
-        for num_workers in map(int, args.workers.split(",")):
-            t0 = time.perf_counter()
-            results.append(run_config(num_workers, block_size, args))
-            print(f"W={num_workers} B={block_size}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    with bench_lock():
+        for block_size in map(int, args.block_sizes.split(",")):
+            for num_workers in map(int, args.workers.split(",")):
+                t0 = time.perf_counter()
+                results.append(run_config(num_workers, block_size, args))
+                print(f"W={num_workers} B={block_size}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    command = command_line("benchmarks.router_speed", sys.argv[1:])
     print(table(results))
     check = next((r for r in results if r["workers"] == 64 and r["block_size"] == 16), None)
     if check is not None:

@@ -2,9 +2,10 @@
 
 Runs in Dynamo's venv (``benchmarks/peers/setup.sh``), not zdyn's:
 
-    ~/.cache/zdyn/peers/dynamo-venv/bin/python benchmarks/router_speed_dynamo.py
+    ~/.cache/zdyn/peers/dynamo-venv/bin/python -m benchmarks.router_speed_dynamo     # from the repo root
 
-Same workload and prompts as ``router_speed.py`` (``router_speed_workload.py``, same seed). Dynamo's Python
+Same workload and prompts as ``router_speed.py`` (``zdyn/bench/router_workload.py``, standard library only like
+``zdyn/bench/host.py``, whose benchmark lock it holds; same seed). Dynamo's Python
 binding takes one JSON-encoded ``KvCacheEvent`` per ``apply_event`` call and applies it on a background thread;
 ``find_matches`` goes through the same thread, so a ``find_matches`` after a run of events waits for them.
 Timed: ``compute_block_hash_for_seq`` (Dynamo's per-block hash, computed worker-side in a real deployment),
@@ -23,10 +24,12 @@ import sys
 import time
 from pathlib import Path
 
+from dynamo.llm import RadixTree, compute_block_hash_for_seq  # type: ignore[import-not-found]  # Dynamo's venv
+
+from zdyn.bench.host import bench_lock
+from zdyn.bench.router_workload import Stored, Workload
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from dynamo.llm import RadixTree, compute_block_hash_for_seq  # noqa: E402
-from router_speed_workload import Stored, Workload  # noqa: E402
 
 PROMPT_TOKENS = (1024, 8192, 32768)
 CHUNK_EVENTS = 64  # events applied between two syncs
@@ -179,12 +182,13 @@ def main() -> None:
         print(table(results) + "\n\n" + ratios(results))
         return
     results = []
-    for block_size in map(int, args.block_sizes.split(",")):
-        for num_workers in map(int, args.workers.split(",")):
-            t0 = time.perf_counter()
-            results.append(run_config(num_workers, block_size, args))
-            print(f"W={num_workers} B={block_size}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    command = f"{sys.executable} " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    with bench_lock():
+        for block_size in map(int, args.block_sizes.split(",")):
+            for num_workers in map(int, args.workers.split(",")):
+                t0 = time.perf_counter()
+                results.append(run_config(num_workers, block_size, args))
+                print(f"W={num_workers} B={block_size}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    command = f"{sys.executable} -m benchmarks.router_speed_dynamo " + " ".join(sys.argv[1:])
     print(table(results))
     if OURS.exists():
         print("\n" + ratios(results))

@@ -1,27 +1,21 @@
-"""Helpers for end-to-end tests: start zdyn roles as real processes on loopback."""
+"""Helpers for end-to-end tests: waits, small vLLM settings, and zdyn deployments through the benchmark harness."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import openai
+from zdyn.bench import procs
+from zdyn.bench.deploy import ZdynDeployment, ZdynSpec, start, vllm_scratch_env
 
-from zdyn.launch import ProcessGroup, free_port, wait_for_workers
+scratch_env = vllm_scratch_env  # keep vLLM's caches and IPC files in the test's folder
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     """Poll ``check`` until it holds; TimeoutError(``what``) after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
+    procs.wait_until(check, what, timeout_s, interval_s=0.05)
 
 
 async def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
@@ -43,59 +37,18 @@ VLLM_TEST_ARGS = [
 ]  # fmt: skip
 
 
-@dataclass
-class Deployment:
-    base_url: str
-    workers_endpoint: str
-    group: ProcessGroup
-    model: str
-    workers: list[str] = field(default_factory=list)
-
-    def client(self, **kw: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="none", max_retries=0, **kw)  # type: ignore[arg-type]
-
-    def add_worker(self, model: Path | str | None, extra: list[str] | None = None, name: str | None = None) -> str:
-        name = name or f"worker{len(self.workers)}"
-        argv = ["zdyn", "worker", "--connect", self.workers_endpoint]
-        if model is not None:
-            argv += ["--model", str(model)]
-        self.group.start(name, argv + (extra if extra is not None else VLLM_TEST_ARGS))
-        self.workers.append(name)
-        return name
-
-
-def scratch_env(tmp: Path) -> dict[str, str]:
-    """Keep vLLM's caches and IPC files in the test's folder."""
-    return {
-        "VLLM_CACHE_ROOT": str(tmp / "vllm-cache"),
-        "TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor"),
-        "VLLM_RPC_BASE_PATH": str(tmp),
-    }
-
-
 @contextmanager
 def deployment(
-    tmp: Path,
-    model: Path | str | None,
-    *,
-    num_workers: int = 1,
-    worker_args: list[str] | None = None,
-    frontend_args: list[str] | None = None,
-) -> Iterator[Deployment]:
-    """Frontend (embedded processor) plus ``num_workers`` vLLM workers, stopped on exit."""
-    port = free_port()
-    workers_endpoint = f"tcp://127.0.0.1:{free_port()}"
-    group = ProcessGroup(tmp / "logs")
-    os.environ.update(scratch_env(tmp))
-    argv = ["zdyn", "frontend", "--port", str(port), "--host", "127.0.0.1", "--workers-endpoint", workers_endpoint]
-    argv += ["--model", str(model)] if model is not None else []
-    group.start("frontend", argv + (frontend_args or []))
-    dep = Deployment(f"http://127.0.0.1:{port}", workers_endpoint, group, "")
-    try:
-        for _ in range(num_workers):
-            dep.add_worker(model, worker_args)
-        wait_for_workers(dep.base_url, num_workers, group, timeout_s=240)
-        dep.model = dep.client().models.list().data[0].id
+    tmp: Path, model: Path | str | None, *, num_workers: int = 1, worker_args: list[str] | None = None
+) -> Iterator[ZdynDeployment]:
+    """examples/agg with ``num_workers`` vLLM workers (``model``; None: the embedded default), stopped on exit."""
+    spec = ZdynSpec(
+        "agg",
+        workers=num_workers,
+        engine="vllm",
+        model=None if model is None else str(model),
+        worker_args=tuple(VLLM_TEST_ARGS if worker_args is None else worker_args),
+        env=scratch_env(tmp),
+    )
+    with start(spec, tmp / "logs", timeout_s=240) as dep:
         yield dep
-    finally:
-        group.stop()

@@ -12,7 +12,7 @@ import pytest
 from e2e import VLLM_TEST_ARGS, deployment, wait_until
 from transformers import AutoTokenizer
 
-from zdyn.launch import get_json, wait_for_workers
+from zdyn.bench.procs import get_json, wait_for_workers
 
 pytestmark = pytest.mark.slow
 
@@ -230,7 +230,7 @@ def test_worker_death_fails_its_streams_and_a_new_worker_is_used(tiny_model, tmp
         with pytest.raises(openai.APIStatusError) as unavailable:
             dep.client().completions.create(model=dep.model, prompt="x", max_tokens=2)
         assert unavailable.value.status_code == 503
-        dep.add_worker(tiny_model)  # joins at run time, nothing restarted
+        dep.add_worker()  # joins at run time, nothing restarted
         wait_for_workers(dep.base_url, 1, timeout_s=240)
         r = dep.client().completions.create(model=dep.model, prompt="x", max_tokens=2)
         assert r.usage.completion_tokens == 2

@@ -16,7 +16,7 @@ import openai
 import pytest
 from e2e import VLLM_TEST_ARGS, scratch_env, wait_until
 
-from zdyn.launch import ProcessGroup, free_port, wait_for_workers
+from zdyn.bench.procs import ProcessGroup, free_port, wait_for_workers
 
 pytestmark = pytest.mark.slow
 

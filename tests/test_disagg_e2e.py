@@ -17,7 +17,7 @@ import openai
 import pytest
 from e2e import VLLM_TEST_ARGS, scratch_env, wait_until
 
-from zdyn.launch import ProcessGroup, free_ports, wait_for_workers
+from zdyn.bench.procs import ProcessGroup, free_ports, wait_for_workers
 
 pytestmark = pytest.mark.slow
 # Two vLLM engines and NIXL on 2 cores can starve a process for seconds: give liveness room (2 s x 3).

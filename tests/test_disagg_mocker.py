@@ -15,7 +15,7 @@ import openai
 import pytest
 from e2e import wait_until
 
-from zdyn.launch import ProcessGroup, free_ports, wait_for_workers
+from zdyn.bench.procs import ProcessGroup, free_ports, wait_for_workers
 
 MOCKER = ["--engine", "mocker", "--speedup", "0.1", "--block-size", "32", "--max-model-len", "2048"]
 LONG = [(i * 37) % 800 + 20 for i in range(1500)]

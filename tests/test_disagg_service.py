@@ -9,9 +9,9 @@ import zmq
 import zmq.asyncio
 from e2e import eventually
 
+from zdyn.bench.procs import free_ports
 from zdyn.disagg.decode import PrefillClient, PrefillUnavailable
 from zdyn.disagg.queue_service import PrefillQueueService
-from zdyn.launch import free_ports
 from zdyn.protocol import Delta, Finish, Generate, PrefillDone, Ready, encode
 from zdyn.rpc import Hub, Spoke
 from zdyn.transport import Liveness

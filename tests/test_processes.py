@@ -10,8 +10,8 @@ import openai
 import pytest
 from e2e import wait_until
 
+from zdyn.bench.procs import ProcessGroup, free_port, get_json, wait_for_workers
 from zdyn.config import config_argv, to_argv
-from zdyn.launch import ProcessGroup, free_port, get_json, wait_for_workers
 from zdyn.roles.worker import build_parser
 
 MOCKER = ["--engine", "mocker", "--speedup", "100", "--max-model-len", "2048", "--block-size", "32"]

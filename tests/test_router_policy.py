@@ -203,10 +203,16 @@ def test_worker_at_capacity_is_chosen_only_when_all_are() -> None:
     assert d.worker == "a" and "all at capacity" in d.reason
 
 
-def test_round_robin_and_random_are_the_processor_s_not_the_router_s() -> None:
-    for mode in ("round-robin", "random", "smart"):
-        with pytest.raises(ValueError, match="unknown routing mode"):
-            RoutingPolicy(mode)
+def test_round_robin_and_random_respect_capacity_too() -> None:
+    active = ActiveRequests()
+    for i in range(2):
+        active.add(f"r{i}", "a", 1, 1)
+    full = states("a", "b", max_num_seqs=2)
+    assert {RoutingPolicy("random", seed=s).choose(full, {}, 1, active).worker for s in range(20)} == {"b"}
+    rr = RoutingPolicy("round-robin")
+    assert [rr.choose(states("a", "b", "c"), {"c": 9}, 10, ActiveRequests()).worker for _ in range(6)] == list("abcabc")
+    d = rr.choose(states("a", "b"), {"a": 3}, 10, ActiveRequests())
+    assert (d.worker, d.overlap_blocks, d.reason) == ("a", 3, "round-robin")
 
 
 def test_kv_load_avoids_a_worker_with_a_queue_while_another_has_none() -> None:

@@ -9,8 +9,8 @@ import zmq
 import zmq.asyncio
 from e2e import eventually
 
+from zdyn.bench.procs import free_ports
 from zdyn.kv_events import KvBlockStored, KvEventPublisher
-from zdyn.launch import free_ports
 from zdyn.protocol import Ready, RouteQuery, RouteUpdate, encode
 from zdyn.router.client import RemoteSelector, RouterClient
 from zdyn.router.core import KvRouter

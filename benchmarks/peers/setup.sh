@@ -65,8 +65,8 @@ esac
 
 mkdir -p "$PEERS_DIR"
 PEERS_DIR="$(cd "$PEERS_DIR" && pwd)"  # absolute, since we cd there
-# Work from the peers folder, and run checks with python -I: from benchmarks/peers/ itself, the current folder on
-# sys.path would make `import dynamo` / `import aiperf` find this repo's dynamo.py / aiperf.py instead.
+# Work from the peers folder, and run checks with python -I (isolated: no current folder or PYTHONPATH on sys.path),
+# so that `import dynamo` / `import aiperf` find the installed packages and nothing else.
 cd "$PEERS_DIR"
 
 # constraints_args VENV NAME -- prints "-c FILE" (writing FILE into the venv) unless ZDYN_PEERS_UNPINNED=1
@@ -165,7 +165,7 @@ main() {
             "($("$PEERS_DIR/aiperf-venv/bin/python" -I -c \
             "import importlib.metadata as m; print(m.version('aiperf'))" 2>/dev/null || echo '?'))"
     fi
-    log "use: python -m benchmarks.peers.dynamo --help (from the repo root)"
+    log "use: python -m zdyn.bench.dynamo_peer --help (from the repo root)"
 }
 
 # The lock lists (pip constraints): `pip freeze` of the verified venvs, minus pip/setuptools.

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import platform
 import shlex
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,15 @@ def error_samples(result: PointResult) -> list[dict[str, Any]]:
     return [{"index": r.index, "error": r.error, "status": r.status, "detail": r.error_detail} for r in failed]
 
 
+def measured_window(result: PointResult) -> list[float] | None:
+    """Wall-clock [first send, last completion] of the measured requests: the window over which others (a
+    benchmark's CPU sampler) read what the run cost."""
+    if not result.records:
+        return None
+    to_unix = time.time() - time.perf_counter()
+    return [to_unix + min(r.start for r in result.records), to_unix + max(r.end for r in result.records)]
+
+
 def result_json(
     argv: Sequence[str],
     config: dict[str, Any],
@@ -132,6 +142,7 @@ def result_json(
                 "failed": sum(not r.success for r in result.warmup_records),
             },
             "error_samples": error_samples(result),
+            "window_unix_s": measured_window(result),
         }
         if save_requests:
             run["requests"] = [r.to_json(result.origin) for r in result.records]

@@ -8,7 +8,9 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-MODES = ("kv", "kv-load")  # round-robin and random need no router: see ``selector``
+from zdyn.router.selector import Random, RoundRobin
+
+MODES = ("kv", "kv-load", "round-robin", "random")
 
 
 @dataclass(slots=True)
@@ -113,8 +115,8 @@ class ActiveRequests:
 
 
 class RoutingPolicy:
-    """Picks a worker for a request. Modes: kv (prefix overlap against router-tracked load) and kv-load (kv,
-    plus the load workers publish).
+    """Picks a worker for a request. Modes: kv (prefix overlap against router-tracked load), kv-load (kv, plus
+    the load workers publish), and round-robin and random (``selector``'s, for comparisons in one topology).
 
     kv cost, lower is better (Dynamo's form)::
 
@@ -137,6 +139,7 @@ class RoutingPolicy:
         self.overlap_weight = overlap_weight
         self.temperature = temperature
         self._rng = random.Random(seed)
+        self._simple = RoundRobin() if mode == "round-robin" else Random(seed) if mode == "random" else None
 
     def choose(
         self,
@@ -151,6 +154,9 @@ class RoutingPolicy:
         note = "" if len(pool) == len(candidates) else f", {len(candidates) - len(pool)} at capacity skipped"
         if not pool:
             pool, note = list(candidates), ", all at capacity"
+        if self._simple is not None:  # the same choice a processor makes without a router
+            state = self._simple.pick(pool)
+            return Decision(state.worker, overlaps.get(state.worker, 0), 0.0, f"{self.mode}{note}")
         costs = self._costs(pool, overlaps, request_blocks, active)
         i, how = self._argmin(pool, costs, active) if self.temperature == 0 else self._sample(costs)
         worker = pool[i].worker

@@ -9,14 +9,16 @@ state about workers; the KV-aware selectors are ``feed.LocalSelector`` (the rout
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from zdyn.protocol import RouteEvent
 from zdyn.rpc import Peer
 
 # Worker choice of a processor: the two KV modes use the KV router (see ``policy.RoutingPolicy``).
 MODES = ("kv", "kv-load", "round-robin", "random")
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -39,13 +41,20 @@ class Selector(Protocol):
 
 
 class RoundRobin:
+    """Takes turns. ``pick`` serves any sequence (the KV router's policy uses it on its worker states)."""
+
+    reason = "round-robin"
+
     def __init__(self) -> None:
         self._next = 0
 
-    async def select(self, request_id: str, token_ids: list[int], peers: list[Peer]) -> Route:
-        peer = peers[self._next % len(peers)]
+    def pick(self, items: Sequence[T]) -> T:
+        item = items[self._next % len(items)]
         self._next += 1
-        return Route(peer, reason="round-robin")
+        return item
+
+    async def select(self, request_id: str, token_ids: list[int], peers: list[Peer]) -> Route:
+        return Route(self.pick(peers), reason=self.reason)
 
     def update(self, request_id: str, event: RouteEvent) -> None:
         pass
@@ -55,8 +64,10 @@ class RoundRobin:
 
 
 class Random(RoundRobin):
+    reason = "random"
+
     def __init__(self, seed: int | None = None) -> None:
         self._random = random.Random(seed)
 
-    async def select(self, request_id: str, token_ids: list[int], peers: list[Peer]) -> Route:
-        return Route(self._random.choice(peers), reason="random")
+    def pick(self, items: Sequence[T]) -> T:
+        return self._random.choice(items)

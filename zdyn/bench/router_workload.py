@@ -1,7 +1,7 @@
-"""Deterministic KV-cache workload for the router speed benchmarks.
+"""Deterministic KV-cache workload for the router speed benchmarks (``benchmarks/router_speed*.py``).
 
 Standard library only, so that the same inputs can be replayed into NVIDIA Dynamo's indexer from its own venv
-(``router_speed_dynamo.py``). A workload is a population of shared documents (system prompts, few-shot
+(``benchmarks/router_speed_dynamo.py``). A workload is a population of shared documents (system prompts, few-shot
 examples, long RAG contexts) each cached by a random subset of workers with a unique tail per copy, plus unique
 sequences per worker, stored as vLLM would report them: BlockStored events of at most one prefill chunk.
 """
