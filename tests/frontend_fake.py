@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import httpx
@@ -123,12 +123,12 @@ async def call_asgi(
     headers: list[tuple[bytes, bytes]] | None = None,
     hang_up: asyncio.Event | None = None,
     received: list[int] | None = None,
-) -> list[dict[str, Any]]:
+) -> list[MutableMapping[str, Any]]:
     """POST ``chunks`` as the body straight into the ASGI app and return what it sent.
 
     The client disconnects when ``hang_up`` is set; ``received`` collects one item per body chunk read.
     """
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
     gone = hang_up or asyncio.Event()
     pending = list(chunks)
 
@@ -141,7 +141,7 @@ async def call_asgi(
         await gone.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     scope = {

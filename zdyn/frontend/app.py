@@ -212,7 +212,7 @@ class Frontend:
         return Starlette(
             routes=routes,
             middleware=middleware,
-            exception_handlers=handlers,  # type: ignore[arg-type]
+            exception_handlers=handlers,
             lifespan=lifespan,
         )
 

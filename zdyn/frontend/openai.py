@@ -37,7 +37,10 @@ SAMPLING_FIELDS = (
 # Fields only their null value is accepted for, until zdyn implements them.
 COMMON_NULL_ONLY = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 CHAT_NULL_ONLY = ("prediction", "audio", "web_search_options", "reasoning_effort")
-_DECODERS = {"chat": msgspec.json.Decoder(ChatRequest), "completions": msgspec.json.Decoder(CompletionRequest)}
+_DECODERS: dict[str, msgspec.json.Decoder[ChatRequest] | msgspec.json.Decoder[CompletionRequest]] = {
+    "chat": msgspec.json.Decoder(ChatRequest),
+    "completions": msgspec.json.Decoder(CompletionRequest),
+}
 _WHERE = re.compile(r"(?P<detail>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?", re.S)
 _FIELD = re.compile(r"Object (?P<what>missing required|contains unknown) field `(?P<name>[^`]*)`")
 
