@@ -224,7 +224,7 @@ def _path(endpoint):
     return "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
 
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])

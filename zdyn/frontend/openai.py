@@ -35,7 +35,9 @@ SAMPLING_FIELDS = (
     "repetition_penalty", "min_tokens", "stop_token_ids",
 )  # fmt: skip
 # Fields only their null value is accepted for, until zdyn implements them.
-COMMON_NULL_ONLY = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+COMMON_NULL_ONLY = (
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "prompt_logprobs",
+)  # fmt: skip
 CHAT_NULL_ONLY = ("prediction", "audio", "web_search_options", "reasoning_effort")
 _DECODERS: dict[str, msgspec.json.Decoder[ChatRequest] | msgspec.json.Decoder[CompletionRequest]] = {
     "chat": msgspec.json.Decoder(ChatRequest),
@@ -120,8 +122,6 @@ def _check_common(request: CommonRequest) -> None:
     for name in COMMON_NULL_ONLY:
         if getattr(request, name) is not None:
             raise not_supported(name)
-    if request.prompt_logprobs is not None:
-        raise not_supported("prompt_logprobs")
 
 
 def _sampling(request: CommonRequest) -> SamplingParams:
