@@ -143,9 +143,14 @@ def test_logprobs_and_n(agg):
         (b"{not json", 400, "invalid JSON"),
         (b'{"model": "tiny-llama", "messages": "hi"}', 400, "messages"),
         (b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404, "does not exist"),
-        (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 400, "least 1"),
+        (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 400, ">= 1"),
         (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "temperature": "a"}', 400, "float"),
-        (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "tools": []}', 400, "tools"),
+        (
+            b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], '
+            b'"tools": [{"type": "function", "function": {"name": "f"}}]}',
+            400,
+            "tools",
+        ),
         (
             b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}',
             400,

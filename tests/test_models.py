@@ -23,6 +23,7 @@ from zdyn.models import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+MARKER = ".zdyn-model.json"
 
 ROUND_TRIP_TEXTS = [
     "",
@@ -171,6 +172,72 @@ def test_tiny_build_is_deterministic_across_concurrent_processes(tiny_model: Pat
         assert stdout == f"{dest}\n"
     assert _digests(dest) == _digests(tiny_model)
     assert [path.name for path in tmp_path.iterdir() if ".tmp-" in path.name] == []
+
+
+# Runs zdyn.models as `python -m zdyn.models ...` would, in a Python where `import torch` fails.
+WITHOUT_TORCH = """
+import runpy, sys
+sys.modules["torch"] = None  # import torch raises ImportError; importlib.util.find_spec("torch") is None
+sys.argv = ["zdyn.models", *sys.argv[1:]]
+runpy.run_module("zdyn.models", run_name="__main__", alter_sys=True)
+"""
+CHECK_WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None
+from transformers import AutoConfig, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+print(tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True))
+print(AutoConfig.from_pretrained(sys.argv[1]).vocab_size)
+"""
+
+
+def _without_torch(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-c", code, *args]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+
+
+def test_tiny_build_without_torch_has_the_same_tokenizer_and_config(tiny_model: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "no-weights"
+    run = _without_torch(WITHOUT_TORCH, "tiny", str(dest))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == f"{dest}\n"
+    assert not (dest / "model.safetensors").exists()
+    assert json.loads((dest / MARKER).read_text())["weights"] is False
+    with_torch = _digests(tiny_model)
+    without = _digests(dest)
+    assert set(with_torch) - set(without) == {"model.safetensors"}
+    assert {k: v for k, v in without.items() if k != MARKER} == {
+        k: v for k, v in with_torch.items() if k not in (MARKER, "model.safetensors")
+    }
+    check = _without_torch(CHECK_WITHOUT_TORCH, str(dest))
+    assert check.returncode == 0, check.stderr
+    assert check.stdout == "<|user|>hi<|eos|><|assistant|>\n4096\n"
+
+    before = {path.name: path.stat().st_mtime_ns for path in dest.iterdir()}
+    assert build_tiny_llama(dest, weights=False) == dest  # cached
+    assert {path.name: path.stat().st_mtime_ns for path in dest.iterdir()} == before
+    assert build_tiny_llama(dest) == dest  # torch is here: the weights are added
+    assert _digests(dest) == with_torch
+
+
+def test_tiny_build_without_torch_uses_a_folder_with_weights(tiny_model: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "model"
+    shutil.copytree(tiny_model, dest)
+    before = {path.name: path.stat().st_mtime_ns for path in dest.iterdir()}
+    run = _without_torch(WITHOUT_TORCH, "tiny", str(dest))
+    assert run.returncode == 0, run.stderr
+    assert {path.name: path.stat().st_mtime_ns for path in dest.iterdir()} == before
+
+
+def test_a_build_from_before_optional_weights_is_still_complete(tiny_model: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "old"
+    shutil.copytree(tiny_model, dest)
+    marker = json.loads((dest / MARKER).read_text())
+    del marker["weights"]
+    (dest / MARKER).write_text(json.dumps(marker))
+    before = {path.name: path.stat().st_mtime_ns for path in dest.iterdir()}
+    assert build_tiny_llama(dest) == dest
+    assert {path.name: path.stat().st_mtime_ns for path in dest.iterdir()} == before
 
 
 def test_tiny_build_replaces_a_build_with_other_parameters(tiny_model: Path, tmp_path: Path) -> None:

@@ -1,18 +1,27 @@
+"""OpenAI request parsing (body bytes -> TextRequest) and response shaping, without HTTP."""
+
+import msgspec
 import pytest
 
 from zdyn.errors import RequestError
-from zdyn.frontend.openai import ResponseBuilder, parse_request
+from zdyn.frontend.openai import parse_request, validation_error
+from zdyn.frontend.responses import ResponseBuilder
 from zdyn.protocol import Delta, Finish, TokenLogprob, TopLogprob
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
+def parse(endpoint, body, max_depth=64):
+    return parse_request(endpoint, msgspec.json.encode(body), max_depth)
+
+
 def test_chat_defaults():
-    p = parse_request("chat", CHAT)
+    p = parse("chat", CHAT)
     assert p.model == "m" and not p.stream and not p.include_usage and not p.logprobs
     assert p.text.messages == [{"role": "user", "content": "hi"}]
-    assert p.text.max_tokens is None and p.text.n == 1 and p.text.stop == []
+    assert p.text.max_tokens is None and p.text.n == 1 and p.text.stop == [] and p.text.sampling_set == []
     assert p.text.sampling.temperature == 1.0 and p.text.sampling.logprobs is None
+    assert p.text.skip_special_tokens and not p.text.include_stop_str_in_output and not p.text.sampling.ignore_eos
 
 
 def test_chat_sampling_fields_are_carried():
@@ -34,77 +43,103 @@ def test_chat_sampling_fields_are_carried():
         "min_tokens": 2,
         "logprobs": True,
         "top_logprobs": 3,
+        "n": 2,
         "stream": True,
         "stream_options": {"include_usage": True},
         "user": "someone",
+        "skip_special_tokens": False,
+        "include_stop_str_in_output": True,
     }
-    p = parse_request("chat", body)
+    p = parse("chat", body)
     s = p.text.sampling
     assert p.text.max_tokens == 7  # max_completion_tokens wins
     assert (s.temperature, s.top_p, s.top_k, s.min_p, s.seed) == (0.0, 0.5, 4, 0.1, 3)
     assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -0.5, 1.1)
     assert s.stop_token_ids == [2] and s.ignore_eos and s.min_tokens == 2 and s.logprobs == 3
-    assert p.text.stop == ["END"] and p.stream and p.include_usage and p.logprobs
+    assert p.text.stop == ["END"] and p.stream and p.include_usage and p.logprobs and p.text.n == 2
+    assert not p.text.skip_special_tokens and p.text.include_stop_str_in_output
+    assert p.text.sampling_set == ["min_p", "repetition_penalty", "temperature", "top_k", "top_p"]
 
 
-def test_text_parts_are_joined_and_nvext_ignore_eos_is_honoured():
+def test_messages_reach_the_template_as_plain_dicts():
     body = {
         "model": "m",
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
-        "nvext": {"ignore_eos": True},
+        "messages": [
+            {"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+            {"role": "user", "content": "Weather?", "name": "ann"},
+            {
+                "role": "assistant",
+                "content": None,
+                "refusal": None,
+                "annotations": [],
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            },
+            {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+            {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+        ],
+        "nvext": {"ignore_eos": True, "annotations": ["x"]},
+        "chat_template_kwargs": {"enable_thinking": False},
     }
-    p = parse_request("chat", body)
-    assert p.text.messages[0]["content"] == "ab" and p.text.sampling.ignore_eos
+    p = parse("chat", body)
+    assert p.text.messages == [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "Weather?", "name": "ann"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": "{}"}, "type": "function"}],
+        },
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "No."},
+    ]
+    assert p.text.sampling.ignore_eos and p.text.chat_template_kwargs == {"enable_thinking": False}
 
 
 def test_completions_prompt_forms():
-    assert parse_request("completions", {"model": "m", "prompt": "x"}).text.prompt == "x"
-    assert parse_request("completions", {"model": "m", "prompt": [1, 2]}).text.prompt == [1, 2]
-    assert parse_request("completions", {"model": "m", "prompt": ["x"]}).text.prompt == "x"
-    assert parse_request("completions", {"model": "m", "prompt": [[4, 5]]}).text.prompt == [4, 5]
-    p = parse_request("completions", {"model": "m", "prompt": "x", "logprobs": 2})
-    assert p.logprobs and p.text.sampling.logprobs == 2
+    assert parse("completions", {"model": "m", "prompt": "x"}).text.prompt == "x"
+    assert parse("completions", {"model": "m", "prompt": [1, 2]}).text.prompt == [1, 2]
+    assert parse("completions", {"model": "m", "prompt": ["x"]}).text.prompt == "x"
+    assert parse("completions", {"model": "m", "prompt": [[4, 5]]}).text.prompt == [4, 5]
+    p = parse("completions", {"model": "m", "prompt": "x", "logprobs": 2, "best_of": 1, "echo": False})
+    assert p.logprobs and p.text.sampling.logprobs == 2 and p.text.messages is None
+    assert parse("completions", {"model": "m", "prompt": "x", "logprobs": 0}).text.sampling.logprobs == 0
 
 
 @pytest.mark.parametrize(
-    "endpoint, body, param, match",
+    "message, param, detail",
     [
-        ("chat", [], None, "JSON object"),
-        ("chat", {"messages": CHAT["messages"]}, "model", "'model' is required"),
-        ("chat", {"model": "m"}, "messages", "non-empty list"),
-        ("chat", {"model": "m", "messages": []}, "messages", "non-empty list"),
-        ("chat", {"model": "m", "messages": ["hi"]}, "messages", "string 'role'"),
-        ("chat", {"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages", "string or a list"),
-        ("chat", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages", "text"),
-        ("chat", {**CHAT, "max_tokens": 0}, "max_tokens", "at least 1"),
-        ("chat", {**CHAT, "max_tokens": -5}, "max_tokens", "at least 1"),
-        ("chat", {**CHAT, "max_tokens": "10"}, "max_tokens", "type int"),
-        ("chat", {**CHAT, "max_tokens": 1.5}, "max_tokens", "type int"),
-        ("chat", {**CHAT, "temperature": "hot"}, "temperature", "type float"),
-        ("chat", {**CHAT, "temperature": 3}, "temperature", "<= 2.0"),
-        ("chat", {**CHAT, "top_p": 0}, "top_p", ">="),
-        ("chat", {**CHAT, "stream": "yes"}, "stream", "type bool"),
-        ("chat", {**CHAT, "n": 0}, "n", ">= 1"),
-        ("chat", {**CHAT, "stop": [1]}, "stop", "list of strings"),
-        ("chat", {**CHAT, "stop_token_ids": [-1]}, "stop_token_ids", "non-negative"),
-        ("chat", {**CHAT, "top_logprobs": 2}, "top_logprobs", "requires"),
-        ("chat", {**CHAT, "tools": []}, "tools", "not supported"),
-        ("chat", {**CHAT, "response_format": {"type": "json_object"}}, "response_format", "not supported"),
-        ("chat", {**CHAT, "bogus": 1}, "bogus", "Unrecognized request argument"),
-        ("chat", {**CHAT, "stream_options": 1}, "stream_options", "object"),
-        ("completions", {"model": "m"}, "prompt", "'prompt' must be"),
-        ("completions", {"model": "m", "prompt": []}, "prompt", "'prompt' must be"),
-        ("completions", {"model": "m", "prompt": ["a", "b"]}, "prompt", "batched prompts"),
-        ("completions", {"model": "m", "prompt": "x", "echo": True}, "echo", "not supported"),
-        ("completions", {"model": "m", "prompt": "x", "messages": []}, "messages", "Unrecognized"),
-        ("completions", {"model": "m", "prompt": "x", "suffix": "y"}, "suffix", "not supported"),
+        ("Expected `int` >= 1 - at `$.max_tokens`", "max_tokens", "Invalid 'max_tokens': expected `int` >= 1."),
+        ("Object missing required field `model`", "model", "Missing required parameter: 'model'."),
+        (
+            "Object missing required field `content` - at `$.messages[2]`",
+            "messages[2].content",
+            "Missing required parameter: 'messages[2].content'.",
+        ),
+        ("Object contains unknown field `x`", "x", "Unrecognized request argument supplied: x"),
+        ("Object contains unknown field `x` - at `$.nvext`", "nvext.x", "Unrecognized argument 'x' in 'nvext'"),
+        ("Expected `object`, got `array`", None, "The request body must be a JSON object"),
     ],
 )
-def test_bad_requests_are_400_with_the_field_named(endpoint, body, param, match):
-    with pytest.raises(RequestError, match=match) as err:
-        parse_request(endpoint, body)
-    assert err.value.status == 400 and err.value.type == "invalid_request_error"
-    assert getattr(err.value, "param", None) == param
+def test_msgspec_errors_become_openai_errors(message, param, detail):
+    error = validation_error(message)
+    assert (error.status, error.type, error.param) == (400, "invalid_request_error", param)
+    assert error.message.startswith(detail)
+
+
+def test_depth_of_free_form_json_is_bounded():
+    nested: dict = {}
+    inner = nested
+    for _ in range(10):
+        inner["a"] = {}
+        inner = inner["a"]
+    body = {**CHAT, "chat_template_kwargs": nested}
+    assert parse("chat", body, max_depth=12).text.chat_template_kwargs == nested
+    with pytest.raises(RequestError, match="nested too deeply") as err:
+        parse("chat", body, max_depth=11)
+    assert err.value.param == "chat_template_kwargs"
+    deep = msgspec.json.encode(CHAT)[:-1] + b', "chat_template_kwargs": {"a": ' + b"[" * 10**5 + b"]" * 10**5 + b"}}"
+    with pytest.raises(RequestError, match="nested too deeply"):
+        parse_request("chat", deep)
 
 
 def _finish(reason="stop", completion=2, cached=4, stop_reason=None):
@@ -114,7 +149,7 @@ def _finish(reason="stop", completion=2, cached=4, stop_reason=None):
 
 
 def test_chat_stream_chunks_follow_openai():
-    p = parse_request("chat", {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    p = parse("chat", {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
     b = ResponseBuilder(p, "abc")
     first = b.chunks(Delta(request_id="abc", token_ids=[1], text="Hel"))
     assert [c["choices"][0]["delta"] for c in first] == [{"role": "assistant", "content": ""}, {"content": "Hel"}]
@@ -135,7 +170,7 @@ def test_chat_stream_chunks_follow_openai():
 
 
 def test_completion_response_and_logprobs():
-    p = parse_request("completions", {"model": "m", "prompt": "x", "logprobs": 1})
+    p = parse("completions", {"model": "m", "prompt": "x", "logprobs": 1})
     b = ResponseBuilder(p, "r")
     lp = [TokenLogprob(token_id=5, logprob=-0.1, token="He", top=[TopLogprob(token_id=5, logprob=-0.1, token="He")])]
     b.add(Delta(request_id="r", text="He", logprobs=lp))
@@ -154,7 +189,7 @@ def test_completion_response_and_logprobs():
 
 
 def test_chat_response_with_n_choices_sums_usage():
-    p = parse_request("chat", {**CHAT, "n": 2, "logprobs": True})
+    p = parse("chat", {**CHAT, "n": 2, "logprobs": True})
     b = ResponseBuilder(p, "r")
     b.add(Delta(request_id="r", index=1, text="b", finish=_finish(completion=3)))
     lp = [TokenLogprob(token_id=1, logprob=-1.0, token="é")]

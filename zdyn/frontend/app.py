@@ -5,22 +5,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from zdyn.errors import RequestError
-from zdyn.frontend.metrics import Metrics
-from zdyn.frontend.openai import ParsedRequest, ResponseBuilder, error_body, parse_request
+from zdyn.frontend.http import (
+    OPEN_PATHS,
+    ApiKeys,
+    ClientGone,
+    HttpSettings,
+    check_json_content_type,
+    error_response,
+    json_response,
+    read_body,
+)
+from zdyn.frontend.metrics import Metrics, RequestMetrics
+from zdyn.frontend.openai import ParsedRequest, parse_request
+from zdyn.frontend.responses import ResponseBuilder, error_body
 from zdyn.protocol import Delta, TextRequest
 
 log = logging.getLogger(__name__)
@@ -29,7 +41,10 @@ _json = msgspec.json.Encoder()
 
 
 class Backend(Protocol):
-    """Where the frontend sends validated requests: an embedded processor or separate ones."""
+    """Where the frontend sends validated requests: an embedded processor or separate ones.
+
+    ``process`` raises ``RequestError`` for a request it cannot serve; closing its iterator cancels the request.
+    """
 
     def process(self, request_id: str, request: TextRequest) -> AsyncIterator[Delta]: ...
 
@@ -38,79 +53,144 @@ class Backend(Protocol):
     def workers(self) -> list[dict[str, Any]]: ...
 
 
-class ClientGone(Exception):
-    pass
+async def until_disconnect(receive: Receive, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``; if the client hangs up first, cancel it and raise ``ClientGone``.
 
-
-class EventStream(Response):
-    """Server-sent events from an async iterator; a client that hangs up cancels the iteration.
-
-    Leaner than starlette's StreamingResponse (no anyio task group per response): one watcher task waits
-    for ``http.disconnect`` and cancels the sending task, whose iterator's cleanup then aborts the request.
+    ``receive`` must have delivered the whole request body already: what it yields next is the disconnect.
     """
-
-    media_type = "text/event-stream"
-    HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
-
-    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
-        self.status_code = 200
-        self.raw_headers = list(self.HEADERS)
-        self.chunks = chunks
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        sender = asyncio.current_task()
-        assert sender is not None
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            sender.cancel()
-
-        watcher = asyncio.ensure_future(watch())
-        try:
-            async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not watcher.done():
-                raise  # cancelled by the server, not by the client
-        finally:
-            watcher.cancel()
-            await self.chunks.aclose()  # type: ignore[attr-defined]
-
-
-def json_response(body: Any, status: int = 200) -> Response:
-    return Response(_json.encode(body), status, media_type="application/json")
-
-
-def error_response(status: int, message: str, type: str, param: str | None = None) -> Response:
-    return json_response(error_body(message, type, status, param), status)
-
-
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client hangs up first."""
     task = asyncio.ensure_future(work)
+    gone = False
 
     async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
             pass
+        gone = True
         task.cancel()
 
     watcher = asyncio.ensure_future(watch())
     try:
         return await task
     except asyncio.CancelledError:
-        if watcher.done():
+        if gone:
             raise ClientGone from None
-        raise
+        raise  # cancelled by the server, not by the client
     finally:
         watcher.cancel()
 
 
+class Reply:
+    """The answer to one completion request over ASGI: a JSON body, or server-sent events."""
+
+    JSON_HEADERS = [(b"content-type", b"application/json")]
+    SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.streaming = False
+        self.done = False
+
+    async def json(self, body: Any, status: int = 200) -> None:
+        self.done = True
+        await self.send({"type": "http.response.start", "status": status, "headers": self.JSON_HEADERS})
+        await self.send({"type": "http.response.body", "body": _json.encode(body)})
+
+    async def start_events(self) -> None:
+        self.streaming = True
+        await self.send({"type": "http.response.start", "status": 200, "headers": self.SSE_HEADERS})
+
+    async def event(self, body: Any) -> None:
+        data = b"data: " + _json.encode(body) + b"\n\n"
+        await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end_events(self) -> None:
+        self.done = True
+        await self.send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    async def error(self, e: RequestError) -> None:
+        """The error as the status and body of the response, or as its last event once streaming has begun."""
+        if self.done:
+            return
+        body = error_body(e.message, e.type, e.status, e.param)
+        if not self.streaming:
+            await self.json(body, e.status)
+            return
+        await self.event(body)
+        await self.end_events()
+
+
+class Completion(Response):
+    """Runs one validated request through the backend and answers it; a client that hangs up cancels it."""
+
+    def __init__(self, frontend: Frontend, parsed: ParsedRequest, metrics: RequestMetrics) -> None:
+        self.frontend = frontend
+        self.parsed = parsed
+        self.metrics = metrics
+        self.status_code = 200
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = uuid.uuid4().hex
+        reply = Reply(send)
+        deltas: AsyncIterator[Delta] | None = None
+        try:
+            deltas = self.frontend.backend.process(request_id, self.parsed.text)
+            self.metrics.dispatched()
+            await until_disconnect(receive, self._answer(request_id, deltas, reply))
+        except ClientGone:
+            self.metrics.finish("cancelled")
+        except RequestError as e:  # raised by process() itself, before it returned an iterator
+            await self._fail(e, reply)
+        except Exception as e:
+            await reply.error(self.frontend.bug(e, self.metrics))
+        finally:
+            self.metrics.finish("cancelled")  # the server shut down (does nothing if the request has finished)
+            if deltas is not None and hasattr(deltas, "aclose"):
+                await deltas.aclose()
+
+    async def _answer(self, request_id: str, deltas: AsyncIterator[Delta], reply: Reply) -> None:
+        try:
+            await self._respond(ResponseBuilder(self.parsed, request_id), deltas, reply)
+        except RequestError as e:
+            await self._fail(e, reply)
+
+    async def _respond(self, builder: ResponseBuilder, deltas: AsyncIterator[Delta], reply: Reply) -> None:
+        first = await anext(deltas, None)
+        if first is None:
+            raise RequestError("the request ended without output", 502, "bad_gateway")
+        self.metrics.output()
+        if not self.parsed.stream:
+            builder.add(first)
+            async for delta in deltas:
+                self.metrics.output()
+                builder.add(delta)
+            body = builder.response()
+            await reply.json(body)
+            self.metrics.finish("success", body["usage"])
+            return
+        await reply.start_events()
+        for chunk in builder.chunks(first):
+            await reply.event(chunk)
+        async for delta in deltas:
+            self.metrics.output()
+            for chunk in builder.chunks(delta):
+                await reply.event(chunk)
+        usage = builder.usage_chunk()
+        if self.parsed.include_usage:
+            await reply.event(usage)
+        await reply.end_events()
+        self.metrics.finish("success", usage["usage"])
+
+    async def _fail(self, e: RequestError, reply: Reply) -> None:
+        self.metrics.finish(f"error_{e.status}")
+        if e.status >= 500:
+            log.warning("%s request failed (%d): %s", self.parsed.endpoint, e.status, e.message)
+        await reply.error(e)
+
+
 class Frontend:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, settings: HttpSettings | None = None) -> None:
         self.backend = backend
+        self.settings = settings or HttpSettings()
         self.metrics = Metrics()
 
     def app(
@@ -123,17 +203,35 @@ class Frontend:
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
         ]
+        middleware = []
+        if self.settings.api_keys:
+            open_paths = frozenset() if self.settings.protect_health_and_metrics else OPEN_PATHS
+            rejected = lambda path: self.metrics.rejected(path, 401)  # noqa: E731
+            middleware.append(Middleware(ApiKeys, self.settings.api_keys, open_paths, rejected))
         handlers = {HTTPException: self.http_error, Exception: self.internal_error}
-        return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)  # type: ignore[arg-type]
+        return Starlette(
+            routes=routes,
+            middleware=middleware,
+            exception_handlers=handlers,
+            lifespan=lifespan,
+        )
+
+    def bug(self, exc: BaseException, metrics: RequestMetrics | None = None) -> RequestError:
+        """A failure nobody foresaw: logged with its traceback, counted, and answered with a 500."""
+        log.error("internal error", exc_info=exc)
+        self.metrics.internal_errors.inc()
+        if metrics is not None:
+            metrics.finish("error_500")
+        return RequestError(f"internal error: {type(exc).__name__}", 500, "internal_error")
 
     async def http_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(RequestError(message, exc.status_code, kind))
 
     async def internal_error(self, request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error serving %s", request.url.path, exc_info=exc)
-        return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+        return error_response(self.bug(exc))
 
     async def list_models(self, request: Request) -> Response:
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "zdyn"} for m in self.backend.models()]
@@ -157,103 +255,20 @@ class Frontend:
         return await self.serve(request, "completions")
 
     async def serve(self, request: Request, endpoint: str) -> Response:
-        started = time.perf_counter()
+        """Validate a completion request; the ``Completion`` response then runs it."""
+        metrics = self.metrics.request(endpoint)
         try:
-            body = msgspec.json.decode(await request.body())
-        except msgspec.DecodeError as e:
-            return self._fail(endpoint, 400, f"invalid JSON body: {e}", "invalid_request_error")
-        try:
-            parsed = parse_request(endpoint, body)
+            check_json_content_type(request.headers)
+            body = await read_body(request, self.settings.max_body_bytes)
+            parsed = parse_request(endpoint, body, self.settings.max_json_depth)
+            if parsed.model not in self.backend.models():
+                raise RequestError(f"The model '{parsed.model}' does not exist.", 404, "not_found_error", "model")
         except RequestError as e:
-            return self._fail(endpoint, e.status, e.message, e.type, e.param)
-        if parsed.model not in self.backend.models():
-            return self._fail(endpoint, 404, f"The model '{parsed.model}' does not exist.", "not_found_error", "model")
-        request_id = uuid.uuid4().hex
-        deltas = self.backend.process(request_id, parsed.text)
-        self.metrics.in_flight.inc()
-        try:
-            first = await until_disconnect(request, anext(deltas))
-        except (RequestError, ClientGone, StopAsyncIteration) as e:
-            self.metrics.in_flight.dec()
-            await deltas.aclose()
-            if isinstance(e, RequestError):
-                return self._fail(endpoint, e.status, e.message, e.type)
-            if isinstance(e, ClientGone):
-                return self._fail(endpoint, 499, "client closed the request", "client_closed_request")
-            return self._fail(endpoint, 502, "the request ended without output", "bad_gateway")
-        self.metrics.ttft.observe(time.perf_counter() - started)
-        if parsed.stream:
-            return EventStream(self._stream(parsed, request_id, first, deltas, started))
-        try:
-            result = await until_disconnect(request, self._collect(parsed, request_id, first, deltas))
-        except (RequestError, ClientGone) as e:
-            if isinstance(e, RequestError):
-                return self._fail(endpoint, e.status, e.message, e.type)
-            return self._fail(endpoint, 499, "client closed the request", "client_closed_request")
-        finally:
-            self.metrics.in_flight.dec()
-            await deltas.aclose()
-        self._succeed(endpoint, result["usage"], started)
-        return json_response(result)
-
-    async def _collect(
-        self, parsed: ParsedRequest, request_id: str, first: Delta, deltas: AsyncIterator[Delta]
-    ) -> dict[str, Any]:
-        builder = ResponseBuilder(parsed, request_id)
-        builder.add(first)
-        last = time.perf_counter()
-        async for delta in deltas:
-            now = time.perf_counter()
-            self.metrics.itl.observe(now - last)
-            last = now
-            builder.add(delta)
-        return builder.response()
-
-    async def _stream(
-        self,
-        parsed: ParsedRequest,
-        request_id: str,
-        first: Delta,
-        deltas: AsyncIterator[Delta],
-        started: float,
-    ) -> AsyncIterator[bytes]:
-        builder = ResponseBuilder(parsed, request_id)
-        status = "cancelled"
-        try:
-            for chunk in builder.chunks(first):
-                yield b"data: " + _json.encode(chunk) + b"\n\n"
-            last = time.perf_counter()
-            async for delta in deltas:
-                now = time.perf_counter()
-                self.metrics.itl.observe(now - last)
-                last = now
-                for chunk in builder.chunks(delta):
-                    yield b"data: " + _json.encode(chunk) + b"\n\n"
-            if parsed.include_usage:
-                yield b"data: " + _json.encode(builder.usage_chunk()) + b"\n\n"
-            yield b"data: [DONE]\n\n"
-            status = "success"
-        except RequestError as e:
-            status = f"error_{e.status}"
-            yield b"data: " + _json.encode(error_body(e.message, e.type, e.status)) + b"\n\n"
-            yield b"data: [DONE]\n\n"
-        finally:
-            self.metrics.in_flight.dec()
-            await deltas.aclose()
-            if status == "success":
-                self._succeed(parsed.endpoint, builder.usage_chunk()["usage"], started)
-            else:
-                self.metrics.requests.labels(parsed.endpoint, status).inc()
-
-    def _succeed(self, endpoint: str, usage: dict[str, Any], started: float) -> None:
-        self.metrics.requests.labels(endpoint, "success").inc()
-        self.metrics.e2e.observe(time.perf_counter() - started)
-        self.metrics.prompt_tokens.inc(usage["prompt_tokens"])
-        self.metrics.output_tokens.inc(usage["completion_tokens"])
-        self.metrics.cached_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
-
-    def _fail(self, endpoint: str, status: int, message: str, type: str, param: str | None = None) -> Response:
-        self.metrics.requests.labels(endpoint, f"error_{status}").inc()
-        if status >= 500:
-            log.warning("%s request failed (%d): %s", endpoint, status, message)
-        return error_response(status, message, type, param)
+            metrics.finish(f"error_{e.status}")
+            return error_response(e)
+        except ClientGone:
+            metrics.finish("cancelled")
+            return error_response(RequestError("client closed the request", 499, "client_closed_request"))
+        except Exception as e:
+            return error_response(self.bug(e, metrics))
+        return Completion(self, parsed, metrics)
