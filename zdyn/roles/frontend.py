@@ -6,15 +6,16 @@ import argparse
 import contextlib
 import errno
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import anyio
 import uvicorn
 from starlette.applications import Starlette
 
 from zdyn.frontend.app import Backend, Frontend
+from zdyn.frontend.http import HttpSettings, MiB
 from zdyn.frontend.remote import RemoteBackend
 from zdyn.processor import Processor, accept_model
 from zdyn.protocol import Role
@@ -26,6 +27,7 @@ from zdyn.transport import check_endpoint
 
 log = logging.getLogger("zdyn.frontend")
 
+API_KEY_ENV = "ZDYN_API_KEY"  # one key, or several separated by commas
 KEEP_ALIVE_S = 75  # longer than clients' idle-connection pools (aiohttp 15 s), so they close first, not mid-request
 
 
@@ -38,6 +40,7 @@ class FrontendConfig:
     tokenizer: str | None = None
     workers_endpoint: str = "tcp://*:5555"  # the embedded processor's hub
     processors_endpoint: str | None = None  # separate processors instead of an embedded one
+    http: HttpSettings = field(default_factory=HttpSettings)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
 
@@ -58,6 +61,12 @@ class FrontendConfig:
             tokenizer=args.tokenizer,
             workers_endpoint=args.workers_endpoint,
             processors_endpoint=args.processors_endpoint,
+            http=HttpSettings(
+                api_keys=tuple(args.api_key or api_keys_from_env()),
+                protect_health_and_metrics=args.protect_health_and_metrics,
+                max_body_bytes=args.max_body_mib * MiB,
+                max_json_depth=args.max_json_depth,
+            ),
             routing=RoutingConfig.from_args(args),
             common=CommonConfig.from_args(args),
         )
@@ -77,9 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--processors-endpoint",
         help="run no embedded processor; separate `zdyn processor`s register here (e.g. tcp://*:5550)",
     )
+    http = parser.add_argument_group("HTTP")
+    http.add_argument(
+        "--api-key",
+        action="append",
+        help=f"clients must send 'Authorization: Bearer KEY' (repeat for several keys; default: ${API_KEY_ENV}, "
+        "comma-separated; none: no authentication)",
+    )
+    http.add_argument(
+        "--protect-health-and-metrics", action="store_true", help="/health and /metrics need an API key too"
+    )
+    http.add_argument("--max-body-mib", type=int, default=16, help="larger request bodies get a 413")
+    http.add_argument("--max-json-depth", type=int, default=64, help="more deeply nested JSON bodies get a 400")
     add_router_args(parser)
     add_common_args(parser)
     return parser
+
+
+def api_keys_from_env() -> list[str]:
+    return [key.strip() for key in os.environ.get(API_KEY_ENV, "").split(",") if key.strip()]
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -127,13 +152,10 @@ async def serve(config: FrontendConfig) -> int:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # Streaming responses use anyio task groups; anyio imports its backend lazily, which on the first
-        # request blocked the event loop (and every stream) for seconds. Take that cost at start-up.
-        async with anyio.create_task_group():
-            pass
         await hub.start()
         freeze_startup_objects()
-        log.info("frontend serving on http://%s:%d: %s", config.host, sock.getsockname()[1], where)
+        auth = f"{len(config.http.api_keys)} API key(s)" if config.http.api_keys else "no API key"
+        log.info("frontend serving on http://%s:%d (%s): %s", config.host, sock.getsockname()[1], auth, where)
         try:
             yield
         finally:
@@ -141,7 +163,7 @@ async def serve(config: FrontendConfig) -> int:
                 await backend.selector.aclose()
             await hub.close()
 
-    frontend = Frontend(backend)
+    frontend = Frontend(backend, config.http)
     if isinstance(backend, Processor) and not isinstance(backend.selector, RoundRobin):
         from zdyn.router.metrics import register
 
