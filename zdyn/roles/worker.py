@@ -343,8 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     if engine not in ENGINES:
         print(f"zdyn worker: --engine must be one of {', '.join(ENGINES)}", file=sys.stderr)
         return 2
-    sections = ("Worker", f"Worker.{engine}", *(["PrefillWorker"] if "--prefill" in argv else []))
-    return role_main(argv, build_parser(engine), sections, WorkerConfig.from_args, serve)
+    return role_main(argv, build_parser(engine), sections(argv, engine), WorkerConfig.from_args, serve)
+
+
+def sections(argv: list[str], engine: str = "mocker") -> tuple[str, ...]:
+    """The config file's sections a worker reads, later ones winning: a prefill worker's own last."""
+    return ("Worker", f"Worker.{engine}", *(["PrefillWorker"] if "--prefill" in argv else []))
 
 
 def _engine_from_config(path: str | None) -> Any:
