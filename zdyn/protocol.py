@@ -119,6 +119,7 @@ class Heartbeat(Message):
     worker_hosts: list[str] = msgspec.field(default_factory=list)  # ... and their hosts, in the same order
     router: str = ""  # a separate processor's router link: "" (none), "answering", "not answering", "never answered"
     prefill_queues: list[QueueLink] = msgspec.field(default_factory=list)  # a decode worker's prefill queues
+    draining: bool = False  # shutting down: finishing what it has, takes nothing new
 
 
 class Generate(Message):
@@ -154,11 +155,21 @@ class TextRequest(Message):
     chat_template_kwargs: dict[str, Any] = {}
 
 
+class ChoiceProgress(Message):
+    """How far one choice got before its processor was lost: the tokens the client already has."""
+
+    index: int
+    token_ids: list[int] = []
+    finished: bool = False
+
+
 class Process(Message):
-    """Frontend -> separate processor: run a validated OpenAI request."""
+    """Frontend -> separate processor: run a validated OpenAI request (``resume``: continue one that another
+    processor started, which died)."""
 
     request_id: str
     request: TextRequest
+    resume: list[ChoiceProgress] = []
 
 
 class Cancel(Message):
