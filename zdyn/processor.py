@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 from transformers import AutoTokenizer
 
+from zdyn.admission import Admission
 from zdyn.choice import ChoiceRun, ChoiceSpec, Reissues, Resilience, movable
 from zdyn.detokenizer import Detokenizer
 from zdyn.errors import RequestError, unavailable
@@ -50,9 +51,11 @@ class Processor:
         workers: Hub,
         selector: Selector,
         resilience: Resilience | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.model = model
         self.resilience = resilience or Resilience()
+        self.admission = admission or Admission()
         self.reissues = Reissues()
         self._routed: dict[str, bool] = {}  # choice request ids the selector is tracking
         self.hub = workers
@@ -85,6 +88,10 @@ class Processor:
 
     def models(self) -> list[str]:
         return [self.model]
+
+    def capacity(self) -> int:
+        """Sequences the live workers run at once (their ``max_num_seqs``), for admission control."""
+        return sum(p.ready.max_num_seqs for p in self.live_workers())
 
     def live_workers(self) -> list[Peer]:
         return [p for p in self.hub.live_peers() if p.ready.model == self.model]
@@ -123,11 +130,24 @@ class Processor:
         sampling = self._sampling(
             request, len(token_ids), min(p.ready.max_model_len or self.max_model_len for p in peers)
         )
+        run = self._run(request_id, token_ids, sampling, request, resume or [])
+        async with self.admission.slot(self.capacity()), aclosing(run) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    async def _run(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        sampling: SamplingParams,
+        request: TextRequest,
+        resume: list[ChoiceProgress],
+    ) -> AsyncGenerator[Delta]:
         runs = [self._choice_run(request_id, i, token_ids, sampling, request) for i in range(request.n)]
-        for progress in resume or []:
+        for progress in resume:
             if 0 <= progress.index < len(runs):
                 runs[progress.index].resume(progress.token_ids)
-        done = {p.index for p in resume or [] if p.finished}
+        done = {p.index for p in resume if p.finished}
         streams = [run.deltas(self._choose, self.hub.stream) for run in runs if run.spec.index not in done]
         prefilled: set[int] = set()
         try:

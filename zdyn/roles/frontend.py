@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import uvicorn
 from starlette.applications import Starlette
 
+from zdyn.admission import Admission, AdmissionCollector, AdmissionConfig
 from zdyn.choice import ReissueCollector, Resilience
 from zdyn.frontend.app import Backend, Frontend
 from zdyn.frontend.http import HttpSettings, MiB
@@ -22,7 +23,7 @@ from zdyn.processor import Processor, accept_model
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, freeze_startup_objects, role_main
 from zdyn.roles.ports import FRONTEND_BASE, add_port_base_arg, endpoint_or_base
-from zdyn.roles.resilience import add_resilience_args, resilience_from_args
+from zdyn.roles.resilience import add_admission_args, add_resilience_args, admission_from_args, resilience_from_args
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
 from zdyn.router.selector import RoundRobin
 from zdyn.rpc import Hub
@@ -46,6 +47,7 @@ class FrontendConfig:
     http: HttpSettings = field(default_factory=HttpSettings)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     resilience: Resilience = field(default_factory=Resilience)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
 
     def __post_init__(self) -> None:
@@ -73,6 +75,7 @@ class FrontendConfig:
             ),
             routing=RoutingConfig.from_args(args),
             resilience=resilience_from_args(args),
+            admission=admission_from_args(args),
             common=CommonConfig.from_args(args),
         )
 
@@ -106,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--max-json-depth", type=int, default=64, help="more deeply nested JSON bodies get a 400")
     add_router_args(parser)
     add_resilience_args(parser)
+    add_admission_args(parser)
     add_common_args(parser)
     return parser
 
@@ -146,7 +150,8 @@ def build_backend(config: FrontendConfig) -> tuple[Backend, Hub, str]:
     name = config.served_model_name or served_model_name(model)
     hub = Hub(config.workers_endpoint, role=Role.WORKER, liveness=config.common.liveness, accept=accept_model(name))
     selector = make_selector(config.routing, hub)
-    processor = Processor(config.tokenizer or model, name, hub, selector, config.resilience)
+    admission = Admission(config.admission)
+    processor = Processor(config.tokenizer or model, name, hub, selector, config.resilience, admission)
     return processor, hub, f"serving {name}; workers connect to {config.workers_endpoint}"
 
 
@@ -174,6 +179,8 @@ async def serve(config: FrontendConfig) -> int:
     frontend = Frontend(backend, config.http)
     if isinstance(backend, Processor | RemoteBackend):  # requests re-issued after a peer failed
         frontend.metrics.registry.register(ReissueCollector(backend.reissues, "frontend"))
+    if isinstance(backend, Processor):
+        frontend.metrics.registry.register(AdmissionCollector(backend.admission, "frontend"))
     if isinstance(backend, Processor) and not isinstance(backend.selector, RoundRobin):
         from zdyn.router.metrics import register
 

@@ -9,6 +9,7 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from zdyn.admission import Admission, AdmissionCollector, AdmissionConfig
 from zdyn.choice import ReissueCollector, Resilience
 from zdyn.errors import RequestError
 from zdyn.processor import Processor, accept_model
@@ -22,7 +23,7 @@ from zdyn.roles.common import (
     serve_metrics,
 )
 from zdyn.roles.ports import PROCESSOR_BASE, add_port_base_arg, endpoint_or_base
-from zdyn.roles.resilience import add_resilience_args, resilience_from_args
+from zdyn.roles.resilience import add_admission_args, add_resilience_args, admission_from_args, resilience_from_args
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
 from zdyn.rpc import Hub, RefusedError, Request, Spoke
 from zdyn.transport import check_endpoint, host_towards
@@ -41,6 +42,7 @@ class ProcessorConfig:
     processor_id: str = field(default_factory=lambda: f"processor-{socket.gethostname()}-{os.getpid()}")
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     resilience: Resilience = field(default_factory=Resilience)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
 
     def __post_init__(self) -> None:
@@ -61,6 +63,7 @@ class ProcessorConfig:
             processor_id=args.processor_id or f"processor-{socket.gethostname()}-{os.getpid()}",
             routing=RoutingConfig.from_args(args),
             resilience=resilience_from_args(args),
+            admission=admission_from_args(args),
             common=CommonConfig.from_args(args),
         )
 
@@ -79,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port")
     parser.add_argument("--processor-id", help="unique id (default: processor-<host>-<pid>)")
     add_resilience_args(parser)
+    add_admission_args(parser)
     add_common_args(parser)
     return parser
 
@@ -91,9 +95,14 @@ async def serve(config: ProcessorConfig) -> int:
     liveness = config.common.liveness
     workers = Hub(config.workers_endpoint, role=Role.WORKER, liveness=liveness, accept=accept_model(name))
     selector = make_selector(config.routing, workers)
-    processor = Processor(config.tokenizer or model, name, workers, selector, config.resilience)
+    admission = Admission(config.admission)
+    processor = Processor(config.tokenizer or model, name, workers, selector, config.resilience, admission)
     if config.metrics_port:
-        serve_metrics(config.metrics_port, ReissueCollector(processor.reissues, "processor"))
+        serve_metrics(
+            config.metrics_port,
+            ReissueCollector(processor.reissues, "processor"),
+            AdmissionCollector(admission, "processor"),
+        )
 
     def handle(request: Request) -> AsyncIterator[Delta]:
         if not isinstance(request, Process):
