@@ -18,7 +18,8 @@ from zdyn.engines.base import Engine, EngineDeadError
 from zdyn.errors import RequestError, unavailable
 from zdyn.protocol import Delta, Generate, Ready, Role
 from zdyn.rpc import RefusedError, Request, Spoke
-from zdyn.transport import Liveness, advertised, host_towards
+from zdyn.rpc.directory import SpokeDiscovery
+from zdyn.transport import Liveness, advertised, host_towards, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class Worker:
         advertise_host: str | None = None,
         role: Role = Role.WORKER,
         liveness: Liveness | None = None,
+        discover: bool = True,
+        seeds: list[str] | None = None,
     ) -> None:
         if not hubs:
             raise ValueError("a worker needs at least one hub to connect to")
@@ -44,6 +47,9 @@ class Worker:
         self.advertise_host = advertise_host  # None: per hub, this host's address on the route to it
         self.role = role
         self.liveness = liveness or Liveness()
+        self.discover = discover  # register at the hubs the hubs' directories name (zdyn.rpc.directory)
+        self.seeds = seeds or []
+        self.discovery: SpokeDiscovery | None = None
         self.spoke: Spoke | None = None
         self.engine_dead = False
 
@@ -79,12 +85,18 @@ class Worker:
         gc.collect()
         gc.freeze()  # the engine's many start-up objects leave the collector's view
         log.info("worker %s serving at %s", self.worker_id, ", ".join(self.hubs))
+        if self.discover:
+            local = self.advertise_host is not None and is_loopback(self.advertise_host)
+            self.discovery = SpokeDiscovery(self.spoke, model=info.model, seeds=self.seeds, local_only=local)
+            self.discovery.start()
         try:
             await self.spoke.run()
         except RefusedError as e:
             log.error("%s", e)
             return 2
         finally:
+            if self.discovery is not None:
+                await self.discovery.close()
             await self.engine.shutdown()
         return 1 if self.engine_dead else 0
 

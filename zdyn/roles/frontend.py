@@ -22,11 +22,13 @@ from zdyn.frontend.remote import RemoteBackend
 from zdyn.processor import Processor, accept_model
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, freeze_startup_objects, role_main
+from zdyn.roles.discovery import DiscoveryConfig, add_discovery_args
 from zdyn.roles.ports import FRONTEND_BASE, add_port_base_arg, endpoint_or_base
 from zdyn.roles.resilience import add_admission_args, add_resilience_args, admission_from_args, resilience_from_args
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
 from zdyn.router.selector import RoundRobin
 from zdyn.rpc import Hub
+from zdyn.rpc.directory import HubDirectory
 from zdyn.transport import check_endpoint
 
 log = logging.getLogger("zdyn.frontend")
@@ -48,6 +50,7 @@ class FrontendConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     resilience: Resilience = field(default_factory=Resilience)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
 
     def __post_init__(self) -> None:
@@ -76,6 +79,7 @@ class FrontendConfig:
             routing=RoutingConfig.from_args(args),
             resilience=resilience_from_args(args),
             admission=admission_from_args(args),
+            discovery=DiscoveryConfig.from_args(args),
             common=CommonConfig.from_args(args),
         )
 
@@ -110,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_args(parser)
     add_resilience_args(parser)
     add_admission_args(parser)
+    add_discovery_args(parser, hub=True)
     add_common_args(parser)
     return parser
 
@@ -139,11 +144,13 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_backend(config: FrontendConfig) -> tuple[Backend, Hub, str]:
-    """The backend the frontend serves through, the hub it needs started, and a line saying what it is."""
+def build_backend(config: FrontendConfig) -> tuple[Backend, Hub, str, HubDirectory | None]:
+    """The backend the frontend serves through, the hub it needs started, a line saying what it is, and the
+    hub's directory (discovery)."""
     if config.processors_endpoint:
         hub = Hub(config.processors_endpoint, role=Role.PROCESSOR, liveness=config.common.liveness)
-        return RemoteBackend(hub, config.resilience), hub, f"processors register at {config.processors_endpoint}"
+        where = f"processors register at {config.processors_endpoint}"
+        return RemoteBackend(hub, config.resilience), hub, where, None
     from zdyn.models import resolve_model, served_model_name
 
     model = resolve_model(config.model)
@@ -152,7 +159,8 @@ def build_backend(config: FrontendConfig) -> tuple[Backend, Hub, str]:
     selector = make_selector(config.routing, hub)
     admission = Admission(config.admission)
     processor = Processor(config.tokenizer or model, name, hub, selector, config.resilience, admission)
-    return processor, hub, f"serving {name}; workers connect to {config.workers_endpoint}"
+    directory = config.discovery.hub_directory(hub, "frontend", name)
+    return processor, hub, f"serving {name}; workers connect to {config.workers_endpoint}", directory
 
 
 async def serve(config: FrontendConfig) -> int:
@@ -161,11 +169,13 @@ async def serve(config: FrontendConfig) -> int:
     except OSError as e:
         log.error("cannot start: %s", e.strerror or e)
         return 2
-    backend, hub, where = build_backend(config)
+    backend, hub, where, directory = build_backend(config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await hub.start()
+        if directory is not None:
+            directory.start()
         freeze_startup_objects()
         auth = f"{len(config.http.api_keys)} API key(s)" if config.http.api_keys else "no API key"
         log.info("frontend serving on http://%s:%d (%s): %s", config.host, sock.getsockname()[1], auth, where)
@@ -174,6 +184,8 @@ async def serve(config: FrontendConfig) -> int:
         finally:
             if isinstance(backend, Processor):
                 await backend.selector.aclose()
+            if directory is not None:
+                await directory.close()
             await hub.close()
 
     frontend = Frontend(backend, config.http)
