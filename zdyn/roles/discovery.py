@@ -1,4 +1,4 @@
-"""Discovery on the command line: ``--seed-hubs`` and ``--no-discover`` for hubs and workers (``zdyn.rpc.directory``)."""
+"""Discovery on the command line: ``--seed-hubs`` and ``--no-discover`` for hubs and workers (zdyn.rpc.directory)."""
 
 from __future__ import annotations
 
