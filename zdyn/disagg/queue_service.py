@@ -221,12 +221,9 @@ class PrefillQueueService:
             self._status_due.clear()
             q = self.queue
             status = QueueStatus(
-                queued=q.queued,
-                running=q.running,
-                prefill_workers=len(q.workers),
-                capacity=q.capacity,
-                draining=self.draining,
-            )
+                queued=q.queued, running=q.running, prefill_workers=len(q.workers), capacity=q.capacity,
+                workers=[f"{p.id}@{p.ready.host or '?'}" for p in self._peers.values()], draining=self.draining,
+            )  # fmt: skip
             await self._status.send_multipart(encode(status))
             await asyncio.sleep(STATUS_MIN_GAP_S)
 
