@@ -4,10 +4,20 @@ Every message travels as two frames, ``[type byte][MessagePack map]`` (ROUTER so
 identity in front). Payloads are plain MessagePack maps keyed by field name, so any MessagePack
 library can read them and a reader ignores fields it does not know. This module must not import
 vLLM, torch or starlette.
+
+Prompt token ids (``Generate.token_ids``, ``RouteQuery.token_ids``, and so a ``PrefillJob``'s request) are
+sent packed: a MessagePack **bin** holding the ids as consecutive little-endian unsigned 32-bit integers
+(4 bytes per token, no header), which any reader unpacks with e.g. ``numpy.frombuffer(b, "<u4")`` or
+``struct.unpack(f"<{len(b) // 4}I", b)``. Decoders also accept a plain MessagePack array of integers there,
+so any writer may send ids the plain way. Output deltas (``Delta.token_ids``) stay plain arrays: they carry
+one token or a few, where a bin saves nothing.
 """
 
 from __future__ import annotations
 
+import sys
+from array import array
+from collections.abc import Iterable
 from enum import IntEnum, StrEnum
 from typing import Any, Literal
 
@@ -49,6 +59,55 @@ class RouteEvent(StrEnum):
 
 
 FinishReason = Literal["stop", "length", "abort"]
+
+
+class TokenIds(array):  # type: ignore[type-arg]
+    """Token ids as a packed array of unsigned 32-bit integers (a sequence of ints: ``len``, index, iterate,
+    ``tolist()``; equal to a list of the same ids). On the wire: a bin of little-endian uint32 (see above)."""
+
+    __slots__ = ()
+
+    def __new__(cls, ids: Iterable[int] | bytes | bytearray | memoryview = ()) -> TokenIds:
+        self = super().__new__(cls, "I")
+        if isinstance(ids, bytes | bytearray | memoryview):
+            self.frombytes(ids)
+            if _BIG_ENDIAN:
+                self.byteswap()
+        elif isinstance(ids, list):
+            self.fromlist(ids)
+        else:
+            self.extend(ids)
+        return self
+
+    def packed(self) -> bytes:
+        """The wire form: little-endian uint32, 4 bytes per id."""
+        if not _BIG_ENDIAN:
+            return self.tobytes()
+        swapped = array("I", self)
+        swapped.byteswap()
+        return swapped.tobytes()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, list | tuple):
+            return len(self) == len(other) and self.tolist() == list(other)
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"TokenIds({self.tolist()})"
+
+    def __reduce__(self) -> tuple[type[TokenIds], tuple[bytes]]:
+        return TokenIds, (self.packed(),)
+
+
+_BIG_ENDIAN = sys.byteorder == "big"
+assert array("I").itemsize == 4, "TokenIds needs a 4-byte unsigned int"
+
+
+def as_token_ids(ids: Iterable[int]) -> TokenIds:
+    """``ids`` as ``TokenIds`` (itself when it already is)."""
+    return ids if isinstance(ids, TokenIds) else TokenIds(ids)
 
 
 class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -111,13 +170,16 @@ class Generate(Message):
     """Processor -> worker: run this prompt."""
 
     request_id: str
-    token_ids: list[int]
+    token_ids: TokenIds  # packed on the wire; a list given here becomes TokenIds
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     model: str = ""
     overlap_blocks: int = 0  # the router's estimate of leading prompt blocks already cached on this worker
     # vLLM's KV-connector parameters: {"do_remote_decode": true} on a prefill job; on the decode side, what the
     # prefill worker returned plus {"do_remote_prefill": true}, so the engine pulls the prompt's KV instead
     kv_transfer_params: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = as_token_ids(self.token_ids)
 
 
 # Sampling fields a model's generation_config.json may give defaults for (vLLM applies them the same way).
@@ -209,9 +271,12 @@ class RouteQuery(Message):
     """Processor -> router: which of ``candidates`` (worker ids) should serve this prompt?"""
 
     request_id: str
-    token_ids: list[int]
+    token_ids: TokenIds  # packed on the wire; a list given here becomes TokenIds
     candidates: list[str] = []  # empty: any live worker
     lora_name: str | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = as_token_ids(self.token_ids)
 
 
 class RouteReply(Message):
@@ -279,8 +344,31 @@ TYPE_OF: dict[type[Message], MsgType] = {
 }
 CLASS_OF: dict[int, type[Message]] = {int(t): cls for cls, t in TYPE_OF.items()}
 _TYPE_FRAMES: dict[type[Message], bytes] = {cls: bytes([t]) for cls, t in TYPE_OF.items()}
-_DECODERS = {int(t): msgspec.msgpack.Decoder(cls) for cls, t in TYPE_OF.items()}
-_encoder = msgspec.msgpack.Encoder()
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, TokenIds):
+        return obj.packed()
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def _dec_hook(kind: type, obj: Any) -> Any:
+    if kind is TokenIds:
+        if isinstance(obj, bytes):
+            if len(obj) % 4:
+                raise ValueError(f"packed token ids need a multiple of 4 bytes, got {len(obj)}")
+            return TokenIds(obj)
+        if isinstance(obj, list):
+            try:
+                return TokenIds(obj)
+            except (OverflowError, TypeError) as e:
+                raise ValueError(f"token ids must be integers in [0, 2**32): {e}") from None
+        raise TypeError(f"expected packed token ids (bin) or an array of ints, got {type(obj).__name__}")
+    raise NotImplementedError(f"cannot decode {kind}")
+
+
+_DECODERS = {int(t): msgspec.msgpack.Decoder(cls, dec_hook=_dec_hook) for cls, t in TYPE_OF.items()}
+_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 
 
 class ProtocolError(ValueError):
