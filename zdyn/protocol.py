@@ -15,13 +15,12 @@ one token or a few, where a bin saves nothing.
 
 from __future__ import annotations
 
-import sys
-from array import array
-from collections.abc import Iterable
 from enum import IntEnum, StrEnum
 from typing import Any, Literal
 
 import msgspec
+
+from zdyn.token_ids import TokenIds, as_token_ids, dec_hook, enc_hook
 
 PROTOCOL_VERSION = 1
 
@@ -59,55 +58,6 @@ class RouteEvent(StrEnum):
 
 
 FinishReason = Literal["stop", "length", "abort"]
-
-
-class TokenIds(array):  # type: ignore[type-arg]
-    """Token ids as a packed array of unsigned 32-bit integers (a sequence of ints: ``len``, index, iterate,
-    ``tolist()``; equal to a list of the same ids). On the wire: a bin of little-endian uint32 (see above)."""
-
-    __slots__ = ()
-
-    def __new__(cls, ids: Iterable[int] | bytes | bytearray | memoryview = ()) -> TokenIds:
-        self = super().__new__(cls, "I")
-        if isinstance(ids, bytes | bytearray | memoryview):
-            self.frombytes(ids)
-            if _BIG_ENDIAN:
-                self.byteswap()
-        elif isinstance(ids, list):
-            self.fromlist(ids)
-        else:
-            self.extend(ids)
-        return self
-
-    def packed(self) -> bytes:
-        """The wire form: little-endian uint32, 4 bytes per id."""
-        if not _BIG_ENDIAN:
-            return self.tobytes()
-        swapped = array("I", self)
-        swapped.byteswap()
-        return swapped.tobytes()
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, list | tuple):
-            return len(self) == len(other) and self.tolist() == list(other)
-        return super().__eq__(other)
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"TokenIds({self.tolist()})"
-
-    def __reduce__(self) -> tuple[type[TokenIds], tuple[bytes]]:
-        return TokenIds, (self.packed(),)
-
-
-_BIG_ENDIAN = sys.byteorder == "big"
-assert array("I").itemsize == 4, "TokenIds needs a 4-byte unsigned int"
-
-
-def as_token_ids(ids: Iterable[int]) -> TokenIds:
-    """``ids`` as ``TokenIds`` (itself when it already is)."""
-    return ids if isinstance(ids, TokenIds) else TokenIds(ids)
 
 
 class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -164,6 +114,7 @@ class Heartbeat(Message):
     num_waiting: int = 0
     kv_usage: float = 0.0  # fraction of KV blocks in use, 0..1
     worker_ids: list[str] = msgspec.field(default_factory=list)  # a separate processor's live workers
+    draining: bool = False  # shutting down: finishing what it has, takes nothing new
 
 
 class Generate(Message):
@@ -202,11 +153,21 @@ class TextRequest(Message):
     chat_template_kwargs: dict[str, Any] = {}
 
 
+class ChoiceProgress(Message):
+    """How far one choice got before its processor was lost: the tokens the client already has."""
+
+    index: int
+    token_ids: list[int] = []
+    finished: bool = False
+
+
 class Process(Message):
-    """Frontend -> separate processor: run a validated OpenAI request."""
+    """Frontend -> separate processor: run a validated OpenAI request (``resume``: continue one that another
+    processor started, which died)."""
 
     request_id: str
     request: TextRequest
+    resume: list[ChoiceProgress] = []
 
 
 class Cancel(Message):
@@ -346,29 +307,8 @@ CLASS_OF: dict[int, type[Message]] = {int(t): cls for cls, t in TYPE_OF.items()}
 _TYPE_FRAMES: dict[type[Message], bytes] = {cls: bytes([t]) for cls, t in TYPE_OF.items()}
 
 
-def _enc_hook(obj: Any) -> Any:
-    if isinstance(obj, TokenIds):
-        return obj.packed()
-    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
-
-
-def _dec_hook(kind: type, obj: Any) -> Any:
-    if kind is TokenIds:
-        if isinstance(obj, bytes):
-            if len(obj) % 4:
-                raise ValueError(f"packed token ids need a multiple of 4 bytes, got {len(obj)}")
-            return TokenIds(obj)
-        if isinstance(obj, list):
-            try:
-                return TokenIds(obj)
-            except (OverflowError, TypeError) as e:
-                raise ValueError(f"token ids must be integers in [0, 2**32): {e}") from None
-        raise TypeError(f"expected packed token ids (bin) or an array of ints, got {type(obj).__name__}")
-    raise NotImplementedError(f"cannot decode {kind}")
-
-
-_DECODERS = {int(t): msgspec.msgpack.Decoder(cls, dec_hook=_dec_hook) for cls, t in TYPE_OF.items()}
-_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+_DECODERS = {int(t): msgspec.msgpack.Decoder(cls, dec_hook=dec_hook) for cls, t in TYPE_OF.items()}
+_encoder = msgspec.msgpack.Encoder(enc_hook=enc_hook)
 
 
 class ProtocolError(ValueError):
