@@ -91,7 +91,7 @@ async def serve(config: PrefillQueueConfig) -> int:
         f"status at {config.status_endpoint}"
     )
     directory = config.discovery.hub_directory(workers, "prefill-queue")
-    return await serve_behind_hub(service, workers, banner, directory=directory)
+    return await serve_behind_hub(service, workers, banner, config.common.drain_timeout_s, directory)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,7 +71,7 @@ async def serve(config: RouterConfig) -> int:
         f"router ({config.routing.mode}) answering at {config.endpoint}; workers register at {config.workers_endpoint}"
     )
     directory = config.discovery.hub_directory(workers, "router")
-    return await serve_behind_hub(service, workers, banner, directory=directory)
+    return await serve_behind_hub(service, workers, banner, config.common.drain_timeout_s, directory)
 
 
 def main(argv: list[str] | None = None) -> int:
