@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 
 from zdyn.engines.base import Engine, EngineDeadError
 from zdyn.errors import RequestError, unavailable
+from zdyn.kv_publisher import KvEventRelay
 from zdyn.protocol import Delta, Generate, Ready, Role
 from zdyn.rpc import RefusedError, Request, Spoke
-from zdyn.transport import Liveness, advertised
+from zdyn.transport import Liveness, TransportError, advertised
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Worker:
         advertise_host: str,
         role: Role = Role.WORKER,
         liveness: Liveness | None = None,
+        kv_relay: tuple[str, str] | None = None,
     ) -> None:
         if not hubs:
             raise ValueError("a worker needs at least one hub to connect to")
@@ -42,6 +44,8 @@ class Worker:
         self.advertise_host = advertise_host
         self.role = role
         self.liveness = liveness or Liveness()
+        self.kv_relay = kv_relay  # bind endpoints for relaying the engine's KV events off this host
+        self.relay: KvEventRelay | None = None
         self.spoke: Spoke | None = None
         self.engine_dead = False
 
@@ -55,6 +59,16 @@ class Worker:
             self.worker_id, info.engine, info.model, time.perf_counter() - started, info.max_model_len,
             info.max_num_seqs, info.block_size, info.num_kv_blocks,
         )  # fmt: skip
+        events, replay = info.kv_events_endpoint, info.kv_replay_endpoint
+        if events and self.kv_relay is not None:
+            try:
+                self.relay = KvEventRelay(events, replay, *self.kv_relay)
+            except TransportError as e:
+                log.error("worker %s cannot relay its KV events: %s", self.worker_id, e)
+                await self.engine.shutdown()
+                return 2
+            await self.relay.start()
+            events, replay = self.relay.endpoint, self.relay.replay_endpoint
         ready = Ready(
             peer_id=self.worker_id,
             role=self.role,
@@ -64,8 +78,8 @@ class Worker:
             max_model_len=info.max_model_len,
             block_size=info.block_size,
             num_kv_blocks=info.num_kv_blocks,
-            kv_events_endpoint=advertised(info.kv_events_endpoint, self.advertise_host),
-            kv_replay_endpoint=advertised(info.kv_replay_endpoint, self.advertise_host),
+            kv_events_endpoint=advertised(events, self.advertise_host),
+            kv_replay_endpoint=advertised(replay, self.advertise_host),
             kv_lease_s=info.kv_lease_s,
         )
         if ready.kv_events_endpoint:
@@ -81,6 +95,8 @@ class Worker:
             log.error("%s", e)
             return 2
         finally:
+            if self.relay is not None:
+                await self.relay.close()
             await self.engine.shutdown()
         return 1 if self.engine_dead else 0
 

@@ -6,13 +6,18 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import zmq.asyncio
+
 from zdyn.config import config_argv
+from zdyn.rpc.hub import DEFAULT_MAX_PEERS
+from zdyn.security import DEFAULT_KEYS_DIR, INSECURE_ENV, KEYS_DIR_ENV, SecuritySettings
 from zdyn.transport import Liveness
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -24,16 +29,22 @@ class CommonConfig:
 
     log_level: str = "info"
     liveness: Liveness = field(default_factory=Liveness)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    max_peers: int = DEFAULT_MAX_PEERS  # per hub
 
     def __post_init__(self) -> None:
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.max_peers < 1:
+            raise ValueError(f"--max-peers must be >= 1, got {self.max_peers}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> CommonConfig:
         return cls(
             log_level=str(getattr(args, "log_level", "info")).lower(),
             liveness=Liveness(args.heartbeat_interval, args.heartbeat_misses),
+            security=SecuritySettings(args.keys_dir or None, args.insecure),
+            max_peers=args.max_peers,
         )
 
 
@@ -46,6 +57,19 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--heartbeat-misses", type=int, default=3, help="missed heartbeats after which a peer is declared dead"
     )
+    group.add_argument(
+        "--keys-dir",
+        default=os.environ.get(KEYS_DIR_ENV),
+        help=f"the deployment's CURVE keys (`zdyn keys generate DIR`, e.g. {DEFAULT_KEYS_DIR}); every ZeroMQ "
+        f"socket then authenticates and encrypts (default: ${KEYS_DIR_ENV})",
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        default=os.environ.get(INSECURE_ENV, "") not in ("", "0"),
+        help=f"allow listening on a non-loopback address without keys (default: ${INSECURE_ENV}=1)",
+    )
+    group.add_argument("--max-peers", type=int, default=DEFAULT_MAX_PEERS, help="registrations a hub accepts at most")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, *sections: str) -> argparse.Namespace:
@@ -103,6 +127,10 @@ def run(main: Coroutine[Any, Any, int | None]) -> int:
 class RoleConfig(Protocol):
     common: CommonConfig
 
+    def key_role(self) -> str: ...  # whose keys this process holds (zdyn.security.ROLES)
+
+    def binds(self) -> list[str]: ...  # the ZeroMQ endpoints it listens on
+
 
 C = TypeVar("C", bound=RoleConfig)
 
@@ -114,15 +142,23 @@ def role_main(
     make_config: Callable[[argparse.Namespace], C],
     serve: Callable[[C], Coroutine[Any, Any, int]],
 ) -> int:
-    """A role's ``main``: flags (after the config file's ``sections``) -> typed config -> ``serve`` on uvloop.
-    A setting that cannot work is said on stderr with exit code 2, as argparse does."""
+    """A role's ``main``: flags (after the config file's ``sections``) -> typed config -> keys -> ``serve`` on
+    uvloop. A setting that cannot work (also: listening beyond loopback without keys) is said on stderr with exit
+    code 2, as argparse does."""
     args = parse_args(parser, argv, *sections)
     try:
         config = make_config(args)
-    except ValueError as e:
+        security = config.common.security
+        warnings = security.check_binds(parser.prog, config.binds())
+        security.install(zmq.asyncio.Context.instance(), config.key_role())
+    except ValueError as e:  # KeysError too
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     setup_logging(config.common)
+    for warning in warnings:
+        logging.getLogger("zdyn.security").warning("%s", warning)
+    if security.keys_dir:
+        logging.getLogger("zdyn.security").info("CURVE keys from %s (as %s)", security.keys_dir, config.key_role())
     return run(serve(config))
 
 

@@ -13,15 +13,17 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 from zdyn.engines.base import Engine
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, on_stop_signals, role_main, serve_metrics
-from zdyn.transport import check_endpoint, free_tcp_ports, host_towards
+from zdyn.transport import check_endpoint, host_towards
 from zdyn.worker import Worker
 
 log = logging.getLogger("zdyn.worker")
@@ -83,6 +85,15 @@ class WorkerConfig:
         if not 0 <= self.kv_events_port < 65535:
             raise ValueError(f"--kv-events-port must be in [0, 65534], got {self.kv_events_port}")
 
+    def key_role(self) -> str:
+        return "prefill" if self.disagg.prefill else "worker"
+
+    def binds(self) -> list[str]:
+        """The KV-event relay listens on the advertised interface."""
+        if not relays_kv_events(self):
+            return []
+        return [kv_relay_endpoints(self.kv_events_port, 0, self.host_towards(self.hubs[0]))[0]]
+
     def host_towards(self, endpoint: str) -> str:
         """The address peers at ``endpoint`` reach this worker at."""
         return self.advertise_host or host_towards(endpoint)
@@ -135,8 +146,9 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         "--kv-events-port",
         type=int,
         default=0,
-        help="port of the KV-event publisher the KV router subscribes to; replay is on the next port "
-        "(default: free ports; vLLM's --kv-events-config or the mocker's --kv-events-endpoint win)",
+        help="port of the KV-event relay the KV router subscribes to (on the advertised interface, CURVE with keys); "
+        "replay is on the next port (default: free ports; vLLM's --kv-events-config or the mocker's "
+        "--kv-events-endpoint, if given, are used as they are, without relay or CURVE)",
     )
     group.add_argument("--no-kv-events", action="store_true", help="publish no KV-cache events")
     group.add_argument(
@@ -218,7 +230,7 @@ def make_engine(config: WorkerConfig, index: int = 0) -> Engine:
             kv_transfer=config.disagg.kv_transfer,
             kv_lease_s=config.disagg.kv_lease_s,
             advertise_host=config.host_towards(config.hubs[0]),
-            kv_events=kv_event_endpoints(config.kv_events_port, index) if config.kv_events else None,
+            kv_events=private_kv_endpoints(index) if config.kv_events else None,
         )
         return vllm.VllmEngine(vllm.engine_args(config.engine_flags, host))
     from zdyn.engines.mocker.engine import MockerEngine
@@ -230,7 +242,7 @@ def make_engine(config: WorkerConfig, index: int = 0) -> Engine:
         mocker.kv_events_endpoint = offset_port(mocker.kv_events_endpoint, 2 * index)
         mocker.kv_events_replay_endpoint = offset_port(mocker.kv_events_replay_endpoint, 2 * index)
     elif config.kv_events:
-        mocker.kv_events_endpoint, mocker.kv_events_replay_endpoint = kv_event_endpoints(config.kv_events_port, index)
+        mocker.kv_events_endpoint, mocker.kv_events_replay_endpoint = private_kv_endpoints(index)
     return MockerEngine(mocker)
 
 
@@ -255,14 +267,34 @@ def with_disagg(engine: Engine, config: WorkerConfig) -> Engine:
     )
 
 
-def kv_event_endpoints(port: int, index: int = 0) -> tuple[str, str]:
-    """Bind endpoints of a KV-event publisher and its replay socket: ``port`` and ``port + 1`` (two ports
-    further for each simulated worker of a process), or two free ports when ``port`` is 0."""
+def private_kv_endpoints(index: int = 0) -> tuple[str, str]:
+    """Where an engine publishes its KV events and answers replays: ipc in a folder only this user can open
+    (``KvEventRelay`` carries them off the host, encrypted)."""
+    global _private_dir
+    if _private_dir is None:
+        _private_dir = tempfile.mkdtemp(prefix="zdyn-kv-")  # mode 0700
+    return f"ipc://{_private_dir}/events-{index}", f"ipc://{_private_dir}/replay-{index}"
+
+
+_private_dir: str | None = None
+
+
+def kv_relay_endpoints(port: int, index: int, host: str) -> tuple[str, str]:
+    """Bind endpoints of a worker's KV-event relay and its replay socket, on the interface of ``host``: ``port``
+    and ``port + 1`` (two ports further for each simulated worker of a process), or free ports when 0."""
+    host = f"[{host}]" if ":" in host else host
     if port:
         first = port + 2 * index
-        return f"tcp://*:{first}", f"tcp://*:{first + 1}"
-    events, replay = free_tcp_ports(2)
-    return f"tcp://*:{events}", f"tcp://*:{replay}"
+        return f"tcp://{host}:{first}", f"tcp://{host}:{first + 1}"
+    return f"tcp://{host}:*", f"tcp://{host}:*"
+
+
+def relays_kv_events(config: WorkerConfig) -> bool:
+    """zdyn chose the engine's KV-event endpoints (private), so a relay publishes them; explicit engine settings
+    (vLLM's --kv-events-config, the mocker's --kv-events-endpoint) are used as they are."""
+    flags = config.engine_flags
+    explicit = getattr(flags, "kv_events_config", None) or getattr(flags, "kv_events_endpoint", None)
+    return config.kv_events and not explicit
 
 
 def offset_port(endpoint: str | None, index: int) -> str | None:
@@ -284,6 +316,9 @@ async def serve(config: WorkerConfig) -> int:
                 advertise_host=config.host_towards(config.hubs[0]),
                 role=role,
                 liveness=config.common.liveness,
+                kv_relay=kv_relay_endpoints(config.kv_events_port, i, config.host_towards(config.hubs[0]))
+                if relays_kv_events(config)
+                else None,
             )  # fmt: skip
             for i, worker_id in enumerate(config.worker_ids())
         ]
@@ -302,7 +337,11 @@ async def serve(config: WorkerConfig) -> int:
             worker.close()
 
     on_stop_signals(stop)
-    codes = await asyncio.gather(*(w.run() for w in workers))
+    try:
+        codes = await asyncio.gather(*(w.run() for w in workers))
+    finally:
+        if _private_dir is not None:
+            shutil.rmtree(_private_dir, ignore_errors=True)
     return max(codes)
 
 

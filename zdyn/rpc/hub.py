@@ -40,6 +40,7 @@ from zdyn.transport import (
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_S = 600.0  # a request with no output for this long fails (engine stuck, not dead)
+DEFAULT_MAX_PEERS = 512  # registrations past this are refused
 
 
 @dataclass(slots=True, eq=False)
@@ -118,9 +119,13 @@ class Hub:
         liveness: Liveness | None = None,
         accept: Callable[[Ready], str | None] | None = None,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
+        max_peers: int = DEFAULT_MAX_PEERS,
         ctx: zmq.asyncio.Context | None = None,
     ) -> None:
+        if max_peers < 1:
+            raise ValueError(f"max_peers must be >= 1, got {max_peers}")
         self.endpoint = endpoint
+        self.max_peers = max_peers
         self.role = role
         self.liveness = liveness or Liveness()
         self.accept = accept
@@ -129,7 +134,8 @@ class Hub:
         self.peers: dict[bytes, Peer] = {}
         self.malformed = MalformedCounter(f"hub {endpoint}")
         self.listeners: list[PeerListener] = []
-        self.num_refused = 0
+        self.num_refused = 0  # READYs refused (wrong version, role or model; an id in use; too many peers)
+        self.num_hijacks = 0  # of those: another run claiming a live peer's id
         self._joined = asyncio.Event()
         self._streams: dict[str, _Stream] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -137,7 +143,8 @@ class Hub:
         self._monitor: zmq.asyncio.Socket | None = None
 
     async def start(self) -> None:
-        self._sock = make_socket(self.ctx, zmq.ROUTER, self.endpoint, bind=True)
+        # Only keys of this hub's role may connect (when the context has keys): see zdyn.security.
+        self._sock = make_socket(self.ctx, zmq.ROUTER, self.endpoint, bind=True, allow=(str(self.role),))
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         handlers: dict[type[Message], MessageHandler] = {
             Outputs: self._on_outputs,
@@ -244,24 +251,17 @@ class Hub:
             stream.queue.put_nowait(msg)
 
     def _on_ready(self, identity: bytes, ready: Ready) -> None:
-        reason = None
-        if ready.protocol_version != PROTOCOL_VERSION:
-            reason = f"protocol version {ready.protocol_version} is not this hub's {PROTOCOL_VERSION}"
-        elif ready.role != self.role:
-            reason = f"this hub serves {self.role}s, not {ready.role}s"
-        elif self.accept is not None:
-            reason = self.accept(ready)
-        if reason is not None:
-            self.num_refused += 1
-            log.error("refused %s %s at %s: %s", ready.role, ready.peer_id, self.endpoint, reason)
-            assert self._sock is not None
-            send(self._sock, Refused(reason=reason), identity).add_done_callback(ignore_result)
-            return
         old = self.peers.get(identity)
+        reason = self._refusal(identity, ready, old)
+        if reason is not None:
+            self._refuse(identity, ready, reason)
+            return
         if old is not None and old.ready == ready:
             return  # announced again before it heard from us: nothing changed
         if old is not None:  # a new session: it lost us and cancelled what it had, so fail those streams
             self._drop(old, "re-registered after losing contact")
+        for other in [p for p in self.peers.values() if p.id == ready.peer_id]:  # its own run, on a fresh socket
+            self._drop(other, "re-registered on a new connection")
         peer = self.peers[identity] = Peer(identity, ready, asyncio.get_running_loop().time())
         log.info(
             "%s %s joined at %s: model=%s engine=%s max_num_seqs=%d block_size=%d kv_blocks=%d",
@@ -270,6 +270,32 @@ class Hub:
         )  # fmt: skip
         self._joined.set()
         self._tell(PeerEvent("joined", peer))
+
+    def _refusal(self, identity: bytes, ready: Ready, old: Peer | None) -> str | None:
+        """Why ``ready`` cannot register, or None."""
+        if ready.protocol_version != PROTOCOL_VERSION:
+            return f"protocol version {ready.protocol_version} is not this hub's {PROTOCOL_VERSION}"
+        if ready.role != self.role:
+            return f"this hub serves {self.role}s, not {ready.role}s"
+        if not ready.peer_id:
+            return "an empty peer id"
+        for other in self.peers.values():
+            if other.id == ready.peer_id and other.identity != identity and other.ready.instance != ready.instance:
+                self.num_hijacks += 1
+                return (f"{ready.role} id {ready.peer_id!r} is in use by a live peer at {other.ready.host or '?'} "
+                        f"(this one is at {ready.host or '?'}): give each a unique id")  # fmt: skip
+        if old is None and len(self.peers) >= self.max_peers:
+            return f"this hub already has its maximum of {self.max_peers} peers (--max-peers)"
+        return self.accept(ready) if self.accept is not None else None
+
+    def _refuse(self, identity: bytes, ready: Ready, reason: str) -> None:
+        """Say no, counted, and logged at a bounded rate (a flood of READYs must not flood the log)."""
+        self.num_refused += 1
+        if self.num_refused <= 5 or self.num_refused % 100 == 0:
+            log.warning("refused %s %s at %s (refusal #%d): %s", ready.role, ready.peer_id, self.endpoint,
+                        self.num_refused, reason)  # fmt: skip
+        assert self._sock is not None
+        send(self._sock, Refused(reason=reason), identity).add_done_callback(ignore_result)
 
     # -- peers leaving
     def _drop(self, peer: Peer, reason: str) -> None:

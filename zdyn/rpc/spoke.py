@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from zdyn.transport import (
     Liveness,
     MalformedCounter,
     MessageHandler,
+    host_towards,
     ignore_result,
     log_send_error,
     make_socket,
@@ -72,6 +74,10 @@ class Spoke:
     ) -> None:
         if not hubs:
             raise ValueError("a spoke needs at least one hub endpoint to connect to")
+        if not ready.instance or not ready.host:
+            ready = msgspec.structs.replace(
+                ready, instance=ready.instance or secrets.token_hex(8), host=ready.host or host_towards(hubs[0])
+            )
         self.ready = ready
         self.handler = handler
         self.load = load or Heartbeat
@@ -104,7 +110,8 @@ class Spoke:
         self._stopped.set()
 
     def _open(self, link: _Link, now: float) -> None:
-        identity = f"{self.ready.peer_id}".encode()
+        # A random routing id per socket: nobody can take over this peer's route by naming its peer id.
+        identity = b"~" + secrets.token_hex(8).encode()
         link.sock = make_socket(self.ctx, zmq.DEALER, link.endpoint, bind=False, identity=identity)
         link.last_seen = now
         link.heard = False
