@@ -31,12 +31,15 @@ class CommonConfig:
     liveness: Liveness = field(default_factory=Liveness)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     max_peers: int = DEFAULT_MAX_PEERS  # per hub
+    drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
 
     def __post_init__(self) -> None:
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.max_peers < 1:
             raise ValueError(f"--max-peers must be >= 1, got {self.max_peers}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"--drain-timeout must be >= 0, got {self.drain_timeout_s}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> CommonConfig:
@@ -45,6 +48,7 @@ class CommonConfig:
             liveness=Liveness(args.heartbeat_interval, args.heartbeat_misses),
             security=SecuritySettings(args.keys_dir or None, args.insecure),
             max_peers=args.max_peers,
+            drain_timeout_s=getattr(args, "drain_timeout", 30.0),
         )
 
 
@@ -70,6 +74,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         help=f"allow listening on a non-loopback address without keys (default: ${INSECURE_ENV}=1)",
     )
     group.add_argument("--max-peers", type=int, default=DEFAULT_MAX_PEERS, help="registrations a hub accepts at most")
+    group.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to finish the requests in flight (new ones go elsewhere) before handing the "
+        "rest back to be moved; SIGINT stops at once",
+    )
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, *sections: str) -> argparse.Namespace:
@@ -100,11 +111,21 @@ def serve_metrics(port: int, *collectors: Any) -> None:
     start_http_server(port)
 
 
-def on_stop_signals(stop: Callable[[], None]) -> None:
-    """Call ``stop`` on SIGINT or SIGTERM (it should only set an event; the role's own code then ends)."""
+def on_stop_signals(stop: Callable[[], None], drain: Callable[[], Coroutine[Any, Any, Any]] | None = None) -> None:
+    """SIGINT calls ``stop`` (it should only set an event; the role's own code then ends). SIGTERM runs
+    ``drain`` (finish what is in flight, then stop) when the role has one, else ``stop``. A second signal
+    stops at once."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+    draining: list[asyncio.Task[Any]] = []
+
+    def on_term() -> None:
+        if drain is None or draining:
+            stop()
+        else:
+            draining.append(loop.create_task(drain()))
+
+    loop.add_signal_handler(signal.SIGINT, stop)
+    loop.add_signal_handler(signal.SIGTERM, on_term)
 
 
 def freeze_startup_objects() -> None:
@@ -168,9 +189,11 @@ class Service(Protocol):
     def close(self) -> None: ...
 
 
-async def serve_behind_hub(service: Service, hub: Any, banner: str) -> int:
-    """Run a ``service`` whose peers register at ``hub`` until SIGINT or SIGTERM."""
-    on_stop_signals(service.close)
+async def serve_behind_hub(service: Service, hub: Any, banner: str, drain_timeout_s: float = 30.0) -> int:
+    """Run a ``service`` whose peers register at ``hub`` until SIGINT or SIGTERM (which drains a service that
+    has ``drain(timeout_s)``)."""
+    drain = getattr(service, "drain", None)
+    on_stop_signals(service.close, (lambda: drain(drain_timeout_s)) if drain is not None else None)
     await hub.start()
     freeze_startup_objects()
     logging.getLogger(type(service).__module__).info("%s", banner)
