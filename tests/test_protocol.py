@@ -7,15 +7,18 @@ from zdyn.protocol import (
     TYPE_OF,
     Cancel,
     Delta,
+    Directory,
     Error,
     Finish,
     Generate,
     Heartbeat,
+    HubEntry,
     Outputs,
     PrefillDone,
     PrefillJob,
     Process,
     ProtocolError,
+    QueueLink,
     QueueStatus,
     Ready,
     Refused,
@@ -31,9 +34,23 @@ from zdyn.protocol import (
 )
 
 EXAMPLES = [
-    Ready(peer_id="w1", role="worker", model="m", engine="vllm", max_num_seqs=8, block_size=32, num_kv_blocks=100),
+    Ready(
+        peer_id="w1",
+        role="worker",
+        model="m",
+        engine="vllm",
+        max_num_seqs=8,
+        block_size=32,
+        num_kv_blocks=100,
+        host="10.0.0.2",
+    ),
     Refused(reason="protocol version 9 is not 1"),
-    Heartbeat(num_running=3, num_waiting=1, kv_usage=0.25),
+    Heartbeat(
+        num_running=3,
+        num_waiting=1,
+        kv_usage=0.25,
+        prefill_queues=[QueueLink(endpoint="tcp://q:5590", live=True, prefill_workers=["p0@10.0.0.3"])],
+    ),
     Generate(request_id="r", token_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=5, seed=7, stop_token_ids=[2])),
     Outputs(
         deltas=[
@@ -59,7 +76,11 @@ EXAMPLES = [
         deadline_s=30.0,
     ),
     PrefillDone(request_id="d", kv_transfer_params={"remote_block_ids": [3, 4], "remote_port": 5600}),
-    QueueStatus(queued=2, running=1, prefill_workers=1, capacity=4),
+    QueueStatus(queued=2, running=1, prefill_workers=1, capacity=4, workers=["p0@10.0.0.3"]),
+    Directory(
+        sender="processor-a-1",
+        hubs=[HubEntry(hub_id="processor-a-1", endpoint="tcp://10.0.0.1:5556", kind="processor")],
+    ),
 ]
 
 

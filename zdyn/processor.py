@@ -107,9 +107,16 @@ class Processor:
                 "waiting": p.load.num_waiting,
                 "kv_usage": round(p.load.kv_usage, 4),
                 "in_flight": p.num_inflight,
+                "host": p.ready.host,
+                **({"prefill_queues": msgspec.to_builtins(p.load.prefill_queues)} if p.load.prefill_queues else {}),
             }
             for p in self.live_workers()
         ]
+
+    def routers(self) -> list[dict[str, Any]]:
+        """The separate router this processor asks, and whether it answers (``/health``)."""
+        client = getattr(self.selector, "client", None)
+        return [] if client is None else [{"endpoint": client.endpoint, "status": client.status}]
 
     async def process(
         self, request_id: str, request: TextRequest, resume: list[ChoiceProgress] | None = None

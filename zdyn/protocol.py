@@ -31,6 +31,7 @@ class MsgType(IntEnum):
     PREFILL_JOB = 0x40
     PREFILL_DONE = 0x41
     QUEUE_STATUS = 0x42
+    DIRECTORY = 0x50
 
 
 class Role(StrEnum):
@@ -91,13 +92,22 @@ class Ready(Message):
     kv_lease_s: float = 0.0  # a prefill worker keeps a finished prefill's KV this long for its reader; 0 = unbounded
     session: int = 0  # bumped each time the peer reconnects with a fresh socket (and dropped its requests)
     instance: str = ""  # random per process run: a new socket of the same run may take over its peer id
-    host: str = ""  # the address the peer says it is at (named when two peers claim one id)
+    host: str = ""  # the address this peer advertises to this hub (its host, as the hub's side reaches it)
 
 
 class Refused(Message):
     """A hub's answer to a Ready it will not accept."""
 
     reason: str
+
+
+class QueueLink(Message):
+    """A decode worker's view of one prefill queue, as its heartbeat reports it (for the frontend's /health)."""
+
+    endpoint: str  # the queue's jobs endpoint
+    live: bool = False  # its status arrived recently
+    queued: int = 0
+    prefill_workers: list[str] = []  # "id@host" of the prefill workers registered there
 
 
 class Heartbeat(Message):
@@ -107,6 +117,9 @@ class Heartbeat(Message):
     num_waiting: int = 0
     kv_usage: float = 0.0  # fraction of KV blocks in use, 0..1
     worker_ids: list[str] = msgspec.field(default_factory=list)  # a separate processor's live workers
+    worker_hosts: list[str] = msgspec.field(default_factory=list)  # ... and their hosts, in the same order
+    router: str = ""  # a separate processor's router link: "" (none), "answering", "not answering", "never answered"
+    prefill_queues: list[QueueLink] = msgspec.field(default_factory=list)  # a decode worker's prefill queues
     draining: bool = False  # shutting down: finishing what it has, takes nothing new
 
 
@@ -270,6 +283,26 @@ class QueueStatus(Message):
     running: int = 0  # jobs on prefill workers
     prefill_workers: int = 0
     capacity: int = 0  # jobs the prefill workers take at once
+    workers: list[str] = []  # "id@host" of the registered prefill workers
+
+
+class HubEntry(Message):
+    """One hub of a deployment: where to dial it and who registers there."""
+
+    hub_id: str  # unique per hub process (role, host, pid)
+    endpoint: str = ""  # as peers dial it (tcp://host:port); "" while the hub does not know it yet
+    accepts: Role = Role.WORKER  # the role of the peers that register there
+    kind: str = ""  # what it is: "frontend", "processor", "router", "prefill-queue"
+    model: str = ""  # the model it serves ("" = any)
+
+
+class Directory(Message):
+    """The hubs a process knows of (``zdyn.rpc.directory``): sent by a hub to its peers when it changes, by a
+    spoke to its hubs (the hubs it is linked to, as it dials them), by a new hub to a seed, and in answer to one
+    with no entries (a question)."""
+
+    sender: str = ""  # the sending hub's id; "" from a spoke
+    hubs: list[HubEntry] = []
 
 
 Request = Generate | Process  # what a hub sends a spoke to serve
@@ -289,6 +322,7 @@ TYPE_OF: dict[type[Message], MsgType] = {
     PrefillJob: MsgType.PREFILL_JOB,
     PrefillDone: MsgType.PREFILL_DONE,
     QueueStatus: MsgType.QUEUE_STATUS,
+    Directory: MsgType.DIRECTORY,
 }
 CLASS_OF: dict[int, type[Message]] = {int(t): cls for cls, t in TYPE_OF.items()}
 _TYPE_FRAMES: dict[type[Message], bytes] = {cls: bytes([t]) for cls, t in TYPE_OF.items()}

@@ -13,17 +13,17 @@ import argparse
 import asyncio
 import logging
 import os
-import shutil
 import socket
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 from zdyn.engines.base import Engine
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, on_stop_signals, role_main, serve_metrics
-from zdyn.transport import check_endpoint, host_towards
+from zdyn.roles.ports import WorkerPorts, add_port_base_arg, check_port
+from zdyn.roles.worker_kv import kv_relay_endpoints, private_kv_endpoints, relays_kv_events, remove_private_dir
+from zdyn.transport import check_endpoint, host_towards, is_loopback, is_remote
 from zdyn.worker import Worker
 
 log = logging.getLogger("zdyn.worker")
@@ -67,7 +67,10 @@ class WorkerConfig:
     served_model_name: str | None = None
     kv_events: bool = True
     kv_events_port: int = 0  # 0: free ports
-    advertise_host: str | None = None  # None: this host's address on the route to the first hub
+    port_base: int = 0  # 0: free ports for what no port flag fixes
+    results_port: int = 0  # a decode worker's prefill results (PULL)
+    nixl_side_channel_port: int = 0
+    advertise_host: str | None = None  # None: per hub, this host's address on the route to it
     metrics_port: int = 0
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
@@ -82,17 +85,32 @@ class WorkerConfig:
             check_endpoint(hub)
         if self.num_workers < 1 or (self.num_workers > 1 and self.engine != "mocker"):
             raise ValueError("--num-workers > 1 is for the mocker; start one process per vLLM worker")
-        if not 0 <= self.kv_events_port < 65535:
-            raise ValueError(f"--kv-events-port must be in [0, 65534], got {self.kv_events_port}")
+        check_port("--kv-events-port", self.kv_events_port, 2 * self.num_workers)
+        check_port("--port-base", self.port_base, 4 * self.num_workers)
+        check_port("--results-port", self.results_port, self.num_workers)
+        check_port("--nixl-side-channel-port", self.nixl_side_channel_port, self.num_workers)
+        if self.advertise_host and is_loopback(self.advertise_host):
+            remote = [e for e in [*self.hubs, self.disagg.prefill_queue or ""] if is_remote(e)]
+            if remote:
+                raise ValueError(
+                    f"--advertise-host {self.advertise_host} is this host only, but {remote[0]} is on another host "
+                    "and could not reach this worker there: leave --advertise-host out (each hub then gets this "
+                    "host's address on the route to it) or give an address that host reaches"
+                )
+
+    def ports(self, index: int = 0) -> WorkerPorts:
+        return WorkerPorts.layout(
+            self.port_base, self.kv_events_port, self.results_port, self.nixl_side_channel_port, index
+        )
 
     def key_role(self) -> str:
         return "prefill" if self.disagg.prefill else "worker"
 
     def binds(self) -> list[str]:
-        """The KV-event relay listens on the advertised interface."""
+        """The KV-event relay's endpoint (loopback, or every interface when a hub is on another host)."""
         if not relays_kv_events(self):
             return []
-        return [kv_relay_endpoints(self.kv_events_port, 0, self.host_towards(self.hubs[0]))[0]]
+        return [kv_relay_endpoints(self, 0)[0]]
 
     def host_towards(self, endpoint: str) -> str:
         """The address peers at ``endpoint`` reach this worker at."""
@@ -110,6 +128,9 @@ class WorkerConfig:
             served_model_name=served[0] if isinstance(served, list) else served,
             kv_events=not args.no_kv_events,
             kv_events_port=args.kv_events_port,
+            port_base=args.port_base,
+            results_port=args.results_port,
+            nixl_side_channel_port=args.nixl_side_channel_port,
             advertise_host=args.advertise_host,
             metrics_port=args.metrics_port,
             disagg=DisaggConfig(
@@ -146,15 +167,27 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         "--kv-events-port",
         type=int,
         default=0,
-        help="port of the KV-event relay the KV router subscribes to (on the advertised interface, CURVE with keys); "
-        "replay is on the next port (default: free ports; vLLM's --kv-events-config or the mocker's "
-        "--kv-events-endpoint, if given, are used as they are, without relay or CURVE)",
+        help="port of the KV-event relay the KV router subscribes to (CURVE with keys); replay is on the next port "
+        "(default: --port-base, else free ports; vLLM's --kv-events-config or the mocker's --kv-events-endpoint, "
+        "if given, are used as they are, without relay or CURVE)",
     )
+    add_port_base_arg(
+        group, 0, "KV events +0, KV replay +1, prefill results +2, NIXL side channel +3, the next simulated "
+        "worker +4; 0: free ports"
+    )  # fmt: skip
+    group.add_argument(
+        "--results-port", type=int, default=0, help="decode worker: port of its prefill results socket "
+        "(default: --port-base + 2, else a free port)"
+    )  # fmt: skip
+    group.add_argument(
+        "--nixl-side-channel-port", type=int, default=0, help="vLLM with NIXL: port of its side channel for KV "
+        "handshakes (default: $VLLM_NIXL_SIDE_CHANNEL_PORT, else --port-base + 3, else a free port)"
+    )  # fmt: skip
     group.add_argument("--no-kv-events", action="store_true", help="publish no KV-cache events")
     group.add_argument(
         "--advertise-host",
-        help="host name or address other hosts reach this worker at (default: this host's address on the "
-        "route to the first processor)",
+        help="host name or address other hosts reach this worker at (default: for each hub, this host's address "
+        "on the route to that hub)",
     )
     disagg = parser.add_argument_group("zdyn disaggregated prefill")
     disagg.add_argument(
@@ -231,6 +264,7 @@ def make_engine(config: WorkerConfig, index: int = 0) -> Engine:
             kv_lease_s=config.disagg.kv_lease_s,
             advertise_host=config.host_towards(config.hubs[0]),
             kv_events=private_kv_endpoints(index) if config.kv_events else None,
+            nixl_side_channel_port=config.ports(index).nixl_side_channel,
         )
         return vllm.VllmEngine(vllm.engine_args(config.engine_flags, host))
     from zdyn.engines.mocker.engine import MockerEngine
@@ -246,7 +280,7 @@ def make_engine(config: WorkerConfig, index: int = 0) -> Engine:
     return MockerEngine(mocker)
 
 
-def with_disagg(engine: Engine, config: WorkerConfig) -> Engine:
+def with_disagg(engine: Engine, config: WorkerConfig, index: int = 0) -> Engine:
     """A prefill worker's engine runs prompts only; a decode worker's sends long prefills to prefill workers."""
     disagg = config.disagg
     if disagg.prefill:
@@ -260,41 +294,13 @@ def with_disagg(engine: Engine, config: WorkerConfig) -> Engine:
 
     assert disagg.prefill_queue_status is not None
     queue = disagg.prefill_queue
-    client = PrefillClient(queue, disagg.prefill_queue_status, config.host_towards(queue))
+    client = PrefillClient(
+        queue, disagg.prefill_queue_status, config.host_towards(queue), results_port=config.ports(index).results
+    )
     policy = DisaggPolicy(disagg.max_local_prefill_length, disagg.max_prefill_queue_size)
     return DisaggEngine(
         engine, client, policy, timeout_s=disagg.remote_prefill_timeout_s, settings_file=disagg.settings_file
     )
-
-
-def private_kv_endpoints(index: int = 0) -> tuple[str, str]:
-    """Where an engine publishes its KV events and answers replays: ipc in a folder only this user can open
-    (``KvEventRelay`` carries them off the host, encrypted)."""
-    global _private_dir
-    if _private_dir is None:
-        _private_dir = tempfile.mkdtemp(prefix="zdyn-kv-")  # mode 0700
-    return f"ipc://{_private_dir}/events-{index}", f"ipc://{_private_dir}/replay-{index}"
-
-
-_private_dir: str | None = None
-
-
-def kv_relay_endpoints(port: int, index: int, host: str) -> tuple[str, str]:
-    """Bind endpoints of a worker's KV-event relay and its replay socket, on the interface of ``host``: ``port``
-    and ``port + 1`` (two ports further for each simulated worker of a process), or free ports when 0."""
-    host = f"[{host}]" if ":" in host else host
-    if port:
-        first = port + 2 * index
-        return f"tcp://{host}:{first}", f"tcp://{host}:{first + 1}"
-    return f"tcp://{host}:*", f"tcp://{host}:*"
-
-
-def relays_kv_events(config: WorkerConfig) -> bool:
-    """zdyn chose the engine's KV-event endpoints (private), so a relay publishes them; explicit engine settings
-    (vLLM's --kv-events-config, the mocker's --kv-events-endpoint) are used as they are."""
-    flags = config.engine_flags
-    explicit = getattr(flags, "kv_events_config", None) or getattr(flags, "kv_events_endpoint", None)
-    return config.kv_events and not explicit
 
 
 def offset_port(endpoint: str | None, index: int) -> str | None:
@@ -310,15 +316,13 @@ async def serve(config: WorkerConfig) -> int:
     try:
         workers = [
             Worker(
-                with_disagg(make_engine(config, i), config),
+                with_disagg(make_engine(config, i), config, i),
                 config.hubs,
                 worker_id,
-                advertise_host=config.host_towards(config.hubs[0]),
+                advertise_host=config.advertise_host,
                 role=role,
                 liveness=config.common.liveness,
-                kv_relay=kv_relay_endpoints(config.kv_events_port, i, config.host_towards(config.hubs[0]))
-                if relays_kv_events(config)
-                else None,
+                kv_relay=kv_relay_endpoints(config, i) if relays_kv_events(config) else None,
             )  # fmt: skip
             for i, worker_id in enumerate(config.worker_ids())
         ]
@@ -343,8 +347,7 @@ async def serve(config: WorkerConfig) -> int:
     try:
         codes = await asyncio.gather(*(w.run() for w in workers))
     finally:
-        if _private_dir is not None:
-            shutil.rmtree(_private_dir, ignore_errors=True)
+        remove_private_dir()
     return max(codes)
 
 
@@ -358,7 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     if engine not in ENGINES:
         print(f"zdyn worker: --engine must be one of {', '.join(ENGINES)}", file=sys.stderr)
         return 2
-    return role_main(argv, build_parser(engine), ("Worker", f"Worker.{engine}"), WorkerConfig.from_args, serve)
+    return role_main(argv, build_parser(engine), sections(argv, engine), WorkerConfig.from_args, serve)
+
+
+def sections(argv: list[str], engine: str = "mocker") -> tuple[str, ...]:
+    """The config file's sections a worker reads, later ones winning: a prefill worker's own last."""
+    return ("Worker", f"Worker.{engine}", *(["PrefillWorker"] if "--prefill" in argv else []))
 
 
 def _engine_from_config(path: str | None) -> Any:

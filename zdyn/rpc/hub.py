@@ -144,8 +144,9 @@ class Hub:
         self.peers: dict[bytes, Peer] = {}
         self.malformed = MalformedCounter(f"hub {endpoint}")
         self.listeners: list[PeerListener] = []
+        self.extra_handlers: dict[type[Message], MessageHandler] = {}  # more message types (set before start)
         self.num_refused = 0  # READYs refused (wrong version, role or model; an id in use; too many peers)
-        self.num_hijacks = 0  # of those: another run claiming a live peer's id
+        self.num_hijacks = 0  # of those: another live process claiming a registered peer's id
         self._joined = asyncio.Event()
         self._change_waiters: list[asyncio.Future[None]] = []
         self._streams: dict[str, _Stream] = {}
@@ -164,6 +165,7 @@ class Hub:
             Heartbeat: self._on_heartbeat,
             Error: self._on_error,
             Ready: self._on_ready,
+            **self.extra_handlers,
         }
         reader = read_messages(self._sock, handlers, self.malformed, routed=True, on_message=self._seen)
         loop = asyncio.get_running_loop()
@@ -188,6 +190,11 @@ class Hub:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def send_to(self, identity: bytes, msg: Message) -> None:
+        """Best-effort send to any peer by identity, registered or not (a Directory answer, say)."""
+        if self._sock is not None:
+            send(self._sock, msg, identity).add_done_callback(ignore_result)
 
     def live_peers(self, *, draining: bool = False) -> list[Peer]:
         """Registered peers that take new requests (and, with ``draining``, those finishing up too)."""
@@ -289,12 +296,10 @@ class Hub:
             return  # announced again before it heard from us: nothing changed
         if old is not None:  # a new session: it lost us and cancelled what it had, so fail those streams
             self._drop(old, "re-registered after losing contact")
-        for other in [p for p in self.peers.values() if p.id == ready.peer_id]:  # its own run, on a fresh socket
-            self._drop(other, "re-registered on a new connection")
         peer = self.peers[identity] = Peer(identity, ready, asyncio.get_running_loop().time())
         log.info(
-            "%s %s joined at %s: model=%s engine=%s max_num_seqs=%d block_size=%d kv_blocks=%d",
-            ready.role, ready.peer_id, self.endpoint, ready.model, ready.engine,
+            "%s %s joined at %s from %s: model=%s engine=%s max_num_seqs=%d block_size=%d kv_blocks=%d",
+            ready.role, ready.peer_id, self.endpoint, ready.host or "?", ready.model, ready.engine,
             ready.max_num_seqs, ready.block_size, ready.num_kv_blocks,
         )  # fmt: skip
         self._joined.set()
@@ -304,21 +309,34 @@ class Hub:
         """Why ``ready`` cannot register, or None."""
         if ready.protocol_version != PROTOCOL_VERSION:
             return f"protocol version {ready.protocol_version} is not this hub's {PROTOCOL_VERSION}"
-        if ready.role != self.role:
-            return f"this hub serves {self.role}s, not {ready.role}s"
-        if not ready.peer_id:
-            return "an empty peer id"
-        for other in self.peers.values():
-            if other.id == ready.peer_id and other.identity != identity and other.ready.instance != ready.instance:
-                self.num_hijacks += 1
-                return (f"{ready.role} id {ready.peer_id!r} is in use by a live peer at {other.ready.host or '?'} "
-                        f"(this one is at {ready.host or '?'}): give each a unique id")  # fmt: skip
-        if old is None and len(self.peers) >= self.max_peers:
-            return f"this hub already has its maximum of {self.max_peers} peers (--max-peers)"
-        return self.accept(ready) if self.accept is not None else None
+        if ready.role != self.role or not ready.peer_id:
+            return f"this hub serves {self.role}s with an id, not {ready.role}s {ready.peer_id!r}"
+        reason = (self.accept(ready) if self.accept is not None else None) or self._same_id(identity, ready)
+        if reason is None and old is None and len(self.peers) >= self.max_peers:
+            reason = f"this hub already has its maximum of {self.max_peers} peers (--max-peers)"
+        return reason
 
-    def _refuse(self, identity: bytes, ready: Ready, reason: str) -> None:
-        """Say no, counted, and logged at a bounded rate (a flood of READYs must not flood the log)."""
+    def _same_id(self, identity: bytes, ready: Ready) -> str | None:
+        """The same run on a fresh socket takes its id over; another process only once the registered one is quiet
+        (a restart before its death was noticed). A live one keeps it: the newcomer is refused, naming both hosts."""
+        now = asyncio.get_running_loop().time()
+        for other in list(self.peers.values()):
+            if other.id != ready.peer_id or other.identity == identity:
+                continue
+            if other.ready.instance and other.ready.instance == ready.instance:
+                self._drop(other, "re-registered on a new connection")
+            elif now - other.last_seen <= 1.5 * self.liveness.interval_s:
+                self.num_hijacks += 1
+                return (
+                    f"{ready.role} id {ready.peer_id!r} is in use by a live {ready.role} on host "
+                    f"{other.ready.host or '?'}; this one is on host {ready.host or '?'}: give each {ready.role} "
+                    "its own id (--worker-id)"
+                )
+            else:
+                self._drop(other, "replaced by a new process with the same id")
+        return None
+
+    def _refuse(self, identity: bytes, ready: Ready, reason: str) -> None:  # counted; logged at a bounded rate
         self.num_refused += 1
         if self.num_refused <= 5 or self.num_refused % 100 == 0:
             log.warning("refused %s %s at %s (refusal #%d): %s", ready.role, ready.peer_id, self.endpoint,
