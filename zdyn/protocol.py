@@ -4,6 +4,13 @@ Every message travels as two frames, ``[type byte][MessagePack map]`` (ROUTER so
 identity in front). Payloads are plain MessagePack maps keyed by field name, so any MessagePack
 library can read them and a reader ignores fields it does not know. This module must not import
 vLLM, torch or starlette.
+
+Prompt token ids (``Generate.token_ids``, ``RouteQuery.token_ids``, and so a ``PrefillJob``'s request) are
+sent packed: a MessagePack **bin** holding the ids as consecutive little-endian unsigned 32-bit integers
+(4 bytes per token, no header), which any reader unpacks with e.g. ``numpy.frombuffer(b, "<u4")`` or
+``struct.unpack(f"<{len(b) // 4}I", b)``. Decoders also accept a plain MessagePack array of integers there,
+so any writer may send ids the plain way. Output deltas (``Delta.token_ids``) stay plain arrays: they carry
+one token or a few, where a bin saves nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from enum import IntEnum, StrEnum
 from typing import Any, Literal
 
 import msgspec
+
+from zdyn.token_ids import TokenIds, as_token_ids, dec_hook, enc_hook
 
 PROTOCOL_VERSION = 1
 
@@ -127,13 +136,16 @@ class Generate(Message):
     """Processor -> worker: run this prompt."""
 
     request_id: str
-    token_ids: list[int]
+    token_ids: TokenIds  # packed on the wire; a list given here becomes TokenIds
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     model: str = ""
     overlap_blocks: int = 0  # the router's estimate of leading prompt blocks already cached on this worker
     # vLLM's KV-connector parameters: {"do_remote_decode": true} on a prefill job; on the decode side, what the
     # prefill worker returned plus {"do_remote_prefill": true}, so the engine pulls the prompt's KV instead
     kv_transfer_params: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = as_token_ids(self.token_ids)
 
 
 # Sampling fields a model's generation_config.json may give defaults for (vLLM applies them the same way).
@@ -235,9 +247,12 @@ class RouteQuery(Message):
     """Processor -> router: which of ``candidates`` (worker ids) should serve this prompt?"""
 
     request_id: str
-    token_ids: list[int]
+    token_ids: TokenIds  # packed on the wire; a list given here becomes TokenIds
     candidates: list[str] = []  # empty: any live worker
     lora_name: str | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = as_token_ids(self.token_ids)
 
 
 class RouteReply(Message):
@@ -283,6 +298,7 @@ class QueueStatus(Message):
     running: int = 0  # jobs on prefill workers
     prefill_workers: int = 0
     capacity: int = 0  # jobs the prefill workers take at once
+    draining: bool = False  # the queue is shutting down: send jobs elsewhere
     workers: list[str] = []  # "id@host" of the registered prefill workers
 
 
@@ -326,8 +342,10 @@ TYPE_OF: dict[type[Message], MsgType] = {
 }
 CLASS_OF: dict[int, type[Message]] = {int(t): cls for cls, t in TYPE_OF.items()}
 _TYPE_FRAMES: dict[type[Message], bytes] = {cls: bytes([t]) for cls, t in TYPE_OF.items()}
-_DECODERS = {int(t): msgspec.msgpack.Decoder(cls) for cls, t in TYPE_OF.items()}
-_encoder = msgspec.msgpack.Encoder()
+
+
+_DECODERS = {int(t): msgspec.msgpack.Decoder(cls, dec_hook=dec_hook) for cls, t in TYPE_OF.items()}
+_encoder = msgspec.msgpack.Encoder(enc_hook=enc_hook)
 
 
 class ProtocolError(ValueError):
