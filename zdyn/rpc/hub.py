@@ -330,11 +330,8 @@ class Hub:
                 self._drop(other, "re-registered on a new connection")
             elif now - other.last_seen <= 1.5 * self.liveness.interval_s:
                 self.num_hijacks += 1
-                return (
-                    f"{ready.role} id {ready.peer_id!r} is in use by a live {ready.role} on host "
-                    f"{other.ready.host or '?'}; this one is on host {ready.host or '?'}: give each {ready.role} "
-                    "its own id (--worker-id)"
-                )
+                there, here = other.ready.host or "?", ready.host or "?"
+                return f"id {ready.peer_id!r} is in use by a live {ready.role} on host {there}; this one is on {here}"
             else:
                 self._drop(other, "replaced by a new process with the same id")
         return None
