@@ -16,10 +16,11 @@ import msgspec
 
 from zdyn.engines.base import Engine, EngineDeadError
 from zdyn.errors import RequestError, unavailable
+from zdyn.kv_publisher import KvEventRelay
 from zdyn.protocol import Delta, Generate, Ready, Role
 from zdyn.rpc import RefusedError, Request, Spoke
 from zdyn.rpc.directory import SpokeDiscovery
-from zdyn.transport import Liveness, advertised, host_towards, is_loopback
+from zdyn.transport import Liveness, TransportError, advertised, host_towards, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class Worker:
         liveness: Liveness | None = None,
         discover: bool = True,
         seeds: list[str] | None = None,
+        kv_relay: tuple[str, str] | None = None,
     ) -> None:
         if not hubs:
             raise ValueError("a worker needs at least one hub to connect to")
@@ -50,6 +52,8 @@ class Worker:
         self.discover = discover  # register at the hubs the hubs' directories name (zdyn.rpc.directory)
         self.seeds = seeds or []
         self.discovery: SpokeDiscovery | None = None
+        self.kv_relay = kv_relay  # bind endpoints for relaying the engine's KV events off this host
+        self.relay: KvEventRelay | None = None
         self.spoke: Spoke | None = None
         self.engine_dead = False
 
@@ -63,6 +67,16 @@ class Worker:
             self.worker_id, info.engine, info.model, time.perf_counter() - started, info.max_model_len,
             info.max_num_seqs, info.block_size, info.num_kv_blocks,
         )  # fmt: skip
+        events, replay = info.kv_events_endpoint, info.kv_replay_endpoint
+        if events and self.kv_relay is not None:
+            try:
+                self.relay = KvEventRelay(events, replay, *self.kv_relay)
+            except TransportError as e:
+                log.error("worker %s cannot relay its KV events: %s", self.worker_id, e)
+                await self.engine.shutdown()
+                return 2
+            await self.relay.start()
+            events, replay = self.relay.endpoint, self.relay.replay_endpoint
         ready = Ready(
             peer_id=self.worker_id,
             role=self.role,
@@ -72,8 +86,8 @@ class Worker:
             max_model_len=info.max_model_len,
             block_size=info.block_size,
             num_kv_blocks=info.num_kv_blocks,
-            kv_events_endpoint=info.kv_events_endpoint,  # bind form: each hub gets it with the address it reaches
-            kv_replay_endpoint=info.kv_replay_endpoint,
+            kv_events_endpoint=events,  # bind form: each hub gets it with the address it reaches
+            kv_replay_endpoint=replay,
             kv_lease_s=info.kv_lease_s,
         )
         if ready.kv_events_endpoint:
@@ -97,6 +111,8 @@ class Worker:
         finally:
             if self.discovery is not None:
                 await self.discovery.close()
+            if self.relay is not None:
+                await self.relay.close()
             await self.engine.shutdown()
         return 1 if self.engine_dead else 0
 
