@@ -51,6 +51,7 @@ ANNOUNCE_S = 2.0  # a hub with seeds announces itself this often
 ANNOUNCE_TTL_S = 10.0  # ... and is forgotten this long after its last announcement
 ASK_SEEDS_S = 5.0  # a spoke asks its seeds for the directory this often
 FORGET_AFTER_S = 30.0  # a spoke leaves a discovered hub silent for this long
+HUB_ROLES = ("frontend", "processor", "router", "prefill-queue")  # the key roles of processes that run hubs
 
 
 def new_hub_id(kind: str) -> str:
@@ -149,6 +150,7 @@ class HubDirectory:
         self.book = DirectoryBook(me)
         self.broadcasts = 0
         self._task: asyncio.Task[None] | None = None
+        hub.also_allow = HUB_ROLES  # with CURVE keys, other hubs may connect to announce themselves
         hub.extra_handlers[Directory] = self._on_directory
         hub.listeners.append(self._on_peer)
 
