@@ -301,4 +301,6 @@ async def test_a_killed_processor_s_requests_continue_on_another(unused_tcp_port
         spoke.close()
         await asyncio.gather(task, return_exceptions=True)
         await stop(hub, workers)
+    await until(lambda: not processors_hub.live_peers(draining=True))
+    assert backend.models() == ["m"]  # still known while its processors restart: a wait, then 503, not a 404
     await processors_hub.close()
