@@ -80,7 +80,7 @@ def test_worker_port_flags_are_checked_and_reach_the_config():
     with pytest.raises(ValueError):
         worker_config("--port-base", "65534")
     with pytest.raises(ValueError):
-        worker_config("--results-port", "-1")
+        worker_config("--nixl-side-channel-port", "-1")
 
 
 def test_advertising_loopback_to_a_hub_on_another_host_is_refused():

@@ -273,15 +273,16 @@ class RouteUpdate(Message):
 
 
 class PrefillJob(Message):
-    """Decode worker -> prefill queue (PUSH): prefill this prompt, then tell ``reply_to`` where its KV is."""
+    """Decode worker -> prefill queue (DEALER -> ROUTER): prefill this prompt; ``PrefillDone`` comes back on the same
+    connection."""
 
     request: Generate  # the decode worker's own request: same id, prompt and model
-    reply_to: str  # the decode worker's PULL endpoint for PrefillDone
+    reply_to: str = ""  # unused: the queue answers on the connection the job came in on, it dials nobody
     deadline_s: float = 0.0  # seconds the decode worker waits; the queue drops the job unstarted after that
 
 
 class PrefillDone(Message):
-    """Prefill queue -> decode worker (PUSH): the prefill finished (``kv_transfer_params``) or failed (``error``)."""
+    """Prefill queue -> decode worker, on the job's connection: done (``kv_transfer_params``) or failed (``error``)."""
 
     request_id: str
     kv_transfer_params: dict[str, Any] | None = None

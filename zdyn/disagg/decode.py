@@ -33,9 +33,7 @@ from zdyn.engines.base import Engine, EngineInfo
 from zdyn.protocol import Cancel, Delta, Generate, Heartbeat, PrefillDone, PrefillJob, QueueLink, QueueStatus
 from zdyn.transport import (
     MalformedCounter,
-    advertised,
     ignore_result,
-    is_loopback,
     make_socket,
     read_messages,
     send,
@@ -54,7 +52,8 @@ class PrefillUnavailable(Exception):
 
 
 class PrefillClient:
-    """Sockets to the prefill queue: jobs and cancels out (PUSH), results in (PULL), queue status in (SUB)."""
+    """Sockets to the prefill queue: jobs and cancels out and their results back on one DEALER (the queue answers on
+    the connection a job came in on and never dials a decode worker), queue status in (SUB)."""
 
     def __init__(
         self,
@@ -62,17 +61,13 @@ class PrefillClient:
         status_endpoint: str,
         host: str,
         ctx: zmq.asyncio.Context | None = None,
-        *,
-        results_port: int = 0,
     ) -> None:
         self.jobs_endpoint = jobs_endpoint
-        self.results_port = results_port  # 0: a free port
         self.status_endpoint = status_endpoint
         self.host = host
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.status = QueueStatus()
         self.status_at = -1e9
-        self.reply_to = ""
         self.stats: Counter[str] = Counter()
         self.malformed = MalformedCounter(f"prefill results ({jobs_endpoint})")
         self._waiting: dict[str, asyncio.Future[PrefillDone]] = {}
@@ -82,15 +77,11 @@ class PrefillClient:
         self._releasing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._push = make_socket(self.ctx, zmq.PUSH, self.jobs_endpoint, bind=False)
-        interface = "127.0.0.1" if is_loopback(self.host) else "*"
-        port = self.results_port or "*"
-        self._results = make_socket(self.ctx, zmq.PULL, f"tcp://{interface}:{port}", bind=True)
-        self.reply_to = advertised(self._results.getsockopt_string(zmq.LAST_ENDPOINT), self.host)
+        self._push = make_socket(self.ctx, zmq.DEALER, self.jobs_endpoint, bind=False)
         self._status = make_socket(self.ctx, zmq.SUB, self.status_endpoint, bind=False)
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(read_messages(self._results, {PrefillDone: self._on_result}, self.malformed)),
+            loop.create_task(read_messages(self._push, {PrefillDone: self._on_result}, self.malformed)),
             loop.create_task(read_messages(self._status, {QueueStatus: self._on_status}, self.malformed)),
             loop.create_task(self._watch()),
         ]
@@ -101,7 +92,7 @@ class PrefillClient:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for sock in (self._push, self._results, self._status):
+        for sock in (self._push, self._status):
             sock.close(linger=0)
 
     @property
@@ -141,7 +132,7 @@ class PrefillClient:
         done = False
         pushed = time.monotonic()
         try:
-            job_msg = PrefillJob(request=job, reply_to=self.reply_to, deadline_s=timeout_s)
+            job_msg = PrefillJob(request=job, deadline_s=timeout_s)
             try:
                 await asyncio.wait_for(send(self._push, job_msg), SEND_TIMEOUT_S)
             except TimeoutError:
