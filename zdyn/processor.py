@@ -35,6 +35,7 @@ from zdyn.protocol import (
 )
 from zdyn.router.selector import Route, Selector
 from zdyn.rpc import Hub, Peer
+from zdyn.tools import OutputParsing, chat_template_inputs
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ log = logging.getLogger(__name__)
 class Processor:
     """Serves ``TextRequest``s for one model through the workers registered at ``workers``."""
 
-    def __init__(self, tokenizer_path: str, model: str, workers: Hub, selector: Selector) -> None:
+    def __init__(
+        self, tokenizer_path: str, model: str, workers: Hub, selector: Selector, outputs: OutputParsing | None = None
+    ) -> None:
         self.model = model
         self.hub = workers
         self.selector = selector
@@ -51,15 +54,19 @@ class Processor:
         self.max_model_len = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
         self.sampling_defaults = generation_defaults(tokenizer_path)
         self._token_text: dict[int, str] = {}
+        self.outputs = outputs or OutputParsing()  # tool calls and reasoning in the output (zdyn.tools)
 
     def tokenize(self, request: TextRequest) -> list[int]:
         """Prompt token ids: the chat template applied to the messages, or the completion prompt."""
         if request.messages is not None:
+            tools = request.tools if request.tool_choice != "none" else None
+            messages, extra = chat_template_inputs(request.messages, tools, self.tokenizer.chat_template)
             try:
                 text = self.tokenizer.apply_chat_template(
-                    request.messages,
+                    messages,
                     tokenize=False,
                     add_generation_prompt=True,
+                    **extra,
                     **request.chat_template_kwargs,
                 )
             except Exception as e:  # jinja errors: the template rejected these messages
@@ -95,6 +102,9 @@ class Processor:
 
     async def process(self, request_id: str, request: TextRequest) -> AsyncGenerator[Delta]:
         """Yield text deltas (``index`` = choice) until every choice has finished."""
+        outputs = self.outputs.for_request(request)  # a 400 if it needs a parser this processor lacks
+        if outputs is not None and self.outputs.keeps_special_tokens:
+            request.skip_special_tokens = False  # tool-call and thinking tags are special tokens in many models
         token_ids = self.tokenize(request)
         peers = self.live_workers()
         if not peers:
@@ -120,6 +130,8 @@ class Processor:
                         self.selector.update(request_id, RouteEvent.PREFILLED)
                         prefilled = True
                     delta.request_id = request_id
+                    if outputs is not None:
+                        outputs.apply(delta)
                     yield delta
         finally:
             self.selector.update(request_id, RouteEvent.FINISHED)

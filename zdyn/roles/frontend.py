@@ -20,6 +20,7 @@ from zdyn.frontend.remote import RemoteBackend
 from zdyn.processor import Processor, accept_model
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, freeze_startup_objects, role_main
+from zdyn.roles.output_parsing import OutputParsingConfig, add_output_parsing_args
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
 from zdyn.router.selector import RoundRobin
 from zdyn.rpc import Hub
@@ -43,6 +44,7 @@ class FrontendConfig:
     http: HttpSettings = field(default_factory=HttpSettings)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
+    output_parsing: OutputParsingConfig = field(default_factory=OutputParsingConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -69,6 +71,7 @@ class FrontendConfig:
             ),
             routing=RoutingConfig.from_args(args),
             common=CommonConfig.from_args(args),
+            output_parsing=OutputParsingConfig.from_args(args),
         )
 
 
@@ -99,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--max-body-mib", type=int, default=16, help="larger request bodies get a 413")
     http.add_argument("--max-json-depth", type=int, default=64, help="more deeply nested JSON bodies get a 400")
     add_router_args(parser)
+    add_output_parsing_args(parser)
     add_common_args(parser)
     return parser
 
@@ -139,6 +143,7 @@ def build_backend(config: FrontendConfig) -> tuple[Backend, Hub, str]:
     name = config.served_model_name or served_model_name(model)
     hub = Hub(config.workers_endpoint, role=Role.WORKER, liveness=config.common.liveness, accept=accept_model(name))
     processor = Processor(config.tokenizer or model, name, hub, make_selector(config.routing, hub))
+    processor.outputs = config.output_parsing.build(processor.tokenizer)
     return processor, hub, f"serving {name}; workers connect to {config.workers_endpoint}"
 
 
@@ -148,7 +153,12 @@ async def serve(config: FrontendConfig) -> int:
     except OSError as e:
         log.error("cannot start: %s", e.strerror or e)
         return 2
-    backend, hub, where = build_backend(config)
+    try:
+        backend, hub, where = build_backend(config)
+    except ValueError as e:  # an output parser that does not fit the model
+        log.error("cannot start: %s", e)
+        sock.close()
+        return 2
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

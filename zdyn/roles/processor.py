@@ -13,6 +13,7 @@ from zdyn.errors import RequestError
 from zdyn.processor import Processor, accept_model
 from zdyn.protocol import Delta, Heartbeat, Process, Ready, Role
 from zdyn.roles.common import CommonConfig, add_common_args, freeze_startup_objects, on_stop_signals, role_main
+from zdyn.roles.output_parsing import OutputParsingConfig, add_output_parsing_args
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
 from zdyn.rpc import Hub, RefusedError, Request, Spoke
 from zdyn.transport import check_endpoint
@@ -30,6 +31,7 @@ class ProcessorConfig:
     processor_id: str = field(default_factory=lambda: f"processor-{socket.gethostname()}-{os.getpid()}")
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
+    output_parsing: OutputParsingConfig = field(default_factory=OutputParsingConfig)
 
     def __post_init__(self) -> None:
         check_endpoint(self.frontend)
@@ -48,6 +50,7 @@ class ProcessorConfig:
             processor_id=args.processor_id or f"processor-{socket.gethostname()}-{os.getpid()}",
             routing=RoutingConfig.from_args(args),
             common=CommonConfig.from_args(args),
+            output_parsing=OutputParsingConfig.from_args(args),
         )
 
 
@@ -60,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", help="tokenizer folder or id, if not the model's")
     add_router_args(parser)
     parser.add_argument("--processor-id", help="unique id (default: processor-<host>-<pid>)")
+    add_output_parsing_args(parser)
     add_common_args(parser)
     return parser
 
@@ -72,6 +76,11 @@ async def serve(config: ProcessorConfig) -> int:
     liveness = config.common.liveness
     workers = Hub(config.workers_endpoint, role=Role.WORKER, liveness=liveness, accept=accept_model(name))
     processor = Processor(config.tokenizer or model, name, workers, make_selector(config.routing, workers))
+    try:
+        processor.outputs = config.output_parsing.build(processor.tokenizer)
+    except ValueError as e:  # an output parser that does not fit the model
+        log.error("cannot start: %s", e)
+        return 2
 
     def handle(request: Request) -> AsyncIterator[Delta]:
         if not isinstance(request, Process):

@@ -150,7 +150,14 @@ class VllmEngine:
 
 def to_vllm_sampling(params: SamplingParams, kv_transfer_params: dict[str, Any] | None = None) -> Any:
     from vllm import SamplingParams as VllmSamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    structured = None
+    if params.structured is not None:  # at most one kind is set (the frontend checked); vLLM checks the rest
+        s = params.structured
+        structured = StructuredOutputsParams(
+            json=s.json, regex=s.regex, choice=s.choice, grammar=s.grammar, json_object=s.json_object or None
+        )
 
     return VllmSamplingParams(
         n=1,
@@ -167,6 +174,7 @@ def to_vllm_sampling(params: SamplingParams, kv_transfer_params: dict[str, Any] 
         frequency_penalty=params.frequency_penalty,
         repetition_penalty=params.repetition_penalty,
         logprobs=params.logprobs,
+        structured_outputs=structured,
         detokenize=False,  # the processor detokenizes
         output_kind=RequestOutputKind.DELTA,
         extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
