@@ -8,11 +8,12 @@ import json
 import msgspec
 import pytest
 
+from zdyn.engines.mocker.structured import scripted_token, valid_text
 from zdyn.errors import RequestError
 from zdyn.frontend.openai import parse_request
 from zdyn.frontend.responses import ResponseBuilder
 from zdyn.frontend.structured import named_schema, required_schema
-from zdyn.protocol import Delta, Finish, Process, TextRequest, ToolCallDelta, decode, encode
+from zdyn.protocol import Delta, Finish, Process, StructuredOutputs, TextRequest, ToolCallDelta, decode, encode
 from zdyn.tools import OutputParsing, RequiredCalls, chat_template_inputs, parse_call_list
 
 WEATHER = {
@@ -302,3 +303,59 @@ def test_a_whole_response_has_the_calls_in_its_message():
     only_calls = ResponseBuilder(chat_request(False), "r")
     only_calls.add(tool_deltas()[2])
     assert only_calls.response()["choices"][0]["message"]["content"] is None
+
+
+# ------------------------------------------------------------------------------------------ the mocker's answers
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "object"},
+        WEATHER["function"]["parameters"],
+        required_schema([WEATHER, TIME], parallel=True),
+        {
+            "type": "object",
+            "properties": {
+                "n": {"type": "integer", "minimum": 3},
+                "ok": {"type": "boolean"},
+                "tags": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+                "kind": {"enum": ["x", "y"]},
+                "maybe": {"type": ["null", "number"]},
+                "s": {"type": "string", "minLength": 4},
+            },
+            "required": ["n", "ok", "tags", "kind", "maybe", "s"],
+        },  # fmt: skip
+        {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+    ],
+)
+def test_the_mockers_answer_fits_the_schema(schema):
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(json.loads(valid_text(StructuredOutputs(json=json.dumps(schema)), seed=1)), schema)
+
+
+def test_the_mockers_answers_to_other_constraints():
+    assert valid_text(StructuredOutputs(choice=["a", "b", "c"]), seed=4) == "b"
+    assert valid_text(StructuredOutputs(json_object=True), seed=0) == "{}"
+    assert valid_text(StructuredOutputs(regex="[0-9]+"), seed=0) is None  # random tokens, as without a constraint
+    assert (
+        scripted_token([5, 6], 1, 2) == 6 and scripted_token([5, 6], 2, 2) == 2 and scripted_token(None, 0, 2) is None
+    )
+
+
+async def test_the_mocker_engine_gives_the_answer_then_eos(tiny_model):
+    from tokenizers import Tokenizer
+
+    from zdyn.engines.mocker import MockerConfig
+    from zdyn.engines.mocker.engine import MockerEngine
+    from zdyn.protocol import Generate, SamplingParams
+
+    engine = MockerEngine(MockerConfig(model_path=str(tiny_model), speedup=100))
+    await engine.start()
+    try:
+        sampling = SamplingParams(max_tokens=50, structured=StructuredOutputs(choice=["sunny", "rainy"]))
+        out = [d async for d in engine.generate(Generate(request_id="r", token_ids=[1, 2, 3], sampling=sampling))]
+    finally:
+        await engine.shutdown()
+    ids = [t for d in out for t in d.token_ids]
+    tokenizer = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    assert tokenizer.decode(ids[:-1]) in ("sunny", "rainy") and ids[-1] == engine.config.eos_token_id
+    assert out[-1].finish.reason == "stop"
