@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from pathlib import Path
@@ -19,13 +18,14 @@ from typing import Any
 import msgspec
 from transformers import AutoTokenizer
 
+from zdyn.admission import Admission
+from zdyn.choice import ChoiceRun, ChoiceSpec, Reissues, Resilience, movable
 from zdyn.detokenizer import Detokenizer
 from zdyn.errors import RequestError, unavailable
 from zdyn.protocol import (
     GENERATION_DEFAULTS,
+    ChoiceProgress,
     Delta,
-    Finish,
-    Generate,
     Ready,
     RouteEvent,
     SamplingParams,
@@ -39,14 +39,27 @@ from zdyn.tools import OutputParsing, chat_template_inputs
 
 log = logging.getLogger(__name__)
 
+AVOID_WAIT_S = 1.0  # how long a re-issued request waits for a worker other than the one that failed it
+
 
 class Processor:
     """Serves ``TextRequest``s for one model through the workers registered at ``workers``."""
 
     def __init__(
-        self, tokenizer_path: str, model: str, workers: Hub, selector: Selector, outputs: OutputParsing | None = None
+        self,
+        tokenizer_path: str,
+        model: str,
+        workers: Hub,
+        selector: Selector,
+        resilience: Resilience | None = None,
+        admission: Admission | None = None,
+        outputs: OutputParsing | None = None,
     ) -> None:
         self.model = model
+        self.resilience = resilience or Resilience()
+        self.admission = admission or Admission()
+        self.reissues = Reissues()
+        self._routed: dict[str, bool] = {}  # choice request ids the selector is tracking
         self.hub = workers
         self.selector = selector
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -82,6 +95,10 @@ class Processor:
     def models(self) -> list[str]:
         return [self.model]
 
+    def capacity(self) -> int:
+        """Sequences the live workers run at once (their ``max_num_seqs``), for admission control."""
+        return sum(p.ready.max_num_seqs for p in self.live_workers())
+
     def live_workers(self) -> list[Peer]:
         return [p for p in self.hub.live_peers() if p.ready.model == self.model]
 
@@ -100,41 +117,97 @@ class Processor:
             for p in self.live_workers()
         ]
 
-    async def process(self, request_id: str, request: TextRequest) -> AsyncGenerator[Delta]:
-        """Yield text deltas (``index`` = choice) until every choice has finished."""
+    async def process(
+        self, request_id: str, request: TextRequest, resume: list[ChoiceProgress] | None = None
+    ) -> AsyncGenerator[Delta]:
+        """Yield text deltas (``index`` = choice) until every choice has finished. ``resume``: the tokens each
+        choice already produced under another processor (that one died): the stream continues after them."""
         outputs = self.outputs.for_request(request)  # a 400 if it needs a parser this processor lacks
         if outputs is not None and self.outputs.keeps_special_tokens:
             request.skip_special_tokens = False  # tool-call and thinking tags are special tokens in many models
         token_ids = self.tokenize(request)
-        peers = self.live_workers()
-        if not peers:
-            raise unavailable(f"no worker is serving {self.model} right now")
+        peers = await self._workers(set())
         # Validated before routing, against the context every live worker can take: a rejected request is
         # never counted as load by the router.
         sampling = self._sampling(
             request, len(token_ids), min(p.ready.max_model_len or self.max_model_len for p in peers)
         )
-        route = await self.selector.select(request_id, token_ids, peers)
+        run = self._run(request_id, token_ids, sampling, request, resume or [])
+        async with self.admission.slot(self.capacity()), aclosing(run) as deltas:
+            async for delta in deltas:
+                if outputs is not None:
+                    outputs.apply(delta)  # tool calls and reasoning apart from the content
+                yield delta
+
+    async def _run(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        sampling: SamplingParams,
+        request: TextRequest,
+        resume: list[ChoiceProgress],
+    ) -> AsyncGenerator[Delta]:
+        runs = [self._choice_run(request_id, i, token_ids, sampling, request) for i in range(request.n)]
+        for progress in resume:
+            if 0 <= progress.index < len(runs):
+                runs[progress.index].resume(progress.token_ids)
+        done = {p.index for p in resume if p.finished}
+        streams = [run.deltas(self._choose, self.hub.stream) for run in runs if run.spec.index not in done]
+        prefilled: set[int] = set()
         try:
-            if request.n == 1:
-                streams = [self._generate(request_id, 0, route, token_ids, sampling, request)]
-            else:
-                streams = [
-                    self._generate(f"{request_id}-{i}", i, route, token_ids, _choice_seed(sampling, i), request)
-                    for i in range(request.n)
-                ]
-            prefilled = False
             async with aclosing(streams[0] if len(streams) == 1 else interleave(streams)) as deltas:
                 async for delta in deltas:
-                    if not prefilled:
-                        self.selector.update(request_id, RouteEvent.PREFILLED)
-                        prefilled = True
+                    if delta.index not in prefilled:
+                        self.selector.update(delta.request_id, RouteEvent.PREFILLED)
+                        prefilled.add(delta.index)
                     delta.request_id = request_id
-                    if outputs is not None:
-                        outputs.apply(delta)
+                    if delta.logprobs:
+                        delta.logprobs = self.with_token_text(delta.logprobs)
                     yield delta
         finally:
-            self.selector.update(request_id, RouteEvent.FINISHED)
+            for run in runs:
+                if self._routed.pop(run.spec.request_id, None):
+                    self.selector.update(run.spec.request_id, RouteEvent.FINISHED)
+
+    def _choice_run(
+        self, request_id: str, index: int, token_ids: list[int], sampling: SamplingParams, request: TextRequest
+    ) -> ChoiceRun:
+        detokenizer = Detokenizer(
+            self.backend,
+            stop=request.stop,
+            include_stop_str_in_output=request.include_stop_str_in_output,
+            skip_special_tokens=request.skip_special_tokens,
+        )
+        rid = request_id if request.n == 1 else f"{request_id}-{index}"
+        choice_sampling = sampling if request.n == 1 else _choice_seed(sampling, index)
+        spec = ChoiceSpec(rid, index, token_ids, choice_sampling, self.model, detokenizer, movable(choice_sampling))
+        return ChoiceRun(spec, self.resilience, self.reissues)
+
+    async def _workers(self, avoid: set[str]) -> list[Peer]:
+        """Live workers, preferring those not in ``avoid`` (for up to AVOID_WAIT_S). With none live, wait up to
+        ``worker_wait_s`` for one to join (a restart), then fail with a 503."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while True:
+            live = self.live_workers()
+            preferred = [p for p in live if p.id not in avoid]
+            waited = loop.time() - started
+            if preferred:
+                return preferred
+            if live and waited >= AVOID_WAIT_S:
+                return live
+            if waited >= self.resilience.worker_wait_s:
+                raise unavailable(f"no worker is serving {self.model} right now")
+            limit = min(AVOID_WAIT_S, self.resilience.worker_wait_s) if live else self.resilience.worker_wait_s
+            await self.hub.wait_for_change(max(0.01, limit - waited))
+
+    async def _choose(self, rid: str, token_ids: list[int], avoid: set[str]) -> Route:
+        peers = await self._workers(avoid)
+        if self._routed.pop(rid, None):  # routed before, to a worker that failed: the router forgets that
+            self.selector.update(rid, RouteEvent.FINISHED)
+        route = await self.selector.select(rid, token_ids, peers)
+        self._routed[rid] = True
+        return route
 
     def _sampling(self, request: TextRequest, num_prompt: int, max_model_len: int) -> SamplingParams:
         if max_model_len and num_prompt >= max_model_len:
@@ -153,66 +226,7 @@ class Processor:
         defaults = {k: v for k, v in self.sampling_defaults.items() if k not in request.sampling_set}
         return msgspec.structs.replace(request.sampling, max_tokens=max_tokens, **defaults)
 
-    async def _generate(
-        self, rid: str, index: int, route: Route, token_ids: list[int], sampling: SamplingParams, request: TextRequest
-    ) -> AsyncGenerator[Delta]:
-        peer = route.peer
-        started = time.perf_counter()
-        detok = Detokenizer(
-            self.backend,
-            stop=request.stop,
-            include_stop_str_in_output=request.include_stop_str_in_output,
-            skip_special_tokens=request.skip_special_tokens,
-        )
-        cached = 0
-        outcome = "cancelled"
-        generate = Generate(
-            request_id=rid,
-            token_ids=token_ids,
-            sampling=sampling,
-            model=self.model,
-            overlap_blocks=route.overlap_blocks,
-        )
-        stream = self.hub.stream(peer, generate)
-        try:
-            async for delta in stream:
-                if delta.num_cached_tokens is not None:
-                    cached = delta.num_cached_tokens
-                elif delta.finish is not None:
-                    cached = delta.finish.cached_tokens
-                text = detok.step(delta.token_ids)
-                finish = delta.finish
-                if detok.stop is not None:
-                    finish = Finish(
-                        reason="stop",
-                        stop_reason=detok.stop,
-                        prompt_tokens=len(token_ids),
-                        completion_tokens=len(detok.token_ids),
-                        cached_tokens=cached,
-                    )
-                elif finish is not None:
-                    text += detok.finish()
-                out = Delta(request_id=rid, index=index, token_ids=delta.token_ids, text=text, finish=finish)
-                if delta.logprobs:
-                    out.logprobs = self._with_token_text(delta.logprobs)
-                yield out
-                if finish is not None:
-                    outcome = f"finish={finish.reason}"
-                    return
-            outcome = "stream ended without finish"
-            raise RequestError(f"worker {peer.id} ended the stream without finishing", 502, "bad_gateway")
-        except RequestError as e:
-            outcome = f"failed: {e.message}"
-            raise
-        finally:
-            await stream.aclose()
-            log.info(
-                "request %s: worker=%s (%s) prompt=%d cached=%d output=%d %s in %.3fs",
-                rid, peer.id, route.reason, len(token_ids), cached, len(detok.token_ids), outcome,
-                time.perf_counter() - started,
-            )  # fmt: skip
-
-    def _with_token_text(self, logprobs: list[TokenLogprob]) -> list[TokenLogprob]:
+    def with_token_text(self, logprobs: list[TokenLogprob]) -> list[TokenLogprob]:
         for lp in logprobs:
             lp.token = self._text_of(lp.token_id)
             lp.top = [

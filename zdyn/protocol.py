@@ -116,6 +116,7 @@ class Heartbeat(Message):
     num_waiting: int = 0
     kv_usage: float = 0.0  # fraction of KV blocks in use, 0..1
     worker_ids: list[str] = msgspec.field(default_factory=list)  # a separate processor's live workers
+    draining: bool = False  # shutting down: finishing what it has, takes nothing new
 
 
 class Generate(Message):
@@ -156,11 +157,21 @@ class TextRequest(Message):
     stream: bool = False  # the client streams: output parsers hand out what they can at once
 
 
+class ChoiceProgress(Message):
+    """How far one choice got before its processor was lost: the tokens the client already has."""
+
+    index: int
+    token_ids: list[int] = []
+    finished: bool = False
+
+
 class Process(Message):
-    """Frontend -> separate processor: run a validated OpenAI request."""
+    """Frontend -> separate processor: run a validated OpenAI request (``resume``: continue one that another
+    processor started, which died)."""
 
     request_id: str
     request: TextRequest
+    resume: list[ChoiceProgress] = []
 
 
 class Cancel(Message):

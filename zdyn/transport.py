@@ -44,7 +44,18 @@ class Liveness:
 
     @property
     def expiry_s(self) -> float:
+        """A connection with no traffic for this long is dead. libzmq's own heartbeats (ZMTP PING/PONG, in
+        its I/O thread, so a busy event loop cannot starve them) check it and close the connection."""
         return self.interval_s * self.misses
+
+    @property
+    def silence_s(self) -> float:
+        """A peer whose connection is alive but whose application sent nothing for this long is stuck. Much
+        longer than ``expiry_s``: a process busy for a few seconds (a loaded box) is slow, not dead."""
+        return self.expiry_s * STALL_FACTOR
+
+
+STALL_FACTOR = 5
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -99,6 +110,7 @@ def make_socket(
     identity: bytes | None = None,
     hwm: int = DEFAULT_HWM,
     mandatory: bool = True,
+    heartbeat: Liveness | None = None,
 ) -> zmq.asyncio.Socket:
     """Create, configure and bind or connect a socket. ``bind`` defaults to True for ROUTER and PUB.
 
@@ -114,6 +126,10 @@ def make_socket(
     if kind == zmq.ROUTER and mandatory:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting under its identity takes over its route
+    if heartbeat is not None:  # connection liveness in libzmq's I/O thread: a partition closes the connection
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat.interval_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat.expiry_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, int(heartbeat.expiry_s * 1000))
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, b"")
     if identity is not None:

@@ -88,6 +88,12 @@ class Worker:
         if self.spoke is not None:
             self.spoke.close()
 
+    async def drain(self, timeout_s: float) -> None:
+        """Take nothing new, finish what is in flight (up to ``timeout_s``), hand the rest back, stop."""
+        if self.spoke is not None:
+            await self.spoke.drain(timeout_s)
+        self.close()
+
     async def handle(self, request: Request) -> AsyncIterator[Delta]:
         if not isinstance(request, Generate):
             raise RequestError("a worker serves Generate requests, not text requests")

@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 from zdyn.errors import RequestError
 from zdyn.frontend.http import (
     OPEN_PATHS,
+    RETRY_AFTER_S,
     ApiKeys,
     ClientGone,
     HttpSettings,
@@ -83,6 +84,7 @@ class Reply:
     """The answer to one completion request over ASGI: a JSON body, or server-sent events."""
 
     JSON_HEADERS = [(b"content-type", b"application/json")]
+    RETRY_HEADERS = [*JSON_HEADERS, (b"retry-after", RETRY_AFTER_S.encode())]  # 429 and 503: try again soon
     SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
     def __init__(self, send: Send) -> None:
@@ -92,7 +94,8 @@ class Reply:
 
     async def json(self, body: Any, status: int = 200) -> None:
         self.done = True
-        await self.send({"type": "http.response.start", "status": status, "headers": self.JSON_HEADERS})
+        headers = self.RETRY_HEADERS if status in (429, 503) else self.JSON_HEADERS
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
         await self.send({"type": "http.response.body", "body": _json.encode(body)})
 
     async def start_events(self) -> None:

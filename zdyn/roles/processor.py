@@ -9,11 +9,21 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from zdyn.admission import Admission, AdmissionCollector, AdmissionConfig
+from zdyn.choice import ReissueCollector, Resilience
 from zdyn.errors import RequestError
 from zdyn.processor import Processor, accept_model
 from zdyn.protocol import Delta, Heartbeat, Process, Ready, Role
-from zdyn.roles.common import CommonConfig, add_common_args, freeze_startup_objects, on_stop_signals, role_main
+from zdyn.roles.common import (
+    CommonConfig,
+    add_common_args,
+    freeze_startup_objects,
+    on_stop_signals,
+    role_main,
+    serve_metrics,
+)
 from zdyn.roles.output_parsing import OutputParsingConfig, add_output_parsing_args
+from zdyn.roles.resilience import add_admission_args, add_resilience_args, admission_from_args, resilience_from_args
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
 from zdyn.rpc import Hub, RefusedError, Request, Spoke
 from zdyn.transport import check_endpoint
@@ -28,8 +38,11 @@ class ProcessorConfig:
     model: str | None = None
     served_model_name: str | None = None
     tokenizer: str | None = None
+    metrics_port: int = 0  # Prometheus metrics (re-issued requests, admission) on this port; 0 = none
     processor_id: str = field(default_factory=lambda: f"processor-{socket.gethostname()}-{os.getpid()}")
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    resilience: Resilience = field(default_factory=Resilience)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
     output_parsing: OutputParsingConfig = field(default_factory=OutputParsingConfig)
 
@@ -47,8 +60,11 @@ class ProcessorConfig:
             model=args.model,
             served_model_name=args.served_model_name,
             tokenizer=args.tokenizer,
+            metrics_port=args.metrics_port,
             processor_id=args.processor_id or f"processor-{socket.gethostname()}-{os.getpid()}",
             routing=RoutingConfig.from_args(args),
+            resilience=resilience_from_args(args),
+            admission=admission_from_args(args),
             common=CommonConfig.from_args(args),
             output_parsing=OutputParsingConfig.from_args(args),
         )
@@ -62,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-model-name", help="name clients use (default: the model folder's name)")
     parser.add_argument("--tokenizer", help="tokenizer folder or id, if not the model's")
     add_router_args(parser)
+    parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port")
     parser.add_argument("--processor-id", help="unique id (default: processor-<host>-<pid>)")
+    add_resilience_args(parser)
+    add_admission_args(parser)
     add_output_parsing_args(parser)
     add_common_args(parser)
     return parser
@@ -75,24 +94,32 @@ async def serve(config: ProcessorConfig) -> int:
     name = config.served_model_name or served_model_name(model)
     liveness = config.common.liveness
     workers = Hub(config.workers_endpoint, role=Role.WORKER, liveness=liveness, accept=accept_model(name))
-    processor = Processor(config.tokenizer or model, name, workers, make_selector(config.routing, workers))
+    selector = make_selector(config.routing, workers)
+    admission = Admission(config.admission)
+    processor = Processor(config.tokenizer or model, name, workers, selector, config.resilience, admission)
     try:
         processor.outputs = config.output_parsing.build(processor.tokenizer)
     except ValueError as e:  # an output parser that does not fit the model
         log.error("cannot start: %s", e)
         return 2
+    if config.metrics_port:
+        serve_metrics(
+            config.metrics_port,
+            ReissueCollector(processor.reissues, "processor"),
+            AdmissionCollector(admission, "processor"),
+        )
 
     def handle(request: Request) -> AsyncIterator[Delta]:
         if not isinstance(request, Process):
             raise RequestError("a processor serves Process requests, not token-level Generate")
-        return processor.process(request.request_id, request.request)
+        return processor.process(request.request_id, request.request, request.resume)
 
     def load() -> Heartbeat:
         return Heartbeat(num_running=spoke.num_requests, worker_ids=[p.id for p in workers.live_peers()])
 
     ready = Ready(peer_id=config.processor_id, role=Role.PROCESSOR, model=name)
     spoke = Spoke([config.frontend], ready, handle, load=load, liveness=liveness)
-    on_stop_signals(spoke.close)
+    on_stop_signals(spoke.close, lambda: spoke.drain(config.common.drain_timeout_s))
     await workers.start()
     freeze_startup_objects()
     log.info("processor %s serving %s: frontend %s, workers at %s", config.processor_id, name, config.frontend,

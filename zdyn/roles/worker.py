@@ -301,7 +301,10 @@ async def serve(config: WorkerConfig) -> int:
         for worker in workers:
             worker.close()
 
-    on_stop_signals(stop)
+    async def drain() -> None:
+        await asyncio.gather(*(w.drain(config.common.drain_timeout_s) for w in workers))
+
+    on_stop_signals(stop, drain)
     codes = await asyncio.gather(*(w.run() for w in workers))
     return max(codes)
 

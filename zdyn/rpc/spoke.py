@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -11,8 +12,9 @@ from typing import Any
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
-from zdyn.errors import RequestError
+from zdyn.errors import RequestError, draining
 from zdyn.protocol import Cancel, Delta, Error, Generate, Heartbeat, Message, Outputs, Process, Ready, Refused, Request
 from zdyn.transport import (
     Liveness,
@@ -46,6 +48,7 @@ class _Link:
     endpoint: str
     sock: zmq.asyncio.Socket | None = None
     reader: asyncio.Task[None] | None = None
+    watcher: asyncio.Task[None] | None = None
     last_seen: float = 0.0
     heard: bool = False  # the hub has answered since this socket was opened
     session: int = 0  # sockets opened to this hub so far, minus one
@@ -82,6 +85,8 @@ class Spoke:
         self._stopped = asyncio.Event()
         self._refusal: str | None = None
         self._beater: asyncio.Task[None] | None = None
+        self.draining = False
+        self._idle = asyncio.Event()  # set whenever no request is in flight
 
     @property
     def num_requests(self) -> int:
@@ -103,19 +108,52 @@ class Spoke:
     def close(self) -> None:
         self._stopped.set()
 
+    async def drain(self, timeout_s: float) -> int:
+        """Shut down gracefully: tell every hub that this peer takes nothing new, let the requests in flight
+        finish for up to ``timeout_s``, then hand the rest back (a ``draining`` error, which the hub's side
+        re-issues elsewhere) and stop. Returns how many requests were handed back."""
+        self.draining = True
+        self._send_beats()
+        log.info("%s %s draining: %d request(s) in flight, up to %.0fs",
+                 self.ready.role, self.ready.peer_id, self.num_requests, timeout_s)  # fmt: skip
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self.num_requests:
+                    self._idle.clear()
+                    await self._idle.wait()
+        except TimeoutError:
+            pass
+        handed_back = 0
+        gone = draining(f"{self.ready.role} {self.ready.peer_id} is shutting down")
+        for link in self.links:
+            for rid, task in list(link.requests.items()):
+                task.cancel()
+                self._reply_error(link, gone.to_wire(rid))
+                handed_back += 1
+            link.requests.clear()
+            self._flush(link)
+        if handed_back:
+            log.warning("drain timed out: handed %d request(s) back to be moved", handed_back)
+            await asyncio.sleep(0.05)  # let the sends leave before the sockets close
+        self.close()
+        return handed_back
+
     def _open(self, link: _Link, now: float) -> None:
         identity = f"{self.ready.peer_id}".encode()
-        link.sock = make_socket(self.ctx, zmq.DEALER, link.endpoint, bind=False, identity=identity)
+        link.sock = make_socket(
+            self.ctx, zmq.DEALER, link.endpoint, bind=False, identity=identity, heartbeat=self.liveness
+        )
         link.last_seen = now
         link.heard = False
         send(link.sock, self._ready(link)).add_done_callback(ignore_result)
         link.reader = asyncio.get_running_loop().create_task(self._read(link))
+        link.watcher = asyncio.get_running_loop().create_task(self._watch(link, link.sock))
 
     def _reset(self, link: _Link, now: float) -> None:
         """The hub went quiet. One that never answered may not be up yet: announce again on the same socket.
         One that did answer is presumed dead: drop its requests and reconnect with a fresh socket."""
         if not link.heard:
-            log.info("no answer from hub %s yet; announcing %s again", link.endpoint, self.ready.peer_id)
+            log.debug("no answer from hub %s yet; announcing %s again", link.endpoint, self.ready.peer_id)
             assert link.sock is not None
             send(link.sock, self._ready(link)).add_done_callback(ignore_result)
             link.last_seen = now
@@ -136,9 +174,12 @@ class Spoke:
             task.cancel()
         link.requests.clear()
         link.pending.clear()
-        if link.reader is not None:
-            link.reader.cancel()
+        for task in (link.reader, link.watcher):
+            if task is not None:
+                task.cancel()
         if link.sock is not None:
+            with contextlib.suppress(zmq.ZMQError):  # its context may be gone already
+                link.sock.disable_monitor()
             link.sock.close(linger=0)
             link.sock = None
 
@@ -148,8 +189,7 @@ class Spoke:
             self._beater.cancel()
             tasks.append(self._beater)
         for link in self.links:
-            if link.reader is not None:
-                tasks.append(link.reader)
+            tasks += [t for t in (link.reader, link.watcher) if t is not None]
             self._close_link(link)
         await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -163,6 +203,9 @@ class Spoke:
         def request(identity: bytes, msg: Request) -> None:
             if msg.request_id in link.requests:
                 self.malformed.drop(f"duplicate request id {msg.request_id!r}")
+                return
+            if self.draining:  # sent before the hub heard we are draining: it goes elsewhere
+                self._reply_error(link, draining(f"{self.ready.peer_id} is draining").to_wire(msg.request_id))
                 return
             link.requests[msg.request_id] = asyncio.get_running_loop().create_task(self._serve(link, msg))
 
@@ -203,6 +246,8 @@ class Spoke:
         finally:
             if link.requests.get(rid) is asyncio.current_task():
                 del link.requests[rid]
+            if not self.num_requests:
+                self._idle.set()
 
     def _emit(self, link: _Link, delta: Delta) -> None:
         if not link.pending:
@@ -219,14 +264,40 @@ class Spoke:
         if link.sock is not None:
             send(link.sock, failure).add_done_callback(log_send_error)
 
+    def _send_beats(self, now: float | None = None) -> None:
+        beat = self.load()
+        beat.draining = self.draining
+        for link in self.links:
+            if now is not None and now - link.last_seen > self.liveness.silence_s:
+                self._reset(link, now)
+            elif link.sock is not None:
+                send(link.sock, beat).add_done_callback(ignore_result)
+
     async def _beat(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await stalled_sleep(self.liveness.interval_s)
-            now = loop.time()
-            beat = self.load()
-            for link in self.links:
-                if now - link.last_seen > self.liveness.expiry_s:
-                    self._reset(link, now)
-                elif link.sock is not None:
-                    send(link.sock, beat).add_done_callback(ignore_result)
+            self._send_beats(loop.time())
+
+    async def _watch(self, link: _Link, sock: zmq.asyncio.Socket) -> None:
+        """The connection to the hub broke (the hub died, or libzmq's heartbeat timed out): its requests are
+        lost, so stop them. When it connects again (a restarted hub) announce this peer at once."""
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        lost = False
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    lost = True
+                    if link.requests:
+                        log.warning("lost hub %s: cancelling %d request(s)", link.endpoint, len(link.requests))
+                    for task in link.requests.values():
+                        task.cancel()
+                    link.requests.clear()
+                elif lost:
+                    lost = False
+                    link.session += 1
+                    log.info("hub %s is back: announcing %s again", link.endpoint, self.ready.peer_id)
+                    send(sock, self._ready(link)).add_done_callback(ignore_result)
+        finally:
+            monitor.close(linger=0)
