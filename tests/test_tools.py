@@ -16,6 +16,9 @@ from zdyn.frontend.structured import named_schema, required_schema
 from zdyn.protocol import Delta, Finish, Process, StructuredOutputs, TextRequest, ToolCallDelta, decode, encode
 from zdyn.tools import OutputParsing, RequiredCalls, chat_template_inputs, parse_call_list
 
+# importing vLLM's parsers imports torch, whose jit module warns about its own deprecation
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
 WEATHER = {
     "type": "function",
     "function": {

@@ -49,7 +49,10 @@ def test_auto_tool_choice_parses_smollm2s_format(smollm2):
     for call in choice.message.tool_calls or []:
         check_call(call.function.name, call.function.arguments)
     assert "<tool_call>" not in (choice.message.content or "")
-    assert choice.finish_reason == ("tool_calls" if choice.message.tool_calls else "stop")
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls"
+    else:
+        assert choice.finish_reason in ("stop", "length") and choice.message.content
 
 
 def test_json_schema_output_parses_and_validates(smollm2):

@@ -82,10 +82,14 @@ def named_call(dep: Any, stream: bool) -> None:
     check_call("get_weather", calls[0][2])
 
 
-PERSON = {
+PLACE = {  # bounded: a free integer lets a small model write digits until max_tokens
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 30}, "population_millions": {"type": "integer"}},
-    "required": ["name", "population_millions"],
+    "properties": {
+        "name": {"type": "string", "maxLength": 30},
+        "country": {"type": "string", "maxLength": 30},
+        "is_capital": {"type": "boolean"},
+    },
+    "required": ["name", "country", "is_capital"],
     "additionalProperties": False,
 }
 
@@ -94,11 +98,12 @@ def json_schema_output(dep: Any) -> None:
     answer = dep.client().chat.completions.create(
         model=dep.model,
         messages=[{"role": "user", "content": "Describe the capital of France as JSON."}],
-        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": PERSON}},
-        max_tokens=80,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": PLACE}},
+        max_tokens=150,
         temperature=0,
     )
-    jsonschema.validate(json.loads(answer.choices[0].message.content), PERSON)
+    assert answer.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(answer.choices[0].message.content), PLACE)
 
 
 def guided_choice(dep: Any) -> None:

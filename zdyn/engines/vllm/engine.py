@@ -131,7 +131,7 @@ class VllmEngine:
                 yield delta
         except VllmEngineDead as e:
             raise EngineDeadError(str(e)) from e
-        except ValueError as e:  # vLLM's input validation (VLLMValidationError is a ValueError)
+        except (ValueError, _validation_error()) as e:  # vLLM's checks of the request: a 400, not an engine fault
             raise RequestError(str(e)) from e
         finally:
             self._num_inflight -= 1
@@ -199,6 +199,15 @@ def convert_logprobs(token_ids: list[int], positions: Iterable[Mapping[int, Any]
             )
         )
     return result
+
+
+def _validation_error() -> type[Exception]:
+    """vLLM's error for a request it refuses (a ValueError in older vLLM, its own client error since)."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:
+        return ValueError
+    return VLLMValidationError  # type: ignore[no-any-return]
 
 
 def _stat_logger_base() -> type:
