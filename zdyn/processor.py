@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from zdyn.protocol import (
     RouteEvent,
     SamplingParams,
     TextRequest,
+    TokenIds,
     TokenLogprob,
     TopLogprob,
 )
@@ -40,6 +43,9 @@ from zdyn.tools import OutputParsing, chat_template_inputs
 log = logging.getLogger(__name__)
 
 AVOID_WAIT_S = 1.0  # how long a re-issued request waits for a worker other than the one that failed it
+# Prompts longer than this (characters) are templated and tokenized on a thread, not on the event loop: the Rust
+# tokenizer's batch call releases the GIL, so long prompts tokenize on every core while the loop keeps streaming.
+LONG_PROMPT_CHARS = 2048
 
 
 class Processor:
@@ -67,9 +73,24 @@ class Processor:
         self.max_model_len = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
         self.sampling_defaults = generation_defaults(tokenizer_path)
         self._token_text: dict[int, str] = {}
+        self._tokenize_pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="zdyn-tokenize")
+        self.num_tokenized_on_threads = 0  # requests whose prompt was long enough to go to the pool
         self.outputs = outputs or OutputParsing()  # tool calls and reasoning in the output (zdyn.tools)
 
-    def tokenize(self, request: TextRequest) -> list[int]:
+    async def tokenize_async(self, request: TextRequest) -> TokenIds:
+        """``tokenize``, on a thread for a long prompt."""
+        if prompt_chars(request) <= LONG_PROMPT_CHARS:
+            return self.tokenize(request)
+        self.num_tokenized_on_threads += 1
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self.tokenize, request)
+
+    def encode(self, text: str, add_special_tokens: bool) -> TokenIds:
+        """Token ids of ``text`` from the Rust tokenizer directly: its batch call without offsets is the fastest,
+        and it releases the GIL."""
+        [encoding] = self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)
+        return TokenIds(encoding.ids)
+
+    def tokenize(self, request: TextRequest) -> TokenIds:
         """Prompt token ids: the chat template applied to the messages, or the completion prompt."""
         if request.messages is not None:
             tools = request.tools if request.tool_choice != "none" else None
@@ -84,13 +105,13 @@ class Processor:
                 )
             except Exception as e:  # jinja errors: the template rejected these messages
                 raise RequestError(f"cannot apply the chat template: {e}") from e
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
+            return self.encode(text, add_special_tokens=False)
         if isinstance(request.prompt, list):
             vocab = len(self.tokenizer)
-            if any(not 0 <= t < vocab for t in request.prompt):
+            if request.prompt and not 0 <= min(request.prompt) <= max(request.prompt) < vocab:
                 raise RequestError(f"prompt token ids must be in [0, {vocab})")
-            return request.prompt
-        return list(self.tokenizer.encode(request.prompt or "", add_special_tokens=True))
+            return TokenIds(request.prompt)
+        return self.encode(request.prompt or "", add_special_tokens=True)
 
     def models(self) -> list[str]:
         return [self.model]
@@ -113,9 +134,16 @@ class Processor:
                 "waiting": p.load.num_waiting,
                 "kv_usage": round(p.load.kv_usage, 4),
                 "in_flight": p.num_inflight,
+                "host": p.ready.host,
+                **({"prefill_queues": msgspec.to_builtins(p.load.prefill_queues)} if p.load.prefill_queues else {}),
             }
             for p in self.live_workers()
         ]
+
+    def routers(self) -> list[dict[str, Any]]:
+        """The separate router this processor asks, and whether it answers (``/health``)."""
+        client = getattr(self.selector, "client", None)
+        return [] if client is None else [{"endpoint": client.endpoint, "status": client.status}]
 
     async def process(
         self, request_id: str, request: TextRequest, resume: list[ChoiceProgress] | None = None
@@ -125,7 +153,7 @@ class Processor:
         outputs = self.outputs.for_request(request)  # a 400 if it needs a parser this processor lacks
         if outputs is not None and self.outputs.keeps_special_tokens:
             request.skip_special_tokens = False  # tool-call and thinking tags are special tokens in many models
-        token_ids = self.tokenize(request)
+        token_ids = await self.tokenize_async(request)
         peers = await self._workers(set())
         # Validated before routing, against the context every live worker can take: a rejected request is
         # never counted as load by the router.
@@ -239,6 +267,17 @@ class Processor:
         if text is None:
             text = self._token_text[token_id] = self.backend.decode([token_id], skip_special_tokens=False)
         return text
+
+
+def prompt_chars(request: TextRequest) -> int:
+    """About how long a request's prompt text is (message parts that are not text count as long)."""
+    if request.messages is None:
+        return len(request.prompt) if isinstance(request.prompt, str) else 0
+    total = 0
+    for message in request.messages:
+        content = message.get("content")
+        total += len(content) if isinstance(content, str) else LONG_PROMPT_CHARS if content else 0
+    return total
 
 
 def generation_defaults(model_path: str) -> dict[str, Any]:

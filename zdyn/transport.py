@@ -73,13 +73,35 @@ def bind_address(endpoint: str) -> str:
     return endpoint
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "[::]", "")
+
+
+def endpoint_host(endpoint: str) -> str:
+    """``tcp://host:port`` -> ``host`` (brackets of an IPv6 address removed); ``""`` for other transports."""
+    if not endpoint.startswith("tcp://"):
+        return ""
+    return endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this host can reach (127.0.0.0/8, ::1, localhost)."""
+    return host.strip("[]") in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def is_remote(endpoint: str) -> bool:
+    """True for a TCP endpoint on another host (neither loopback nor a wildcard)."""
+    host = endpoint_host(endpoint)
+    return endpoint.startswith("tcp://") and not is_loopback(host) and host not in WILDCARD_HOSTS
+
+
 def host_towards(endpoint: str) -> str:
     """This host's address as seen from ``endpoint``'s host: loopback for local endpoints, else the address
     of the interface that routes there (found without sending anything)."""
     if not endpoint.startswith("tcp://"):
         return "127.0.0.1"
-    host = endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
-    if host in ("127.0.0.1", "localhost", "::1", "*", "0.0.0.0", ""):
+    host = endpoint_host(endpoint)
+    if is_loopback(host) or host in WILDCARD_HOSTS:
         return "127.0.0.1"
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -30,8 +30,16 @@ import zmq.asyncio
 from zdyn.disagg.policy import DisaggPolicy
 from zdyn.disagg.prefill import as_prefill
 from zdyn.engines.base import Engine, EngineInfo
-from zdyn.protocol import Cancel, Delta, Generate, Heartbeat, PrefillDone, PrefillJob, QueueStatus
-from zdyn.transport import MalformedCounter, advertised, ignore_result, make_socket, read_messages, send
+from zdyn.protocol import Cancel, Delta, Generate, Heartbeat, PrefillDone, PrefillJob, QueueLink, QueueStatus
+from zdyn.transport import (
+    MalformedCounter,
+    advertised,
+    ignore_result,
+    is_loopback,
+    make_socket,
+    read_messages,
+    send,
+)
 
 log = logging.getLogger(__name__)
 STATUS_STALE_S = 3.0  # no QueueStatus for this long: the queue is gone, prefill locally
@@ -48,9 +56,16 @@ class PrefillClient:
     """Sockets to the prefill queue: jobs and cancels out (PUSH), results in (PULL), queue status in (SUB)."""
 
     def __init__(
-        self, jobs_endpoint: str, status_endpoint: str, host: str, ctx: zmq.asyncio.Context | None = None
+        self,
+        jobs_endpoint: str,
+        status_endpoint: str,
+        host: str,
+        ctx: zmq.asyncio.Context | None = None,
+        *,
+        results_port: int = 0,
     ) -> None:
         self.jobs_endpoint = jobs_endpoint
+        self.results_port = results_port  # 0: a free port
         self.status_endpoint = status_endpoint
         self.host = host
         self.ctx = ctx or zmq.asyncio.Context.instance()
@@ -67,8 +82,9 @@ class PrefillClient:
 
     async def start(self) -> None:
         self._push = make_socket(self.ctx, zmq.PUSH, self.jobs_endpoint, bind=False)
-        local = self.host in ("127.0.0.1", "localhost")
-        self._results = make_socket(self.ctx, zmq.PULL, "tcp://127.0.0.1:*" if local else "tcp://*:*", bind=True)
+        interface = "127.0.0.1" if is_loopback(self.host) else "*"
+        port = self.results_port or "*"
+        self._results = make_socket(self.ctx, zmq.PULL, f"tcp://{interface}:{port}", bind=True)
         self.reply_to = advertised(self._results.getsockopt_string(zmq.LAST_ENDPOINT), self.host)
         self._status = make_socket(self.ctx, zmq.SUB, self.status_endpoint, bind=False)
         loop = asyncio.get_running_loop()
@@ -189,7 +205,11 @@ class DisaggEngine:
             self._watch = asyncio.get_running_loop().create_task(self._watch_settings())
 
     def load(self) -> Heartbeat:
-        return self.engine.load()
+        """The engine's load, plus this worker's view of its prefill queue (the frontend's /health shows it)."""
+        status = self.client.status
+        link = QueueLink(endpoint=self.client.jobs_endpoint, live=self.client.queue_live, queued=status.queued,
+                         prefill_workers=status.workers)  # fmt: skip
+        return msgspec.structs.replace(self.engine.load(), prefill_queues=[link])
 
     async def release_kv(self, request_id: str, kv_transfer_params: dict[str, Any]) -> None:
         await self.engine.release_kv(request_id, kv_transfer_params)

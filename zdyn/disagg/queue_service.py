@@ -184,8 +184,9 @@ class PrefillQueueService:
             self._status_due.clear()
             q = self.queue
             status = QueueStatus(
-                queued=q.queued, running=q.running, prefill_workers=len(q.workers), capacity=q.capacity
-            )
+                queued=q.queued, running=q.running, prefill_workers=len(q.workers), capacity=q.capacity,
+                workers=[f"{p.id}@{p.ready.host or '?'}" for p in self._peers.values()],
+            )  # fmt: skip
             await self._status.send_multipart(encode(status))
             await asyncio.sleep(STATUS_MIN_GAP_S)
 

@@ -20,6 +20,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from zdyn.errors import RequestError
+from zdyn.frontend.health import topology
 from zdyn.frontend.http import (
     OPEN_PATHS,
     RETRY_AFTER_S,
@@ -243,9 +244,12 @@ class Frontend:
     async def health(self, request: Request) -> Response:
         workers = self.backend.workers()
         self.metrics.live_workers.set(len(workers))
+        processors = getattr(self.backend, "processors_view", list)()
+        routers = getattr(self.backend, "routers", list)()
+        more = topology(workers, processors, routers)
         if workers:
-            return json_response({"status": "healthy", "workers": workers})
-        return json_response({"status": "unhealthy", "message": "no worker is live", "workers": []}, 503)
+            return json_response({"status": "healthy", "workers": workers, **more})
+        return json_response({"status": "unhealthy", "message": "no worker is live", "workers": [], **more}, 503)
 
     async def prometheus(self, request: Request) -> Response:
         self.metrics.live_workers.set(len(self.backend.workers()))

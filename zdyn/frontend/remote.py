@@ -76,7 +76,23 @@ class RemoteBackend:
         """Each live worker once, with the processors that reach it (a worker may serve several)."""
         seen: dict[str, dict[str, Any]] = {}
         for p in self.processors.live_peers():
-            for worker in p.load.worker_ids:
+            hosts = p.load.worker_hosts if len(p.load.worker_hosts) == len(p.load.worker_ids) else []
+            for i, worker in enumerate(p.load.worker_ids):
                 entry = seen.setdefault(worker, {"id": worker, "model": p.ready.model, "processors": []})
                 entry["processors"].append(p.id)
+                if hosts:
+                    entry["host"] = hosts[i]
         return list(seen.values())
+
+    def processors_view(self) -> list[dict[str, Any]]:
+        """Each separate processor with its host, workers and router link (``/health``)."""
+        return [
+            {
+                "id": p.id,
+                "host": p.ready.host,
+                "model": p.ready.model,
+                "workers": len(p.load.worker_ids),
+                **({"router": p.load.router} if p.load.router else {}),
+            }  # fmt: skip
+            for p in self.processors.live_peers()
+        ]

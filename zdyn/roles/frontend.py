@@ -23,6 +23,7 @@ from zdyn.processor import Processor, accept_model
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, freeze_startup_objects, role_main
 from zdyn.roles.output_parsing import OutputParsingConfig, add_output_parsing_args
+from zdyn.roles.ports import FRONTEND_BASE, add_port_base_arg, endpoint_or_base
 from zdyn.roles.resilience import add_admission_args, add_resilience_args, admission_from_args, resilience_from_args
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
 from zdyn.router.selector import RoundRobin
@@ -66,7 +67,7 @@ class FrontendConfig:
             model=args.model,
             served_model_name=args.served_model_name,
             tokenizer=args.tokenizer,
-            workers_endpoint=args.workers_endpoint,
+            workers_endpoint=endpoint_or_base(args.workers_endpoint, args.port_base),
             processors_endpoint=args.processors_endpoint,
             http=HttpSettings(
                 api_keys=tuple(args.api_key or api_keys_from_env()),
@@ -90,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-model-name", help="name clients use (default: the model folder's name)")
     parser.add_argument("--tokenizer", help="tokenizer folder or id, if not the model's")
     parser.add_argument(
-        "--workers-endpoint", default="tcp://*:5555", help="where the embedded processor's workers connect"
+        "--workers-endpoint", help="where the embedded processor's workers connect (default: tcp://*:PORT_BASE)"
     )
+    add_port_base_arg(parser, FRONTEND_BASE, "the embedded processor's workers hub +0")
     parser.add_argument(
         "--processors-endpoint",
         help="run no embedded processor; separate `zdyn processor`s register here (e.g. tcp://*:5550)",

@@ -23,10 +23,11 @@ from zdyn.roles.common import (
     serve_metrics,
 )
 from zdyn.roles.output_parsing import OutputParsingConfig, add_output_parsing_args
+from zdyn.roles.ports import PROCESSOR_BASE, add_port_base_arg, endpoint_or_base
 from zdyn.roles.resilience import add_admission_args, add_resilience_args, admission_from_args, resilience_from_args
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
 from zdyn.rpc import Hub, RefusedError, Request, Spoke
-from zdyn.transport import check_endpoint
+from zdyn.transport import check_endpoint, host_towards
 
 log = logging.getLogger("zdyn.processor")
 
@@ -56,7 +57,7 @@ class ProcessorConfig:
     def from_args(cls, args: argparse.Namespace) -> ProcessorConfig:
         return cls(
             frontend=args.frontend,
-            workers_endpoint=args.workers_endpoint,
+            workers_endpoint=endpoint_or_base(args.workers_endpoint, args.port_base),
             model=args.model,
             served_model_name=args.served_model_name,
             tokenizer=args.tokenizer,
@@ -73,7 +74,10 @@ class ProcessorConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zdyn processor", description=__doc__)
     parser.add_argument("--frontend", default="tcp://127.0.0.1:5550", help="the frontend's processors endpoint")
-    parser.add_argument("--workers-endpoint", default="tcp://*:5556", help="where this processor's workers connect")
+    parser.add_argument(
+        "--workers-endpoint", help="where this processor's workers connect (default: tcp://*:PORT_BASE)"
+    )
+    add_port_base_arg(parser, PROCESSOR_BASE, "the workers hub +0")
     parser.add_argument("--model", help="model folder or HF id (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--served-model-name", help="name clients use (default: the model folder's name)")
     parser.add_argument("--tokenizer", help="tokenizer folder or id, if not the model's")
@@ -115,9 +119,16 @@ async def serve(config: ProcessorConfig) -> int:
         return processor.process(request.request_id, request.request, request.resume)
 
     def load() -> Heartbeat:
-        return Heartbeat(num_running=spoke.num_requests, worker_ids=[p.id for p in workers.live_peers()])
+        peers = workers.live_peers()
+        client = getattr(processor.selector, "client", None)  # a separate router's
+        return Heartbeat(
+            num_running=spoke.num_requests,
+            worker_ids=[p.id for p in peers],
+            worker_hosts=[p.ready.host for p in peers],
+            router=client.status if client is not None else "",
+        )
 
-    ready = Ready(peer_id=config.processor_id, role=Role.PROCESSOR, model=name)
+    ready = Ready(peer_id=config.processor_id, role=Role.PROCESSOR, model=name, host=host_towards(config.frontend))
     spoke = Spoke([config.frontend], ready, handle, load=load, liveness=liveness)
     on_stop_signals(spoke.close, lambda: spoke.drain(config.common.drain_timeout_s))
     await workers.start()

@@ -139,6 +139,7 @@ class Hub:
         self.peers: dict[bytes, Peer] = {}
         self.malformed = MalformedCounter(f"hub {endpoint}")
         self.listeners: list[PeerListener] = []
+        self.extra_handlers: dict[type[Message], MessageHandler] = {}  # more message types (set before start)
         self.num_refused = 0
         self._joined = asyncio.Event()
         self._change_waiters: list[asyncio.Future[None]] = []
@@ -155,6 +156,7 @@ class Hub:
             Heartbeat: self._on_heartbeat,
             Error: self._on_error,
             Ready: self._on_ready,
+            **self.extra_handlers,
         }
         reader = read_messages(self._sock, handlers, self.malformed, routed=True, on_message=self._seen)
         loop = asyncio.get_running_loop()
@@ -179,6 +181,11 @@ class Hub:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def send_to(self, identity: bytes, msg: Message) -> None:
+        """Best-effort send to any peer by identity, registered or not (a Directory answer, say)."""
+        if self._sock is not None:
+            send(self._sock, msg, identity).add_done_callback(ignore_result)
 
     def live_peers(self, *, draining: bool = False) -> list[Peer]:
         """Registered peers that take new requests (and, with ``draining``, those finishing up too)."""
@@ -277,6 +284,8 @@ class Hub:
             reason = f"this hub serves {self.role}s, not {ready.role}s"
         elif self.accept is not None:
             reason = self.accept(ready)
+        if reason is None:
+            reason = self._same_id(identity, ready)
         if reason is not None:
             self.num_refused += 1
             log.warning("refused %s %s at %s: %s", ready.role, ready.peer_id, self.endpoint, reason)
@@ -290,12 +299,26 @@ class Hub:
             self._drop(old, "re-registered after losing contact")
         peer = self.peers[identity] = Peer(identity, ready, asyncio.get_running_loop().time())
         log.info(
-            "%s %s joined at %s: model=%s engine=%s max_num_seqs=%d block_size=%d kv_blocks=%d",
-            ready.role, ready.peer_id, self.endpoint, ready.model, ready.engine,
+            "%s %s joined at %s from %s: model=%s engine=%s max_num_seqs=%d block_size=%d kv_blocks=%d",
+            ready.role, ready.peer_id, self.endpoint, ready.host or "?", ready.model, ready.engine,
             ready.max_num_seqs, ready.block_size, ready.num_kv_blocks,
         )  # fmt: skip
         self._joined.set()
         self._tell(PeerEvent("joined", peer))
+
+    def _same_id(self, identity: bytes, ready: Ready) -> str | None:
+        """Another process registered under the same id: from another host, refuse the newcomer (two workers
+        must not share an id); from the same host, it is a restart, so the old registration goes."""
+        for other in list(self.peers.values()):
+            if other.id != ready.peer_id or other.identity == identity:
+                continue
+            if other.ready.host and ready.host and other.ready.host != ready.host:
+                return (
+                    f"{ready.role} id {ready.peer_id!r} is already registered from host {other.ready.host}; this one "
+                    f"is on host {ready.host}: give each {ready.role} its own id (--worker-id)"
+                )
+            self._drop(other, "replaced by a new process with the same id")
+        return None
 
     # -- peers leaving
     def _drop(self, peer: Peer, reason: str) -> None:

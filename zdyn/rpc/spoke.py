@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,12 +16,26 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from zdyn.errors import RequestError, draining
-from zdyn.protocol import Cancel, Delta, Error, Generate, Heartbeat, Message, Outputs, Process, Ready, Refused, Request
+from zdyn.protocol import (
+    Cancel,
+    Delta,
+    Directory,
+    Error,
+    Generate,
+    Heartbeat,
+    Message,
+    Outputs,
+    Process,
+    Ready,
+    Refused,
+    Request,
+)
 from zdyn.transport import (
     Liveness,
     MalformedCounter,
     MessageHandler,
     ignore_result,
+    is_remote,
     log_send_error,
     make_socket,
     read_messages,
@@ -31,6 +46,8 @@ from zdyn.transport import (
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Request], AsyncIterator[Delta]]
+DirectoryListener = Callable[[str, Directory], None]  # (the endpoint of the hub that sent it, the directory)
+SILENT_WARNING_S = 5.0  # a hub that has not answered for this long gets one WARNING naming its endpoint
 
 
 def _ignore(identity: bytes, msg: object) -> None:
@@ -52,6 +69,10 @@ class _Link:
     last_seen: float = 0.0
     heard: bool = False  # the hub has answered since this socket was opened
     session: int = 0  # sockets opened to this hub so far, minus one
+    discovered: bool = False  # learned from a hub's Directory (closed, not the spoke, when refused)
+    hub_id: str = ""  # the hub's id, once its Directory named it
+    opened_at: float = 0.0
+    warned: bool = False  # the silence WARNING was logged
     requests: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     pending: list[Delta] = field(default_factory=list)
 
@@ -71,6 +92,8 @@ class Spoke:
         *,
         load: Callable[[], Heartbeat] | None = None,
         liveness: Liveness | None = None,
+        ready_for: Callable[[str], Ready] | None = None,
+        on_directory: DirectoryListener | None = None,
         ctx: zmq.asyncio.Context | None = None,
     ) -> None:
         if not hubs:
@@ -79,8 +102,14 @@ class Spoke:
         self.handler = handler
         self.load = load or Heartbeat
         self.liveness = liveness or Liveness()
+        self.ready_for = ready_for  # the READY for one hub (its advertised addresses), if not ``ready``
+        self.on_directory = on_directory
         self.ctx = ctx or zmq.asyncio.Context.instance()
+        # Unique per process: a second process with the same peer id (another host) must not take this one's
+        # route at the hub (ROUTER_HANDOVER); the hub refuses it by its peer id instead.
+        self.identity = f"{ready.peer_id}#{secrets.token_hex(4)}".encode()
         self.links = [_Link(endpoint) for endpoint in hubs]
+        self._running = False
         self.malformed = MalformedCounter(f"{ready.role} {ready.peer_id}")
         self._stopped = asyncio.Event()
         self._refusal: str | None = None
@@ -95,6 +124,7 @@ class Spoke:
     async def run(self) -> None:
         """Serve until ``close()``; raises RefusedError if a hub refuses this spoke."""
         loop = asyncio.get_running_loop()
+        self._running = True
         for link in self.links:
             self._open(link, loop.time())
         self._beater = loop.create_task(self._beat())
@@ -107,6 +137,31 @@ class Spoke:
 
     def close(self) -> None:
         self._stopped.set()
+
+    def linked(self, endpoint: str) -> bool:
+        return any(link.endpoint == endpoint for link in self.links)
+
+    def add_hub(self, endpoint: str, *, discovered: bool = True) -> bool:
+        """Register at one more hub while running; False if already linked to it."""
+        if self.linked(endpoint):
+            return False
+        link = _Link(endpoint, discovered=discovered)
+        self.links.append(link)
+        if self._running:
+            self._open(link, asyncio.get_running_loop().time())
+        return True
+
+    def remove_hub(self, endpoint: str) -> None:
+        """Leave a hub: its requests are cancelled (the hub fails them when it notices)."""
+        for link in [link for link in self.links if link.endpoint == endpoint]:
+            self.links.remove(link)
+            self._close_link(link)
+
+    def tell_hubs(self, msg: Message) -> None:
+        """Send ``msg`` to every hub this spoke is linked to (best effort)."""
+        for link in self.links:
+            if link.sock is not None:
+                send(link.sock, msg).add_done_callback(ignore_result)
 
     async def drain(self, timeout_s: float) -> int:
         """Shut down gracefully: tell every hub that this peer takes nothing new, let the requests in flight
@@ -139,12 +194,13 @@ class Spoke:
         return handed_back
 
     def _open(self, link: _Link, now: float) -> None:
-        identity = f"{self.ready.peer_id}".encode()
         link.sock = make_socket(
-            self.ctx, zmq.DEALER, link.endpoint, bind=False, identity=identity, heartbeat=self.liveness
+            self.ctx, zmq.DEALER, link.endpoint, bind=False, identity=self.identity, heartbeat=self.liveness
         )
         link.last_seen = now
         link.heard = False
+        link.opened_at = now
+        link.warned = False
         send(link.sock, self._ready(link)).add_done_callback(ignore_result)
         link.reader = asyncio.get_running_loop().create_task(self._read(link))
         link.watcher = asyncio.get_running_loop().create_task(self._watch(link, link.sock))
@@ -153,7 +209,11 @@ class Spoke:
         """The hub went quiet. One that never answered may not be up yet: announce again on the same socket.
         One that did answer is presumed dead: drop its requests and reconnect with a fresh socket."""
         if not link.heard:
-            log.debug("no answer from hub %s yet; announcing %s again", link.endpoint, self.ready.peer_id)
+            if not link.warned and now - link.opened_at > SILENT_WARNING_S:
+                link.warned = True
+                log.warning("%s", silent_hub_warning(link.endpoint, now - link.opened_at))
+            else:
+                log.debug("no answer from hub %s yet; announcing %s again", link.endpoint, self.ready.peer_id)
             assert link.sock is not None
             send(link.sock, self._ready(link)).add_done_callback(ignore_result)
             link.last_seen = now
@@ -167,7 +227,8 @@ class Spoke:
         self._open(link, now)
 
     def _ready(self, link: _Link) -> Ready:
-        return msgspec.structs.replace(self.ready, session=link.session)
+        ready = self.ready_for(link.endpoint) if self.ready_for is not None else self.ready
+        return msgspec.structs.replace(ready, session=link.session)
 
     def _close_link(self, link: _Link) -> None:
         for task in link.requests.values():
@@ -218,9 +279,20 @@ class Spoke:
                 log.info("cancel for request %s from %s: it has already ended", msg.request_id, link.endpoint)
 
         def refused(identity: bytes, msg: Refused) -> None:
+            if link.discovered:  # a hub we were told of, not one we were given: leave it, keep serving the others
+                log.warning("discovered hub %s refused %s: %s; leaving it", link.endpoint, self.ready.peer_id,
+                            msg.reason)  # fmt: skip
+                asyncio.get_running_loop().call_soon(self.remove_hub, link.endpoint)
+                return
             log.error("hub %s refused %s: %s", link.endpoint, self.ready.peer_id, msg.reason)
             self._refusal = f"hub {link.endpoint} refused us: {msg.reason}"
             self._stopped.set()
+
+        def directory(identity: bytes, msg: Directory) -> None:
+            if msg.sender:
+                link.hub_id = msg.sender
+            if self.on_directory is not None:
+                self.on_directory(link.endpoint, msg)
 
         handlers: dict[type[Message], MessageHandler] = {
             Generate: request,
@@ -228,6 +300,7 @@ class Spoke:
             Cancel: cancel,
             Refused: refused,
             Heartbeat: _ignore,
+            Directory: directory,
         }
         return read_messages(link.sock, handlers, self.malformed, on_message=heard)
 
@@ -301,3 +374,14 @@ class Spoke:
                     send(sock, self._ready(link)).add_done_callback(ignore_result)
         finally:
             monitor.close(linger=0)
+
+
+def silent_hub_warning(endpoint: str, silent_s: float) -> str:
+    """What to check when a hub never answers: it is not running, or not reachable at that address."""
+    hint = "is it running, and does this host reach that address (a firewall, the right host name)?"
+    if not is_remote(endpoint):
+        hint = (
+            f"{endpoint} is this host: if the hub runs on another host, give its address "
+            "(--connect tcp://HUB_HOST:PORT, or the config's connect key)"
+        )
+    return f"hub {endpoint} has not answered for {silent_s:.0f}s: {hint}"

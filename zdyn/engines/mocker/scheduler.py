@@ -6,6 +6,7 @@ import logging
 import socket
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from zdyn.engines.mocker.kv_transfer import (
 )
 from zdyn.engines.mocker.structured import scripted_token
 from zdyn.engines.mocker.timing import StepComposition
-from zdyn.protocol import Delta, Finish, FinishReason, Generate
+from zdyn.protocol import Delta, Finish, FinishReason, Generate, TokenIds
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class MockSequence:
     def __init__(
         self,
         request_id: str,
-        prompt: list[int],
+        prompt: Sequence[int],
         *,
         max_tokens: int,
         seed: int,
@@ -70,7 +71,7 @@ class MockSequence:
         kv_transfer_params: dict[str, Any] | None = None,
     ) -> None:
         self.request_id = request_id
-        self.token_ids = list(prompt)  # prompt followed by the output so far
+        self.token_ids = TokenIds(prompt)  # prompt followed by the output so far (a copy: packed, memcpy-fast)
         self.prompt_len = len(prompt)
         self.max_tokens = max_tokens
         self.min_tokens = min_tokens
@@ -92,7 +93,7 @@ class MockSequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len :]
+        return self.token_ids[self.prompt_len :].tolist()
 
 
 def new_sequence(request: Generate, config: MockerConfig) -> MockSequence:
@@ -104,8 +105,9 @@ def new_sequence(request: Generate, config: MockerConfig) -> MockSequence:
         raise RequestError(
             f"the prompt has {len(prompt)} tokens, more than the maximum model length of {config.max_model_len}"
         )
-    bad = next((t for t in prompt if not 0 <= t < config.vocab_size), None)
-    if bad is not None:
+    packed = isinstance(prompt, TokenIds)  # unsigned: only the top needs checking, at C speed
+    if max(prompt) >= config.vocab_size or (not packed and min(prompt) < 0):
+        bad = next(t for t in prompt if not 0 <= t < config.vocab_size)
         raise RequestError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
     if sampling.max_tokens < 1:
         raise RequestError(f"max_tokens must be at least 1, got {sampling.max_tokens}")
