@@ -127,6 +127,7 @@ class QueueLink(Message):
     live: bool = False  # its status arrived recently
     queued: int = 0
     prefill_workers: list[str] = []  # "id@host" of the prefill workers registered there
+    decisions: dict[str, int] = {}  # the decode worker's prefill decisions so far (remote, local, fallback, shared)
 
 
 class Heartbeat(Message):
