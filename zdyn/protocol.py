@@ -325,6 +325,7 @@ class QueueStatus(Message):
     running: int = 0  # jobs on prefill workers
     prefill_workers: int = 0
     capacity: int = 0  # jobs the prefill workers take at once
+    draining: bool = False  # the queue is shutting down: send jobs elsewhere
     workers: list[str] = []  # "id@host" of the registered prefill workers
 
 

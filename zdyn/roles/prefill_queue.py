@@ -86,7 +86,7 @@ async def serve(config: PrefillQueueConfig) -> int:
         f"prefill queue: jobs at {config.jobs_endpoint}, prefill workers at {config.prefill_workers_endpoint}, "
         f"status at {config.status_endpoint}"
     )
-    return await serve_behind_hub(service, workers, banner)
+    return await serve_behind_hub(service, workers, banner, config.common.drain_timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:

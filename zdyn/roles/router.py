@@ -66,7 +66,7 @@ async def serve(config: RouterConfig) -> int:
     banner = (
         f"router ({config.routing.mode}) answering at {config.endpoint}; workers register at {config.workers_endpoint}"
     )
-    return await serve_behind_hub(service, workers, banner)
+    return await serve_behind_hub(service, workers, banner, config.common.drain_timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:

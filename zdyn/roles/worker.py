@@ -46,8 +46,13 @@ class DisaggConfig:
         if self.prefill and self.prefill_queue:
             raise ValueError("--prefill (a prefill worker) and --prefill-queue (a decode worker) exclude each other")
         if self.prefill_queue:
-            check_endpoint(self.prefill_queue)
-            self.prefill_queue_status = self.prefill_queue_status or offset_port(self.prefill_queue, 2)
+            queues = self.prefill_queue.split(",")
+            for queue in queues:
+                check_endpoint(queue)
+            statuses = (self.prefill_queue_status or "").split(",") if self.prefill_queue_status else []
+            if statuses and len(statuses) != len(queues):
+                raise ValueError("--prefill-queue-status needs one endpoint per --prefill-queue endpoint")
+            self.prefill_queue_status = ",".join(statuses or [str(offset_port(q, 2)) for q in queues])
         if self.remote_prefill_timeout_s <= 0:
             raise ValueError(f"--remote-prefill-timeout must be positive, got {self.remote_prefill_timeout_s}")
 
@@ -187,7 +192,8 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     disagg.add_argument(
         "--prefill-queue",
         help="be a decode worker that sends long prefills to this prefill queue (its jobs endpoint, e.g. "
-        "tcp://host:5590; the queue's status is read from the port after next)",
+        "tcp://host:5590; the queue's status is read from the port after next); several, comma-separated, "
+        "for high availability: each job goes to a live queue",
     )
     disagg.add_argument("--prefill-queue-status", help="the prefill queue's status endpoint, if not port + 2")
     disagg.add_argument(
@@ -282,13 +288,15 @@ def with_disagg(engine: Engine, config: WorkerConfig, index: int = 0) -> Engine:
     from zdyn.disagg.policy import DisaggPolicy
 
     assert disagg.prefill_queue_status is not None
-    queue = disagg.prefill_queue
-    client = PrefillClient(
-        queue, disagg.prefill_queue_status, config.host_towards(queue), results_port=config.ports(index).results
-    )
+    queues = zip(disagg.prefill_queue.split(","), disagg.prefill_queue_status.split(","), strict=True)
+    results = config.ports(index).results  # the first queue's results come back on the fixed port
+    clients = [
+        PrefillClient(jobs, status, config.host_towards(jobs), results_port=results if i == 0 else 0)
+        for i, (jobs, status) in enumerate(queues)
+    ]
     policy = DisaggPolicy(disagg.max_local_prefill_length, disagg.max_prefill_queue_size)
     return DisaggEngine(
-        engine, client, policy, timeout_s=disagg.remote_prefill_timeout_s, settings_file=disagg.settings_file
+        engine, clients, policy, timeout_s=disagg.remote_prefill_timeout_s, settings_file=disagg.settings_file
     )
 
 

@@ -196,9 +196,12 @@ class Hub:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._change_waiters.append(waiter)
         try:
-            await asyncio.wait_for(waiter, timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for, which can swallow a cancellation (3.11)
+                await waiter
         except TimeoutError:
             pass
+        finally:
+            waiter.cancel()
 
     async def wait_for_peers(self, n: int = 1, timeout_s: float = 60.0) -> None:
         """Wait until ``n`` peers are registered; TimeoutError names what was missing."""
