@@ -64,3 +64,12 @@ def test_harmless_nulls_pass_and_bad_input_is_refused(mocker):
     body = httpx.Request("POST", url, json=ok).content
     assert httpx.post(url, content=body, headers={"content-type": "text/plain"}, timeout=30).status_code == 400
     assert httpx.post(url, content=body, headers={"content-type": ""}, timeout=30).status_code == 400
+
+
+def test_calls_cross_a_separate_processor(tiny_model, tmp_path):
+    """With a processor of its own, the request's tools reach it in ``Process`` and its calls come back in the
+    deltas: the same answers as with the processor in the frontend."""
+    spec = ZdynSpec("agg", engine="mocker", model=str(tiny_model), processors=1)
+    with start(spec, tmp_path / "logs", timeout_s=120) as dep:
+        tool_cases.required_calls(dep, stream=True)
+        tool_cases.named_call(dep, stream=False)

@@ -58,7 +58,7 @@ def instance(schema: Any, depth: int = 0) -> Any:
     if kind == "string":
         return "a" * max(1, int(schema.get("minLength", 1)))
     if kind in ("integer", "number"):
-        low = schema.get("minimum", schema.get("exclusiveMinimum", 0))
+        low = schema.get("minimum", schema.get("exclusiveMinimum")) or 0
         return int(low) + (1 if "exclusiveMinimum" in schema else 0)
     if kind == "boolean":
         return True
