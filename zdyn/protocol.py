@@ -111,6 +111,7 @@ class Ready(Message):
     data_parallel_rank: int = 0
     kv_lease_s: float = 0.0  # a prefill worker keeps a finished prefill's KV this long for its reader; 0 = unbounded
     session: int = 0  # bumped each time the peer reconnects with a fresh socket (and dropped its requests)
+    instance: str = ""  # random per process run: a new socket of the same run may take over its peer id
     host: str = ""  # the address this peer advertises to this hub (its host, as the hub's side reaches it)
 
 

@@ -59,6 +59,12 @@ class FrontendConfig:
         if self.processors_endpoint is not None:
             check_endpoint(self.processors_endpoint)
 
+    def key_role(self) -> str:
+        return "frontend"
+
+    def binds(self) -> list[str]:
+        return [self.processors_endpoint or self.workers_endpoint]
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FrontendConfig:
         return cls(
@@ -146,13 +152,19 @@ def listen(host: str, port: int) -> socket.socket:
 def build_backend(config: FrontendConfig) -> tuple[Backend, Hub, str]:
     """The backend the frontend serves through, the hub it needs started, and a line saying what it is."""
     if config.processors_endpoint:
-        hub = Hub(config.processors_endpoint, role=Role.PROCESSOR, liveness=config.common.liveness)
+        hub = Hub(
+            config.processors_endpoint, role=Role.PROCESSOR, liveness=config.common.liveness,
+            max_peers=config.common.max_peers,
+        )  # fmt: skip
         return RemoteBackend(hub, config.resilience), hub, f"processors register at {config.processors_endpoint}"
     from zdyn.models import resolve_model, served_model_name
 
     model = resolve_model(config.model)
     name = config.served_model_name or served_model_name(model)
-    hub = Hub(config.workers_endpoint, role=Role.WORKER, liveness=config.common.liveness, accept=accept_model(name))
+    hub = Hub(
+        config.workers_endpoint, role=Role.WORKER, liveness=config.common.liveness, accept=accept_model(name),
+        max_peers=config.common.max_peers,
+    )  # fmt: skip
     selector = make_selector(config.routing, hub)
     admission = Admission(config.admission)
     processor = Processor(config.tokenizer or model, name, hub, selector, config.resilience, admission)

@@ -53,6 +53,12 @@ class ProcessorConfig:
         if not self.processor_id:
             raise ValueError("--processor-id must not be empty")
 
+    def key_role(self) -> str:
+        return "processor"
+
+    def binds(self) -> list[str]:
+        return [self.workers_endpoint]
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ProcessorConfig:
         return cls(
@@ -97,7 +103,10 @@ async def serve(config: ProcessorConfig) -> int:
     model = resolve_model(config.model)
     name = config.served_model_name or served_model_name(model)
     liveness = config.common.liveness
-    workers = Hub(config.workers_endpoint, role=Role.WORKER, liveness=liveness, accept=accept_model(name))
+    workers = Hub(
+        config.workers_endpoint, role=Role.WORKER, liveness=liveness, accept=accept_model(name),
+        max_peers=config.common.max_peers,
+    )  # fmt: skip
     selector = make_selector(config.routing, workers)
     admission = Admission(config.admission)
     processor = Processor(config.tokenizer or model, name, workers, selector, config.resilience, admission)

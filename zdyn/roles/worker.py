@@ -22,6 +22,7 @@ from zdyn.engines.base import Engine
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, on_stop_signals, role_main, serve_metrics
 from zdyn.roles.ports import WorkerPorts, add_port_base_arg, check_port
+from zdyn.roles.worker_kv import kv_relay_endpoints, private_kv_endpoints, relays_kv_events, remove_private_dir
 from zdyn.transport import check_endpoint, host_towards, is_loopback, is_remote
 from zdyn.worker import Worker
 
@@ -107,6 +108,15 @@ class WorkerConfig:
             self.port_base, self.kv_events_port, self.results_port, self.nixl_side_channel_port, index
         )
 
+    def key_role(self) -> str:
+        return "prefill" if self.disagg.prefill else "worker"
+
+    def binds(self) -> list[str]:
+        """The KV-event relay's endpoint (loopback, or every interface when a hub is on another host)."""
+        if not relays_kv_events(self):
+            return []
+        return [kv_relay_endpoints(self, 0)[0]]
+
     def host_towards(self, endpoint: str) -> str:
         """The address peers at ``endpoint`` reach this worker at."""
         return self.advertise_host or host_towards(endpoint)
@@ -162,8 +172,9 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         "--kv-events-port",
         type=int,
         default=0,
-        help="port of the KV-event publisher the KV router subscribes to; replay is on the next port "
-        "(default: --port-base, else free ports; vLLM's --kv-events-config or the mocker's --kv-events-endpoint win)",
+        help="port of the KV-event relay the KV router subscribes to (CURVE with keys); replay is on the next port "
+        "(default: --port-base, else free ports; vLLM's --kv-events-config or the mocker's --kv-events-endpoint, "
+        "if given, are used as they are, without relay or CURVE)",
     )
     add_port_base_arg(
         group, 0, "KV events +0, KV replay +1, prefill results +2, NIXL side channel +3, the next simulated "
@@ -258,7 +269,7 @@ def make_engine(config: WorkerConfig, index: int = 0) -> Engine:
             kv_transfer=config.disagg.kv_transfer,
             kv_lease_s=config.disagg.kv_lease_s,
             advertise_host=config.host_towards(config.hubs[0]),
-            kv_events=config.ports(index).kv_event_endpoints() if config.kv_events else None,
+            kv_events=private_kv_endpoints(index) if config.kv_events else None,
             nixl_side_channel_port=config.ports(index).nixl_side_channel,
         )
         return vllm.VllmEngine(vllm.engine_args(config.engine_flags, host))
@@ -271,7 +282,7 @@ def make_engine(config: WorkerConfig, index: int = 0) -> Engine:
         mocker.kv_events_endpoint = offset_port(mocker.kv_events_endpoint, 2 * index)
         mocker.kv_events_replay_endpoint = offset_port(mocker.kv_events_replay_endpoint, 2 * index)
     elif config.kv_events:
-        mocker.kv_events_endpoint, mocker.kv_events_replay_endpoint = config.ports(index).kv_event_endpoints()
+        mocker.kv_events_endpoint, mocker.kv_events_replay_endpoint = private_kv_endpoints(index)
     return MockerEngine(mocker)
 
 
@@ -319,6 +330,7 @@ async def serve(config: WorkerConfig) -> int:
                 advertise_host=config.advertise_host,
                 role=role,
                 liveness=config.common.liveness,
+                kv_relay=kv_relay_endpoints(config, i) if relays_kv_events(config) else None,
             )  # fmt: skip
             for i, worker_id in enumerate(config.worker_ids())
         ]
@@ -340,7 +352,10 @@ async def serve(config: WorkerConfig) -> int:
         await asyncio.gather(*(w.drain(config.common.drain_timeout_s) for w in workers))
 
     on_stop_signals(stop, drain)
-    codes = await asyncio.gather(*(w.run() for w in workers))
+    try:
+        codes = await asyncio.gather(*(w.run() for w in workers))
+    finally:
+        remove_private_dir()
     return max(codes)
 
 

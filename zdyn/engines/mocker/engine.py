@@ -17,7 +17,7 @@ from zdyn.engines.mocker.config import MockerConfig
 from zdyn.engines.mocker.scheduler import MockSequence, Scheduler, new_sequence
 from zdyn.engines.mocker.structured import valid_text
 from zdyn.engines.mocker.timing import InterpolatedTiming, PolynomialTiming, StepComposition, TimingModel
-from zdyn.kv_events import KvEventPublisher
+from zdyn.kv_publisher import KvEventPublisher
 from zdyn.protocol import Delta, Generate, Heartbeat, StructuredOutputs
 from zdyn.rpc.hub import merge_into
 
