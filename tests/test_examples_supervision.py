@@ -36,7 +36,7 @@ def test_a_dead_role_is_restarted_and_ctrl_c_stops_everything(tmp_path: Path) ->
     script.write_text(SCRIPT.format(common=EXAMPLES / "common.sh"))
     script.chmod(0o755)
     logs = tmp_path / "logs"
-    env = {**os.environ, "ZDYN_LOG_DIR": str(logs), "ZDYN_RESTART_MAX_DELAY": "2"}
+    env = {**os.environ, "ZDYN_LOG_DIR": str(logs), "ZDYN_RESTART_MAX_DELAY": "2", "ZDYN_KEYS_DIR": ""}
     with open(tmp_path / "out.log", "wb") as out:
         proc = subprocess.Popen([str(script)], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
