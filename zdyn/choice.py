@@ -78,7 +78,7 @@ class ReissueCollector(Collector):
 def movable(sampling: SamplingParams) -> bool:
     """Can a choice move to another worker mid-stream? Not when its state lives in the engine (guided
     decoding's grammar state); every other sampling setting is re-created from the tokens so far."""
-    return True
+    return sampling.structured is None
 
 
 # (choice request id, prompt + tokens so far, sampling for the rest, peers to avoid) -> a worker and route
