@@ -62,14 +62,11 @@ def test_every_role_listens_on_its_fixed_ports_by_default_and_from_a_port_base()
 
 
 def test_worker_ports_from_a_base_explicit_flags_and_simulated_workers():
-    assert WorkerPorts.layout(0, 0, 0, 0) == WorkerPorts(0, 0, 0, 0)  # free ports
-    assert WorkerPorts.layout(6000, 0, 0, 0) == WorkerPorts(6000, 6001, 6002, 6003)
-    assert WorkerPorts.layout(6000, 0, 0, 0, index=2) == WorkerPorts(6008, 6009, 6010, 6011)
-    assert WorkerPorts.layout(6000, 5000, 0, 7000, index=1) == WorkerPorts(5002, 5003, 6006, 7001)
-    assert WorkerPorts.layout(0, 0, 5100, 0, index=3) == WorkerPorts(0, 0, 5103, 0)
-    assert WorkerPorts(6000, 6001).kv_event_endpoints() == ("tcp://*:6000", "tcp://*:6001")
-    events, replay = WorkerPorts().kv_event_endpoints()
-    assert events != replay and events.startswith("tcp://*:")
+    assert WorkerPorts.layout(0, 0, 0) == WorkerPorts(0, 0, 0)  # free ports
+    assert WorkerPorts.layout(6000, 0, 0) == WorkerPorts(6000, 6001, 6003)
+    assert WorkerPorts.layout(6000, 0, 0, index=2) == WorkerPorts(6008, 6009, 6011)
+    assert WorkerPorts.layout(6000, 5000, 7000, index=1) == WorkerPorts(5002, 5003, 7001)
+    assert WorkerPorts.layout(0, 0, 5100, index=3) == WorkerPorts(0, 0, 5103)
 
 
 def worker_config(*argv: str) -> worker.WorkerConfig:
@@ -78,11 +75,11 @@ def worker_config(*argv: str) -> worker.WorkerConfig:
 
 def test_worker_port_flags_are_checked_and_reach_the_config():
     config = worker_config("--port-base", "6000", "--num-workers", "2")
-    assert config.ports(1) == WorkerPorts(6004, 6005, 6006, 6007)
+    assert config.ports(1) == WorkerPorts(6004, 6005, 6007)
     with pytest.raises(ValueError):
         worker_config("--port-base", "65534")
     with pytest.raises(ValueError):
-        worker_config("--results-port", "-1")
+        worker_config("--nixl-side-channel-port", "-1")
 
 
 def test_advertising_loopback_to_a_hub_on_another_host_is_refused():

@@ -3,12 +3,15 @@
 h0 runs the frontend, the KV router and the prefill queue on their default ports; h1 two decode workers that
 know only the frontend (they discover the router); h2 a prefill worker. Requests succeed, the router routes on
 KV events published from h1, long prompts are prefilled on h2, /health names every role's host, the same
-worker id from another host is refused, and cutting h2 off and back heals by itself.
+worker id from another host is refused, and cutting h2 off and back heals by itself. Every socket uses CURVE with
+one key folder (``zdyn keys generate``) that every host has a copy of.
 """
 
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 import time
 
 import httpx
@@ -34,11 +37,12 @@ def remote_prefills(hosts: netns.NetnsHosts) -> float:
 
 @pytest.fixture
 def fleet(tiny_model, tmp_path):
+    keys = tmp_path / "keys"  # one folder of CURVE keys, carried to every host (here: the same file system)
+    subprocess.run([sys.executable, "-m", "zdyn.cli", "keys", "generate", str(keys)], check=True, capture_output=True)
     with netns.NetnsHosts(3) as hosts, ProcessGroup(tmp_path / "logs") as group:
         a = hosts.ip(0)
         model = ["--model", str(tiny_model)]
-        # Listening beyond loopback needs CURVE keys or --insecure; the prefill queue's sockets take no keys yet.
-        group.start = functools.partial(group.start, env={"ZDYN_INSECURE": "1"})  # type: ignore[method-assign]
+        group.start = functools.partial(group.start, env={"ZDYN_KEYS_DIR": str(keys)})  # type: ignore[method-assign]
         group.start("frontend", hosts.argv(0, ["zdyn", "frontend", *model, "--host", "0.0.0.0",
                                                 "--router-endpoint", f"tcp://{a}:5570", *FAST]))  # fmt: skip
         group.start("router", hosts.argv(0, ["zdyn", "router", "--seed-hubs", f"tcp://{a}:5555", *FAST]))

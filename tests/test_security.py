@@ -295,3 +295,38 @@ async def test_frames_beyond_the_maximum_message_size_drop_the_connection(endpoi
         sock.close(linger=0)
         other.close(linger=0)
         await hub.close()
+
+
+# -- KV events: relayed off the host over CURVE
+
+
+async def test_kv_events_cannot_be_read_without_a_reader_key(keys_dir, tmp_path, contexts):
+    from zdyn.kv_events import KvBlockStored, decode_frames
+    from zdyn.kv_publisher import KvEventPublisher, KvEventRelay, fetch_replay
+
+    worker_ctx = contexts("worker", keys_dir)
+    engine = KvEventPublisher(f"ipc://{tmp_path}/events", replay_endpoint=f"ipc://{tmp_path}/replay", ctx=worker_ctx)
+    relay = KvEventRelay(engine.endpoint, engine.replay_endpoint or "", "tcp://127.0.0.1:*", "tcp://127.0.0.1:*",
+                         ctx=worker_ctx)  # fmt: skip
+    await engine.start()
+    await relay.start()
+    router = make_socket(contexts("router", keys_dir), zmq.SUB, relay.endpoint, bind=False)
+    other_worker = make_socket(contexts("worker", keys_dir), zmq.SUB, relay.endpoint, bind=False)
+    stranger = make_socket(contexts(), zmq.SUB, relay.endpoint, bind=False)
+    try:
+        await asyncio.sleep(0.3)  # subscriptions travel
+        stored = KvBlockStored(block_hashes=[1], parent_hash=None, token_ids=[5, 6], block_size=2)
+        for _ in range(3):
+            await engine.publish([stored])
+        batch = decode_frames(await asyncio.wait_for(router.recv_multipart(), 5))
+        assert batch.events[0].token_ids == [5, 6]
+        assert await stranger.poll(500) == 0 and await other_worker.poll(100) == 0  # no key; a worker's key
+        assert relay.forwarded == 3
+        replayed = await fetch_replay(contexts("processor", keys_dir), relay.replay_endpoint, 0)
+        assert [seq for seq, _ in replayed] == [0, 1, 2]
+        assert security.curve_of(worker_ctx).num_refused >= 1
+    finally:
+        for sock in (router, other_worker, stranger):
+            sock.close(linger=0)
+        await relay.close()
+        await engine.close()

@@ -23,6 +23,7 @@ from zdyn.processor import Processor, accept_model
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, freeze_startup_objects, role_main
 from zdyn.roles.discovery import DiscoveryConfig, add_discovery_args
+from zdyn.roles.output_parsing import OutputParsingConfig, add_output_parsing_args
 from zdyn.roles.ports import FRONTEND_BASE, add_port_base_arg, endpoint_or_base
 from zdyn.roles.resilience import add_admission_args, add_resilience_args, admission_from_args, resilience_from_args
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
@@ -52,6 +53,7 @@ class FrontendConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
+    output_parsing: OutputParsingConfig = field(default_factory=OutputParsingConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -87,6 +89,7 @@ class FrontendConfig:
             admission=admission_from_args(args),
             discovery=DiscoveryConfig.from_args(args),
             common=CommonConfig.from_args(args),
+            output_parsing=OutputParsingConfig.from_args(args),
         )
 
 
@@ -121,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_resilience_args(parser)
     add_admission_args(parser)
     add_discovery_args(parser, hub=True)
+    add_output_parsing_args(parser)
     add_common_args(parser)
     return parser
 
@@ -171,6 +175,7 @@ def build_backend(config: FrontendConfig) -> tuple[Backend, Hub, str, HubDirecto
     selector = make_selector(config.routing, hub)
     admission = Admission(config.admission)
     processor = Processor(config.tokenizer or model, name, hub, selector, config.resilience, admission)
+    processor.outputs = config.output_parsing.build(processor.tokenizer)
     directory = config.discovery.hub_directory(hub, "frontend", name)
     return processor, hub, f"serving {name}; workers connect to {config.workers_endpoint}", directory
 
@@ -181,7 +186,12 @@ async def serve(config: FrontendConfig) -> int:
     except OSError as e:
         log.error("cannot start: %s", e.strerror or e)
         return 2
-    backend, hub, where, directory = build_backend(config)
+    try:
+        backend, hub, where, directory = build_backend(config)
+    except ValueError as e:  # an output parser that does not fit the model
+        log.error("cannot start: %s", e)
+        sock.close()
+        return 2
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -23,6 +23,7 @@ from zdyn.roles.common import (
     serve_metrics,
 )
 from zdyn.roles.discovery import DiscoveryConfig, add_discovery_args
+from zdyn.roles.output_parsing import OutputParsingConfig, add_output_parsing_args
 from zdyn.roles.ports import PROCESSOR_BASE, add_port_base_arg, endpoint_or_base
 from zdyn.roles.resilience import add_admission_args, add_resilience_args, admission_from_args, resilience_from_args
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
@@ -46,6 +47,7 @@ class ProcessorConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
+    output_parsing: OutputParsingConfig = field(default_factory=OutputParsingConfig)
 
     def __post_init__(self) -> None:
         check_endpoint(self.frontend)
@@ -74,6 +76,7 @@ class ProcessorConfig:
             admission=admission_from_args(args),
             discovery=DiscoveryConfig.from_args(args),
             common=CommonConfig.from_args(args),
+            output_parsing=OutputParsingConfig.from_args(args),
         )
 
 
@@ -93,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_resilience_args(parser)
     add_admission_args(parser)
     add_discovery_args(parser, hub=True)
+    add_output_parsing_args(parser)
     add_common_args(parser)
     return parser
 
@@ -110,6 +114,11 @@ async def serve(config: ProcessorConfig) -> int:
     selector = make_selector(config.routing, workers)
     admission = Admission(config.admission)
     processor = Processor(config.tokenizer or model, name, workers, selector, config.resilience, admission)
+    try:
+        processor.outputs = config.output_parsing.build(processor.tokenizer)
+    except ValueError as e:  # an output parser that does not fit the model
+        log.error("cannot start: %s", e)
+        return 2
     if config.metrics_port:
         serve_metrics(
             config.metrics_port,

@@ -74,7 +74,6 @@ class WorkerConfig:
     kv_events: bool = True
     kv_events_port: int = 0  # 0: free ports
     port_base: int = 0  # 0: free ports for what no port flag fixes
-    results_port: int = 0  # a decode worker's prefill results (PULL)
     nixl_side_channel_port: int = 0
     advertise_host: str | None = None  # None: per hub, this host's address on the route to it
     metrics_port: int = 0
@@ -94,7 +93,6 @@ class WorkerConfig:
             raise ValueError("--num-workers > 1 is for the mocker; start one process per vLLM worker")
         check_port("--kv-events-port", self.kv_events_port, 2 * self.num_workers)
         check_port("--port-base", self.port_base, 4 * self.num_workers)
-        check_port("--results-port", self.results_port, self.num_workers)
         check_port("--nixl-side-channel-port", self.nixl_side_channel_port, self.num_workers)
         if self.advertise_host and is_loopback(self.advertise_host):
             remote = [e for e in [*self.hubs, self.disagg.prefill_queue or ""] if is_remote(e)]
@@ -106,9 +104,7 @@ class WorkerConfig:
                 )
 
     def ports(self, index: int = 0) -> WorkerPorts:
-        return WorkerPorts.layout(
-            self.port_base, self.kv_events_port, self.results_port, self.nixl_side_channel_port, index
-        )
+        return WorkerPorts.layout(self.port_base, self.kv_events_port, self.nixl_side_channel_port, index)
 
     def key_role(self) -> str:
         return "prefill" if self.disagg.prefill else "worker"
@@ -136,7 +132,6 @@ class WorkerConfig:
             kv_events=not args.no_kv_events,
             kv_events_port=args.kv_events_port,
             port_base=args.port_base,
-            results_port=args.results_port,
             nixl_side_channel_port=args.nixl_side_channel_port,
             advertise_host=args.advertise_host,
             metrics_port=args.metrics_port,
@@ -180,12 +175,8 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         "if given, are used as they are, without relay or CURVE)",
     )
     add_port_base_arg(
-        group, 0, "KV events +0, KV replay +1, prefill results +2, NIXL side channel +3, the next simulated "
+        group, 0, "KV events +0, KV replay +1, (+2 unused), NIXL side channel +3, the next simulated "
         "worker +4; 0: free ports"
-    )  # fmt: skip
-    group.add_argument(
-        "--results-port", type=int, default=0, help="decode worker: port of its prefill results socket "
-        "(default: --port-base + 2, else a free port)"
     )  # fmt: skip
     group.add_argument(
         "--nixl-side-channel-port", type=int, default=0, help="vLLM with NIXL: port of its side channel for KV "
@@ -304,11 +295,7 @@ def with_disagg(engine: Engine, config: WorkerConfig, index: int = 0) -> Engine:
 
     assert disagg.prefill_queue_status is not None
     queues = zip(disagg.prefill_queue.split(","), disagg.prefill_queue_status.split(","), strict=True)
-    results = config.ports(index).results  # the first queue's results come back on the fixed port
-    clients = [
-        PrefillClient(jobs, status, config.host_towards(jobs), results_port=results if i == 0 else 0)
-        for i, (jobs, status) in enumerate(queues)
-    ]
+    clients = [PrefillClient(jobs, status, config.host_towards(jobs)) for jobs, status in queues]
     policy = DisaggPolicy(disagg.max_local_prefill_length, disagg.max_prefill_queue_size)
     return DisaggEngine(
         engine, clients, policy, timeout_s=disagg.remote_prefill_timeout_s, settings_file=disagg.settings_file
