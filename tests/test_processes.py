@@ -11,7 +11,7 @@ import pytest
 from helpers import wait_until
 
 from zdyn.bench.procs import ProcessGroup, free_port, get_json, wait_for_workers
-from zdyn.config import config_argv, to_argv
+from zdyn.roles.config import config_argv, to_argv
 from zdyn.roles.worker import build_parser
 
 MOCKER = ["--engine", "mocker", "--speedup", "100", "--max-model-len", "2048", "--block-size", "32"]

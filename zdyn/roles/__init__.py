@@ -12,4 +12,5 @@ ROLES = {
     "router": "zdyn.roles.router",
     "prefill-queue": "zdyn.roles.prefill_queue",
     "bench": "zdyn.bench.cli",
+    "models": "zdyn.roles.models",
 }

@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from zdyn.config import config_argv
+from zdyn.roles.config import config_argv
 from zdyn.transport import Liveness
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

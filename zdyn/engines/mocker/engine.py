@@ -12,7 +12,8 @@ import zmq
 
 from zdyn.engines.base import EngineDeadError, EngineInfo
 from zdyn.engines.mocker.config import MockerConfig
-from zdyn.engines.mocker.scheduler import MockSequence, Scheduler, new_sequence
+from zdyn.engines.mocker.scheduler import Scheduler
+from zdyn.engines.mocker.sequence import MockSequence, new_sequence
 from zdyn.engines.mocker.timing import InterpolatedTiming, PolynomialTiming, StepComposition, TimingModel
 from zdyn.kv_events import KvEventPublisher
 from zdyn.protocol import Delta, Generate, Heartbeat
