@@ -23,7 +23,7 @@ from typing import Any
 
 from zdyn.bench.deploy import ZdynSpec, start
 from zdyn.bench.host import bench_lock
-from zdyn.bench.inputs import model_or_tiny
+from zdyn.bench.inputs import LONG_MODEL_LEN, long_context_model, model_or_tiny
 from zdyn.bench.procs import ProcessGroup
 from zdyn.bench.results import RESULTS, command, footer, provenance, table, write_json
 from zdyn.bench.runs import Load, bench_argv
@@ -80,20 +80,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=5.0, help="py-spy's recording time")
     p.add_argument("--rate", type=int, default=200, help="py-spy's samples per second")
     p.add_argument("--requests", type=int, default=8000, help="measured requests of the load (outlasts the recording)")
+    p.add_argument("--input-len", type=int, default=200, help="prompt tokens (> 2000: tiny-llama-262k)")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--processors", type=int, default=0, help="separate processor processes (also profiled)")
     p.add_argument("--out", type=Path, default=RESULTS / "frontend-profile.json")
     args = p.parse_args(argv)
-    cmd, model = command("benchmarks.frontend_profile", argv), model_or_tiny(args.model)
-    load, work = Load(requests=args.requests), Path(tempfile.mkdtemp(prefix="zdyn-profile-"))
-    files = {role: args.out.with_name(f"{args.out.stem}-{role}.txt") for role in ("frontend", "worker0")}
+    cmd = command("benchmarks.frontend_profile", argv)
+    model = args.model or (long_context_model() if args.input_len > 2000 else model_or_tiny(None))
+    load = Load(requests=args.requests, input_len=args.input_len, concurrency=args.concurrency)
+    work = Path(tempfile.mkdtemp(prefix="zdyn-profile-"))
+    roles = ("frontend", *(f"processor{i}" for i in range(args.processors)), "worker0")
+    files = {role: args.out.with_name(f"{args.out.stem}-{role}.txt") for role in roles}
     spy = ["py-spy", "record", "-d", f"{args.seconds:g}", "-r", str(args.rate), "-f", "raw", "--nonblocking"]
     doc: dict[str, Any] = {"benchmark": "frontend-profile", "command": cmd, **provenance(), "py_spy": " ".join(spy)}
-    spec = ZdynSpec("agg", workers=2, model=str(model), worker_args=("--speedup", "1e6"))
+    worker_args = ("--speedup", "1e6", "--max-model-len", str(LONG_MODEL_LEN if args.input_len > 2000 else 2048))
+    spec = ZdynSpec("agg", workers=2, model=str(model), worker_args=worker_args, processors=args.processors)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with bench_lock(), start(spec, work / "logs") as dep, ProcessGroup(work / "load") as group:
         bench = bench_argv(dep.base_url, model, work / "bench.json", "profile", *load.flags(), "--no-progress")
         group.start("bench", bench)
-        time.sleep(1.0)  # past the warm-ups: serving at full load
-        spies = [subprocess.Popen([*spy, "-p", str(dep.roles()[role]), "-o", str(path)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL) for role, path in files.items()]  # fmt: skip
+        time.sleep(1.0 + args.input_len / 4000)  # past the warm-ups: serving at full load
+        spies = []
+        for role, path in files.items():
+            with open(work / f"py-spy-{role}.log", "wb") as err:
+                argv = [*spy, "-p", str(dep.roles()[role]), "-o", str(path)]
+                spies.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err))
         for s in spies:
             s.wait(args.seconds + 30)
         doc["load_outlasted_the_recording"] = group.procs["bench"].poll() is None

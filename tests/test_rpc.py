@@ -132,7 +132,8 @@ async def test_silent_peer_is_declared_dead_and_its_requests_fail(endpoint, ctx)
     elapsed = time.monotonic() - started
     assert failed.value.status == 503
     assert "silent" in failed.value.message
-    assert elapsed < FAST.expiry_s + 0.5
+    assert failed.value.type == "peer_lost"  # not the request's fault: a processor re-issues it elsewhere
+    assert elapsed < FAST.silence_s + 0.5  # an app silent (its libzmq still answers pings) for silence_s is stuck
     assert hub.live_peers() == []
     dealer.close()
     await hub.close()

@@ -35,5 +35,24 @@ def unavailable(message: str) -> RequestError:
     return RequestError(message, 503, "unavailable")
 
 
+# Error types of failures that are not the request's fault: the processor (or the frontend) re-issues such
+# a request to another peer instead of failing it.
+PEER_LOST = "peer_lost"  # the peer died, vanished or was unreachable
+DRAINING = "draining"  # the peer is shutting down and handed the request back
+
+
+def peer_lost(message: str) -> RequestError:
+    return RequestError(message, 503, PEER_LOST)
+
+
+def draining(message: str) -> RequestError:
+    return RequestError(message, 503, DRAINING)
+
+
+def retryable(error: RequestError) -> bool:
+    """Would another peer serve this request? Yes unless the request itself is at fault (4xx)."""
+    return error.status >= 500 or error.type in (PEER_LOST, DRAINING)
+
+
 class EngineDeadError(Exception):
     """The engine stopped working; the worker must exit."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
+import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -19,17 +20,19 @@ from typing import Any
 import msgspec
 from transformers import AutoTokenizer
 
+from zdyn.admission import Admission
+from zdyn.choice import ChoiceRun, ChoiceSpec, Reissues, Resilience, movable
 from zdyn.detokenizer import Detokenizer
 from zdyn.errors import RequestError, unavailable
 from zdyn.protocol import (
     GENERATION_DEFAULTS,
+    ChoiceProgress,
     Delta,
-    Finish,
-    Generate,
     Ready,
     RouteEvent,
     SamplingParams,
     TextRequest,
+    TokenIds,
     TokenLogprob,
     TopLogprob,
 )
@@ -38,12 +41,29 @@ from zdyn.rpc import Hub, Peer
 
 log = logging.getLogger(__name__)
 
+AVOID_WAIT_S = 1.0  # how long a re-issued request waits for a worker other than the one that failed it
+# Prompts longer than this (characters) are templated and tokenized on a thread, not on the event loop: the Rust
+# tokenizer's batch call releases the GIL, so long prompts tokenize on every core while the loop keeps streaming.
+LONG_PROMPT_CHARS = 2048
+
 
 class Processor:
     """Serves ``TextRequest``s for one model through the workers registered at ``workers``."""
 
-    def __init__(self, tokenizer_path: str, model: str, workers: Hub, selector: Selector) -> None:
+    def __init__(
+        self,
+        tokenizer_path: str,
+        model: str,
+        workers: Hub,
+        selector: Selector,
+        resilience: Resilience | None = None,
+        admission: Admission | None = None,
+    ) -> None:
         self.model = model
+        self.resilience = resilience or Resilience()
+        self.admission = admission or Admission()
+        self.reissues = Reissues()
+        self._routed: dict[str, bool] = {}  # choice request ids the selector is tracking
         self.hub = workers
         self.selector = selector
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -51,8 +71,23 @@ class Processor:
         self.max_model_len = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
         self.sampling_defaults = generation_defaults(tokenizer_path)
         self._token_text: dict[int, str] = {}
+        self._tokenize_pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="zdyn-tokenize")
+        self.num_tokenized_on_threads = 0  # requests whose prompt was long enough to go to the pool
 
-    def tokenize(self, request: TextRequest) -> list[int]:
+    async def tokenize_async(self, request: TextRequest) -> TokenIds:
+        """``tokenize``, on a thread for a long prompt."""
+        if prompt_chars(request) <= LONG_PROMPT_CHARS:
+            return self.tokenize(request)
+        self.num_tokenized_on_threads += 1
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self.tokenize, request)
+
+    def encode(self, text: str, add_special_tokens: bool) -> TokenIds:
+        """Token ids of ``text`` from the Rust tokenizer directly: its batch call without offsets is the fastest,
+        and it releases the GIL."""
+        [encoding] = self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)
+        return TokenIds(encoding.ids)
+
+    def tokenize(self, request: TextRequest) -> TokenIds:
         """Prompt token ids: the chat template applied to the messages, or the completion prompt."""
         if request.messages is not None:
             try:
@@ -64,16 +99,20 @@ class Processor:
                 )
             except Exception as e:  # jinja errors: the template rejected these messages
                 raise RequestError(f"cannot apply the chat template: {e}") from e
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
+            return self.encode(text, add_special_tokens=False)
         if isinstance(request.prompt, list):
             vocab = len(self.tokenizer)
-            if any(not 0 <= t < vocab for t in request.prompt):
+            if request.prompt and not 0 <= min(request.prompt) <= max(request.prompt) < vocab:
                 raise RequestError(f"prompt token ids must be in [0, {vocab})")
-            return request.prompt
-        return list(self.tokenizer.encode(request.prompt or "", add_special_tokens=True))
+            return TokenIds(request.prompt)
+        return self.encode(request.prompt or "", add_special_tokens=True)
 
     def models(self) -> list[str]:
         return [self.model]
+
+    def capacity(self) -> int:
+        """Sequences the live workers run at once (their ``max_num_seqs``), for admission control."""
+        return sum(p.ready.max_num_seqs for p in self.live_workers())
 
     def live_workers(self) -> list[Peer]:
         return [p for p in self.hub.live_peers() if p.ready.model == self.model]
@@ -89,40 +128,103 @@ class Processor:
                 "waiting": p.load.num_waiting,
                 "kv_usage": round(p.load.kv_usage, 4),
                 "in_flight": p.num_inflight,
+                "host": p.ready.host,
+                **({"prefill_queues": msgspec.to_builtins(p.load.prefill_queues)} if p.load.prefill_queues else {}),
             }
             for p in self.live_workers()
         ]
 
-    async def process(self, request_id: str, request: TextRequest) -> AsyncGenerator[Delta]:
-        """Yield text deltas (``index`` = choice) until every choice has finished."""
-        token_ids = self.tokenize(request)
-        peers = self.live_workers()
-        if not peers:
-            raise unavailable(f"no worker is serving {self.model} right now")
+    def routers(self) -> list[dict[str, Any]]:
+        """The separate router this processor asks, and whether it answers (``/health``)."""
+        client = getattr(self.selector, "client", None)
+        return [] if client is None else [{"endpoint": client.endpoint, "status": client.status}]
+
+    async def process(
+        self, request_id: str, request: TextRequest, resume: list[ChoiceProgress] | None = None
+    ) -> AsyncGenerator[Delta]:
+        """Yield text deltas (``index`` = choice) until every choice has finished. ``resume``: the tokens each
+        choice already produced under another processor (that one died): the stream continues after them."""
+        token_ids = await self.tokenize_async(request)
+        peers = await self._workers(set())
         # Validated before routing, against the context every live worker can take: a rejected request is
         # never counted as load by the router.
         sampling = self._sampling(
             request, len(token_ids), min(p.ready.max_model_len or self.max_model_len for p in peers)
         )
-        route = await self.selector.select(request_id, token_ids, peers)
+        run = self._run(request_id, token_ids, sampling, request, resume or [])
+        async with self.admission.slot(self.capacity()), aclosing(run) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    async def _run(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        sampling: SamplingParams,
+        request: TextRequest,
+        resume: list[ChoiceProgress],
+    ) -> AsyncGenerator[Delta]:
+        runs = [self._choice_run(request_id, i, token_ids, sampling, request) for i in range(request.n)]
+        for progress in resume:
+            if 0 <= progress.index < len(runs):
+                runs[progress.index].resume(progress.token_ids)
+        done = {p.index for p in resume if p.finished}
+        streams = [run.deltas(self._choose, self.hub.stream) for run in runs if run.spec.index not in done]
+        prefilled: set[int] = set()
         try:
-            if request.n == 1:
-                streams = [self._generate(request_id, 0, route, token_ids, sampling, request)]
-            else:
-                streams = [
-                    self._generate(f"{request_id}-{i}", i, route, token_ids, _choice_seed(sampling, i), request)
-                    for i in range(request.n)
-                ]
-            prefilled = False
             async with aclosing(streams[0] if len(streams) == 1 else interleave(streams)) as deltas:
                 async for delta in deltas:
-                    if not prefilled:
-                        self.selector.update(request_id, RouteEvent.PREFILLED)
-                        prefilled = True
+                    if delta.index not in prefilled:
+                        self.selector.update(delta.request_id, RouteEvent.PREFILLED)
+                        prefilled.add(delta.index)
                     delta.request_id = request_id
+                    if delta.logprobs:
+                        delta.logprobs = self.with_token_text(delta.logprobs)
                     yield delta
         finally:
-            self.selector.update(request_id, RouteEvent.FINISHED)
+            for run in runs:
+                if self._routed.pop(run.spec.request_id, None):
+                    self.selector.update(run.spec.request_id, RouteEvent.FINISHED)
+
+    def _choice_run(
+        self, request_id: str, index: int, token_ids: list[int], sampling: SamplingParams, request: TextRequest
+    ) -> ChoiceRun:
+        detokenizer = Detokenizer(
+            self.backend,
+            stop=request.stop,
+            include_stop_str_in_output=request.include_stop_str_in_output,
+            skip_special_tokens=request.skip_special_tokens,
+        )
+        rid = request_id if request.n == 1 else f"{request_id}-{index}"
+        choice_sampling = sampling if request.n == 1 else _choice_seed(sampling, index)
+        spec = ChoiceSpec(rid, index, token_ids, choice_sampling, self.model, detokenizer, movable(choice_sampling))
+        return ChoiceRun(spec, self.resilience, self.reissues)
+
+    async def _workers(self, avoid: set[str]) -> list[Peer]:
+        """Live workers, preferring those not in ``avoid`` (for up to AVOID_WAIT_S). With none live, wait up to
+        ``worker_wait_s`` for one to join (a restart), then fail with a 503."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while True:
+            live = self.live_workers()
+            preferred = [p for p in live if p.id not in avoid]
+            waited = loop.time() - started
+            if preferred:
+                return preferred
+            if live and waited >= AVOID_WAIT_S:
+                return live
+            if waited >= self.resilience.worker_wait_s:
+                raise unavailable(f"no worker is serving {self.model} right now")
+            limit = min(AVOID_WAIT_S, self.resilience.worker_wait_s) if live else self.resilience.worker_wait_s
+            await self.hub.wait_for_change(max(0.01, limit - waited))
+
+    async def _choose(self, rid: str, token_ids: list[int], avoid: set[str]) -> Route:
+        peers = await self._workers(avoid)
+        if self._routed.pop(rid, None):  # routed before, to a worker that failed: the router forgets that
+            self.selector.update(rid, RouteEvent.FINISHED)
+        route = await self.selector.select(rid, token_ids, peers)
+        self._routed[rid] = True
+        return route
 
     def _sampling(self, request: TextRequest, num_prompt: int, max_model_len: int) -> SamplingParams:
         if max_model_len and num_prompt >= max_model_len:
@@ -141,66 +243,7 @@ class Processor:
         defaults = {k: v for k, v in self.sampling_defaults.items() if k not in request.sampling_set}
         return msgspec.structs.replace(request.sampling, max_tokens=max_tokens, **defaults)
 
-    async def _generate(
-        self, rid: str, index: int, route: Route, token_ids: list[int], sampling: SamplingParams, request: TextRequest
-    ) -> AsyncGenerator[Delta]:
-        peer = route.peer
-        started = time.perf_counter()
-        detok = Detokenizer(
-            self.backend,
-            stop=request.stop,
-            include_stop_str_in_output=request.include_stop_str_in_output,
-            skip_special_tokens=request.skip_special_tokens,
-        )
-        cached = 0
-        outcome = "cancelled"
-        generate = Generate(
-            request_id=rid,
-            token_ids=token_ids,
-            sampling=sampling,
-            model=self.model,
-            overlap_blocks=route.overlap_blocks,
-        )
-        stream = self.hub.stream(peer, generate)
-        try:
-            async for delta in stream:
-                if delta.num_cached_tokens is not None:
-                    cached = delta.num_cached_tokens
-                elif delta.finish is not None:
-                    cached = delta.finish.cached_tokens
-                text = detok.step(delta.token_ids)
-                finish = delta.finish
-                if detok.stop is not None:
-                    finish = Finish(
-                        reason="stop",
-                        stop_reason=detok.stop,
-                        prompt_tokens=len(token_ids),
-                        completion_tokens=len(detok.token_ids),
-                        cached_tokens=cached,
-                    )
-                elif finish is not None:
-                    text += detok.finish()
-                out = Delta(request_id=rid, index=index, token_ids=delta.token_ids, text=text, finish=finish)
-                if delta.logprobs:
-                    out.logprobs = self._with_token_text(delta.logprobs)
-                yield out
-                if finish is not None:
-                    outcome = f"finish={finish.reason}"
-                    return
-            outcome = "stream ended without finish"
-            raise RequestError(f"worker {peer.id} ended the stream without finishing", 502, "bad_gateway")
-        except RequestError as e:
-            outcome = f"failed: {e.message}"
-            raise
-        finally:
-            await stream.aclose()
-            log.info(
-                "request %s: worker=%s (%s) prompt=%d cached=%d output=%d %s in %.3fs",
-                rid, peer.id, route.reason, len(token_ids), cached, len(detok.token_ids), outcome,
-                time.perf_counter() - started,
-            )  # fmt: skip
-
-    def _with_token_text(self, logprobs: list[TokenLogprob]) -> list[TokenLogprob]:
+    def with_token_text(self, logprobs: list[TokenLogprob]) -> list[TokenLogprob]:
         for lp in logprobs:
             lp.token = self._text_of(lp.token_id)
             lp.top = [
@@ -213,6 +256,17 @@ class Processor:
         if text is None:
             text = self._token_text[token_id] = self.backend.decode([token_id], skip_special_tokens=False)
         return text
+
+
+def prompt_chars(request: TextRequest) -> int:
+    """About how long a request's prompt text is (message parts that are not text count as long)."""
+    if request.messages is None:
+        return len(request.prompt) if isinstance(request.prompt, str) else 0
+    total = 0
+    for message in request.messages:
+        content = message.get("content")
+        total += len(content) if isinstance(content, str) else LONG_PROMPT_CHARS if content else 0
+    return total
 
 
 def generation_defaults(model_path: str) -> dict[str, Any]:

@@ -4,6 +4,13 @@ Every message travels as two frames, ``[type byte][MessagePack map]`` (ROUTER so
 identity in front). Payloads are plain MessagePack maps keyed by field name, so any MessagePack
 library can read them and a reader ignores fields it does not know. This module must not import
 vLLM, torch or starlette.
+
+Prompt token ids (``Generate.token_ids``, ``RouteQuery.token_ids``, and so a ``PrefillJob``'s request) are
+sent packed: a MessagePack **bin** holding the ids as consecutive little-endian unsigned 32-bit integers
+(4 bytes per token, no header), which any reader unpacks with e.g. ``numpy.frombuffer(b, "<u4")`` or
+``struct.unpack(f"<{len(b) // 4}I", b)``. Decoders also accept a plain MessagePack array of integers there,
+so any writer may send ids the plain way. Output deltas (``Delta.token_ids``) stay plain arrays: they carry
+one token or a few, where a bin saves nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from enum import IntEnum, StrEnum
 from typing import Any, Literal
 
 import msgspec
+
+from zdyn.token_ids import TokenIds, as_token_ids, dec_hook, enc_hook
 
 PROTOCOL_VERSION = 1
 
@@ -31,6 +40,7 @@ class MsgType(IntEnum):
     PREFILL_JOB = 0x40
     PREFILL_DONE = 0x41
     QUEUE_STATUS = 0x42
+    DIRECTORY = 0x50
 
 
 class Role(StrEnum):
@@ -90,12 +100,22 @@ class Ready(Message):
     data_parallel_rank: int = 0
     kv_lease_s: float = 0.0  # a prefill worker keeps a finished prefill's KV this long for its reader; 0 = unbounded
     session: int = 0  # bumped each time the peer reconnects with a fresh socket (and dropped its requests)
+    host: str = ""  # the address this peer advertises to this hub (its host, as the hub's side reaches it)
 
 
 class Refused(Message):
     """A hub's answer to a Ready it will not accept."""
 
     reason: str
+
+
+class QueueLink(Message):
+    """A decode worker's view of one prefill queue, as its heartbeat reports it (for the frontend's /health)."""
+
+    endpoint: str  # the queue's jobs endpoint
+    live: bool = False  # its status arrived recently
+    queued: int = 0
+    prefill_workers: list[str] = []  # "id@host" of the prefill workers registered there
 
 
 class Heartbeat(Message):
@@ -105,19 +125,26 @@ class Heartbeat(Message):
     num_waiting: int = 0
     kv_usage: float = 0.0  # fraction of KV blocks in use, 0..1
     worker_ids: list[str] = msgspec.field(default_factory=list)  # a separate processor's live workers
+    worker_hosts: list[str] = msgspec.field(default_factory=list)  # ... and their hosts, in the same order
+    router: str = ""  # a separate processor's router link: "" (none), "answering", "not answering", "never answered"
+    prefill_queues: list[QueueLink] = msgspec.field(default_factory=list)  # a decode worker's prefill queues
+    draining: bool = False  # shutting down: finishing what it has, takes nothing new
 
 
 class Generate(Message):
     """Processor -> worker: run this prompt."""
 
     request_id: str
-    token_ids: list[int]
+    token_ids: TokenIds  # packed on the wire; a list given here becomes TokenIds
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     model: str = ""
     overlap_blocks: int = 0  # the router's estimate of leading prompt blocks already cached on this worker
     # vLLM's KV-connector parameters: {"do_remote_decode": true} on a prefill job; on the decode side, what the
     # prefill worker returned plus {"do_remote_prefill": true}, so the engine pulls the prompt's KV instead
     kv_transfer_params: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = as_token_ids(self.token_ids)
 
 
 # Sampling fields a model's generation_config.json may give defaults for (vLLM applies them the same way).
@@ -140,11 +167,21 @@ class TextRequest(Message):
     chat_template_kwargs: dict[str, Any] = {}
 
 
+class ChoiceProgress(Message):
+    """How far one choice got before its processor was lost: the tokens the client already has."""
+
+    index: int
+    token_ids: list[int] = []
+    finished: bool = False
+
+
 class Process(Message):
-    """Frontend -> separate processor: run a validated OpenAI request."""
+    """Frontend -> separate processor: run a validated OpenAI request (``resume``: continue one that another
+    processor started, which died)."""
 
     request_id: str
     request: TextRequest
+    resume: list[ChoiceProgress] = []
 
 
 class Cancel(Message):
@@ -209,9 +246,12 @@ class RouteQuery(Message):
     """Processor -> router: which of ``candidates`` (worker ids) should serve this prompt?"""
 
     request_id: str
-    token_ids: list[int]
+    token_ids: TokenIds  # packed on the wire; a list given here becomes TokenIds
     candidates: list[str] = []  # empty: any live worker
     lora_name: str | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = as_token_ids(self.token_ids)
 
 
 class RouteReply(Message):
@@ -257,6 +297,27 @@ class QueueStatus(Message):
     running: int = 0  # jobs on prefill workers
     prefill_workers: int = 0
     capacity: int = 0  # jobs the prefill workers take at once
+    draining: bool = False  # the queue is shutting down: send jobs elsewhere
+    workers: list[str] = []  # "id@host" of the registered prefill workers
+
+
+class HubEntry(Message):
+    """One hub of a deployment: where to dial it and who registers there."""
+
+    hub_id: str  # unique per hub process (role, host, pid)
+    endpoint: str = ""  # as peers dial it (tcp://host:port); "" while the hub does not know it yet
+    accepts: Role = Role.WORKER  # the role of the peers that register there
+    kind: str = ""  # what it is: "frontend", "processor", "router", "prefill-queue"
+    model: str = ""  # the model it serves ("" = any)
+
+
+class Directory(Message):
+    """The hubs a process knows of (``zdyn.rpc.directory``): sent by a hub to its peers when it changes, by a
+    spoke to its hubs (the hubs it is linked to, as it dials them), by a new hub to a seed, and in answer to one
+    with no entries (a question)."""
+
+    sender: str = ""  # the sending hub's id; "" from a spoke
+    hubs: list[HubEntry] = []
 
 
 Request = Generate | Process  # what a hub sends a spoke to serve
@@ -276,11 +337,14 @@ TYPE_OF: dict[type[Message], MsgType] = {
     PrefillJob: MsgType.PREFILL_JOB,
     PrefillDone: MsgType.PREFILL_DONE,
     QueueStatus: MsgType.QUEUE_STATUS,
+    Directory: MsgType.DIRECTORY,
 }
 CLASS_OF: dict[int, type[Message]] = {int(t): cls for cls, t in TYPE_OF.items()}
 _TYPE_FRAMES: dict[type[Message], bytes] = {cls: bytes([t]) for cls, t in TYPE_OF.items()}
-_DECODERS = {int(t): msgspec.msgpack.Decoder(cls) for cls, t in TYPE_OF.items()}
-_encoder = msgspec.msgpack.Encoder()
+
+
+_DECODERS = {int(t): msgspec.msgpack.Decoder(cls, dec_hook=dec_hook) for cls, t in TYPE_OF.items()}
+_encoder = msgspec.msgpack.Encoder(enc_hook=enc_hook)
 
 
 class ProtocolError(ValueError):

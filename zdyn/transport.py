@@ -44,7 +44,18 @@ class Liveness:
 
     @property
     def expiry_s(self) -> float:
+        """A connection with no traffic for this long is dead. libzmq's own heartbeats (ZMTP PING/PONG, in
+        its I/O thread, so a busy event loop cannot starve them) check it and close the connection."""
         return self.interval_s * self.misses
+
+    @property
+    def silence_s(self) -> float:
+        """A peer whose connection is alive but whose application sent nothing for this long is stuck. Much
+        longer than ``expiry_s``: a process busy for a few seconds (a loaded box) is slow, not dead."""
+        return self.expiry_s * STALL_FACTOR
+
+
+STALL_FACTOR = 5
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -62,13 +73,35 @@ def bind_address(endpoint: str) -> str:
     return endpoint
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "[::]", "")
+
+
+def endpoint_host(endpoint: str) -> str:
+    """``tcp://host:port`` -> ``host`` (brackets of an IPv6 address removed); ``""`` for other transports."""
+    if not endpoint.startswith("tcp://"):
+        return ""
+    return endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this host can reach (127.0.0.0/8, ::1, localhost)."""
+    return host.strip("[]") in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def is_remote(endpoint: str) -> bool:
+    """True for a TCP endpoint on another host (neither loopback nor a wildcard)."""
+    host = endpoint_host(endpoint)
+    return endpoint.startswith("tcp://") and not is_loopback(host) and host not in WILDCARD_HOSTS
+
+
 def host_towards(endpoint: str) -> str:
     """This host's address as seen from ``endpoint``'s host: loopback for local endpoints, else the address
     of the interface that routes there (found without sending anything)."""
     if not endpoint.startswith("tcp://"):
         return "127.0.0.1"
-    host = endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
-    if host in ("127.0.0.1", "localhost", "::1", "*", "0.0.0.0", ""):
+    host = endpoint_host(endpoint)
+    if is_loopback(host) or host in WILDCARD_HOSTS:
         return "127.0.0.1"
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -99,6 +132,7 @@ def make_socket(
     identity: bytes | None = None,
     hwm: int = DEFAULT_HWM,
     mandatory: bool = True,
+    heartbeat: Liveness | None = None,
 ) -> zmq.asyncio.Socket:
     """Create, configure and bind or connect a socket. ``bind`` defaults to True for ROUTER and PUB.
 
@@ -114,6 +148,10 @@ def make_socket(
     if kind == zmq.ROUTER and mandatory:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting under its identity takes over its route
+    if heartbeat is not None:  # connection liveness in libzmq's I/O thread: a partition closes the connection
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat.interval_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat.expiry_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, int(heartbeat.expiry_s * 1000))
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, b"")
     if identity is not None:

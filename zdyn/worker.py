@@ -12,11 +12,13 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import msgspec
+
 from zdyn.engines.base import Engine, EngineDeadError
 from zdyn.errors import RequestError, unavailable
 from zdyn.protocol import Delta, Generate, Ready, Role
 from zdyn.rpc import RefusedError, Request, Spoke
-from zdyn.transport import Liveness, advertised
+from zdyn.transport import Liveness, advertised, host_towards
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ class Worker:
         hubs: list[str],
         worker_id: str,
         *,
-        advertise_host: str,
+        advertise_host: str | None = None,
         role: Role = Role.WORKER,
         liveness: Liveness | None = None,
     ) -> None:
@@ -39,7 +41,7 @@ class Worker:
         self.engine = engine
         self.hubs = hubs
         self.worker_id = worker_id
-        self.advertise_host = advertise_host
+        self.advertise_host = advertise_host  # None: per hub, this host's address on the route to it
         self.role = role
         self.liveness = liveness or Liveness()
         self.spoke: Spoke | None = None
@@ -64,14 +66,16 @@ class Worker:
             max_model_len=info.max_model_len,
             block_size=info.block_size,
             num_kv_blocks=info.num_kv_blocks,
-            kv_events_endpoint=advertised(info.kv_events_endpoint, self.advertise_host),
-            kv_replay_endpoint=advertised(info.kv_replay_endpoint, self.advertise_host),
+            kv_events_endpoint=info.kv_events_endpoint,  # bind form: each hub gets it with the address it reaches
+            kv_replay_endpoint=info.kv_replay_endpoint,
             kv_lease_s=info.kv_lease_s,
         )
         if ready.kv_events_endpoint:
             log.info("worker %s publishes KV events at %s (replay %s)", self.worker_id, ready.kv_events_endpoint,
                      ready.kv_replay_endpoint or "none")  # fmt: skip
-        self.spoke = Spoke(self.hubs, ready, self.handle, load=self.engine.load, liveness=self.liveness)
+        self.spoke = Spoke(
+            self.hubs, ready, self.handle, load=self.engine.load, liveness=self.liveness, ready_for=self.ready_for
+        )
         gc.collect()
         gc.freeze()  # the engine's many start-up objects leave the collector's view
         log.info("worker %s serving at %s", self.worker_id, ", ".join(self.hubs))
@@ -84,9 +88,27 @@ class Worker:
             await self.engine.shutdown()
         return 1 if self.engine_dead else 0
 
+    def ready_for(self, hub: str) -> Ready:
+        """The READY for ``hub``: the KV-event endpoints at the address that hub's host reaches this one at."""
+        assert self.spoke is not None
+        ready = self.spoke.ready
+        host = self.advertise_host or host_towards(hub)
+        return msgspec.structs.replace(
+            ready,
+            host=host,
+            kv_events_endpoint=advertised(ready.kv_events_endpoint, host),
+            kv_replay_endpoint=advertised(ready.kv_replay_endpoint, host),
+        )
+
     def close(self) -> None:
         if self.spoke is not None:
             self.spoke.close()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Take nothing new, finish what is in flight (up to ``timeout_s``), hand the rest back, stop."""
+        if self.spoke is not None:
+            await self.spoke.drain(timeout_s)
+        self.close()
 
     async def handle(self, request: Request) -> AsyncIterator[Delta]:
         if not isinstance(request, Generate):

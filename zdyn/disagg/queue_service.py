@@ -11,6 +11,7 @@ every 20 ms, and once a second, so decode workers know the queue depth.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -26,7 +27,7 @@ from zdyn.rpc import Hub, Peer, PeerEvent
 from zdyn.transport import MalformedCounter, make_socket, read_messages
 
 log = logging.getLogger(__name__)
-STATUS_INTERVAL_S = 1.0
+STATUS_INTERVAL_S = 0.25  # decode workers give a queue up after 1 s without status
 STATUS_MIN_GAP_S = 0.02
 NOTIFY_TIMEOUT_S = 2.0  # a decode worker that does not take its PrefillDone within this is gone
 IDLE_REPLY_SOCKET_S = 60.0
@@ -55,7 +56,9 @@ class PrefillQueueService:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._replies: dict[str, tuple[zmq.asyncio.Socket, float]] = {}  # reply_to -> PUSH socket, last use
         self._status_due = asyncio.Event()
+        self._notifying: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
+        self.draining = False
         workers.listeners.append(self._on_worker)
 
     async def run(self) -> None:
@@ -67,9 +70,10 @@ class PrefillQueueService:
         try:
             await self._stop.wait()
         finally:
-            for task in [*tasks, *self._running.values()]:
+            pending = [*tasks, *self._running.values(), *self._notifying]
+            for task in pending:
                 task.cancel()
-            await asyncio.gather(*tasks, *self._running.values(), return_exceptions=True)
+            await asyncio.gather(*pending, return_exceptions=True)
             for sock, _ in self._replies.values():
                 sock.close(linger=0)
             self._jobs.close(linger=0)
@@ -78,9 +82,39 @@ class PrefillQueueService:
     def close(self) -> None:
         self._stop.set()
 
+    async def drain(self, timeout_s: float) -> None:
+        """Shut down gracefully: decode workers hear that this queue takes no new jobs, queued jobs go back
+        to them at once (they use another queue or prefill locally), running ones may finish for up to
+        ``timeout_s``."""
+        self.draining = True
+        self._give_back("the prefill queue is shutting down")
+        log.info("prefill queue draining: %d job(s) running, up to %.0fs", len(self._running), timeout_s)
+        if self._running:
+            await asyncio.wait(list(self._running.values()), timeout=timeout_s)
+        await asyncio.sleep(STATUS_INTERVAL_S)  # a last status and the results leave before the sockets close
+        self.close()
+
+    def _give_back(self, why: str) -> None:
+        """Hand every queued job back to its decode worker with ``why`` (it prefills elsewhere)."""
+        for job in self.queue.queued_jobs():
+            self.queue.cancel(job.request_id)
+            self.stats["given_back"] += 1
+            self._refuse(job.payload, why)
+        self._status_changed()
+
+    def _refuse(self, msg: PrefillJob, why: str) -> None:
+        done = PrefillDone(request_id=msg.request.request_id, error=why)
+        task = asyncio.get_running_loop().create_task(self._notify(msg.reply_to, done))
+        self._notifying.add(task)
+        task.add_done_callback(self._notifying.discard)
+
     # -- decode workers -> queue
     def _submit(self, identity: bytes, msg: PrefillJob) -> None:
         rid = msg.request.request_id
+        if self.draining or not self.queue.workers:  # it would only wait: its decode worker prefills elsewhere
+            self.stats["refused"] += 1
+            self._refuse(msg, "the prefill queue is draining" if self.draining else "no prefill worker is connected")
+            return
         now = time.monotonic()
         deadline = now + msg.deadline_s if msg.deadline_s > 0 else math.inf
         if not self.queue.submit(Job(rid, msg.request.model, deadline, payload=msg, received=now)):
@@ -108,6 +142,8 @@ class PrefillQueueService:
         if self._peers.get(worker) is not None and (event.kind == "joined" or self._peers[worker] is peer):
             self.queue.remove_worker(worker)  # its running jobs fail through their streams and run again
             del self._peers[worker]
+        if not self.queue.workers and self.queue.queued:
+            self._give_back("the last prefill worker left")
         if event.kind == "joined":
             capacity = peer.ready.max_num_seqs or 1
             if self.max_jobs_per_worker:
@@ -177,15 +213,17 @@ class PrefillQueueService:
 
     async def _publish_status(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._status_due.wait(), STATUS_INTERVAL_S)
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: wait_for in Python 3.11 can swallow a cancellation that arrives
+            # as the event is set, and this loop would then never end
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STATUS_INTERVAL_S):
+                    await self._status_due.wait()
             self._status_due.clear()
             q = self.queue
             status = QueueStatus(
-                queued=q.queued, running=q.running, prefill_workers=len(q.workers), capacity=q.capacity
-            )
+                queued=q.queued, running=q.running, prefill_workers=len(q.workers), capacity=q.capacity,
+                workers=[f"{p.id}@{p.ready.host or '?'}" for p in self._peers.values()], draining=self.draining,
+            )  # fmt: skip
             await self._status.send_multipart(encode(status))
             await asyncio.sleep(STATUS_MIN_GAP_S)
 

@@ -20,8 +20,10 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from zdyn.errors import RequestError
+from zdyn.frontend.health import topology
 from zdyn.frontend.http import (
     OPEN_PATHS,
+    RETRY_AFTER_S,
     ApiKeys,
     ClientGone,
     HttpSettings,
@@ -83,6 +85,7 @@ class Reply:
     """The answer to one completion request over ASGI: a JSON body, or server-sent events."""
 
     JSON_HEADERS = [(b"content-type", b"application/json")]
+    RETRY_HEADERS = [*JSON_HEADERS, (b"retry-after", RETRY_AFTER_S.encode())]  # 429 and 503: try again soon
     SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
     def __init__(self, send: Send) -> None:
@@ -92,7 +95,8 @@ class Reply:
 
     async def json(self, body: Any, status: int = 200) -> None:
         self.done = True
-        await self.send({"type": "http.response.start", "status": status, "headers": self.JSON_HEADERS})
+        headers = self.RETRY_HEADERS if status in (429, 503) else self.JSON_HEADERS
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
         await self.send({"type": "http.response.body", "body": _json.encode(body)})
 
     async def start_events(self) -> None:
@@ -240,9 +244,12 @@ class Frontend:
     async def health(self, request: Request) -> Response:
         workers = self.backend.workers()
         self.metrics.live_workers.set(len(workers))
+        processors = getattr(self.backend, "processors_view", list)()
+        routers = getattr(self.backend, "routers", list)()
+        more = topology(workers, processors, routers)
         if workers:
-            return json_response({"status": "healthy", "workers": workers})
-        return json_response({"status": "unhealthy", "message": "no worker is live", "workers": []}, 503)
+            return json_response({"status": "healthy", "workers": workers, **more})
+        return json_response({"status": "unhealthy", "message": "no worker is live", "workers": [], **more}, 503)
 
     async def prometheus(self, request: Request) -> Response:
         self.metrics.live_workers.set(len(self.backend.workers()))

@@ -56,8 +56,14 @@ def json_response(body: Any, status: int = 200) -> Response:
     return Response(_json.encode(body), status, media_type="application/json")
 
 
+RETRY_AFTER_S = "1"  # seconds a client should wait after a 429 or 503 (no capacity right now)
+
+
 def error_response(error: RequestError) -> Response:
-    return json_response(error_body(error.message, error.type, error.status, error.param), error.status)
+    response = json_response(error_body(error.message, error.type, error.status, error.param), error.status)
+    if error.status in (429, 503):
+        response.headers["retry-after"] = RETRY_AFTER_S
+    return response
 
 
 class ClientGone(Exception):

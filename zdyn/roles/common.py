@@ -24,16 +24,20 @@ class CommonConfig:
 
     log_level: str = "info"
     liveness: Liveness = field(default_factory=Liveness)
+    drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
 
     def __post_init__(self) -> None:
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"--drain-timeout must be >= 0, got {self.drain_timeout_s}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> CommonConfig:
         return cls(
             log_level=str(getattr(args, "log_level", "info")).lower(),
             liveness=Liveness(args.heartbeat_interval, args.heartbeat_misses),
+            drain_timeout_s=getattr(args, "drain_timeout", 30.0),
         )
 
 
@@ -45,6 +49,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
     group.add_argument(
         "--heartbeat-misses", type=int, default=3, help="missed heartbeats after which a peer is declared dead"
+    )
+    group.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to finish the requests in flight (new ones go elsewhere) before handing the "
+        "rest back to be moved; SIGINT stops at once",
     )
 
 
@@ -76,11 +87,21 @@ def serve_metrics(port: int, *collectors: Any) -> None:
     start_http_server(port)
 
 
-def on_stop_signals(stop: Callable[[], None]) -> None:
-    """Call ``stop`` on SIGINT or SIGTERM (it should only set an event; the role's own code then ends)."""
+def on_stop_signals(stop: Callable[[], None], drain: Callable[[], Coroutine[Any, Any, Any]] | None = None) -> None:
+    """SIGINT calls ``stop`` (it should only set an event; the role's own code then ends). SIGTERM runs
+    ``drain`` (finish what is in flight, then stop) when the role has one, else ``stop``. A second signal
+    stops at once."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+    draining: list[asyncio.Task[Any]] = []
+
+    def on_term() -> None:
+        if drain is None or draining:
+            stop()
+        else:
+            draining.append(loop.create_task(drain()))
+
+    loop.add_signal_handler(signal.SIGINT, stop)
+    loop.add_signal_handler(signal.SIGTERM, on_term)
 
 
 def freeze_startup_objects() -> None:
@@ -132,9 +153,11 @@ class Service(Protocol):
     def close(self) -> None: ...
 
 
-async def serve_behind_hub(service: Service, hub: Any, banner: str) -> int:
-    """Run a ``service`` whose peers register at ``hub`` until SIGINT or SIGTERM."""
-    on_stop_signals(service.close)
+async def serve_behind_hub(service: Service, hub: Any, banner: str, drain_timeout_s: float = 30.0) -> int:
+    """Run a ``service`` whose peers register at ``hub`` until SIGINT or SIGTERM (which drains a service that
+    has ``drain(timeout_s)``)."""
+    drain = getattr(service, "drain", None)
+    on_stop_signals(service.close, (lambda: drain(drain_timeout_s)) if drain is not None else None)
     await hub.start()
     freeze_startup_objects()
     logging.getLogger(type(service).__module__).info("%s", banner)

@@ -14,12 +14,16 @@ from dataclasses import dataclass, field
 import uvicorn
 from starlette.applications import Starlette
 
+from zdyn.admission import Admission, AdmissionCollector, AdmissionConfig
+from zdyn.choice import ReissueCollector, Resilience
 from zdyn.frontend.app import Backend, Frontend
 from zdyn.frontend.http import HttpSettings, MiB
 from zdyn.frontend.remote import RemoteBackend
 from zdyn.processor import Processor, accept_model
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, freeze_startup_objects, role_main
+from zdyn.roles.ports import FRONTEND_BASE, add_port_base_arg, endpoint_or_base
+from zdyn.roles.resilience import add_admission_args, add_resilience_args, admission_from_args, resilience_from_args
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
 from zdyn.router.selector import RoundRobin
 from zdyn.rpc import Hub
@@ -42,6 +46,8 @@ class FrontendConfig:
     processors_endpoint: str | None = None  # separate processors instead of an embedded one
     http: HttpSettings = field(default_factory=HttpSettings)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    resilience: Resilience = field(default_factory=Resilience)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
 
     def __post_init__(self) -> None:
@@ -59,7 +65,7 @@ class FrontendConfig:
             model=args.model,
             served_model_name=args.served_model_name,
             tokenizer=args.tokenizer,
-            workers_endpoint=args.workers_endpoint,
+            workers_endpoint=endpoint_or_base(args.workers_endpoint, args.port_base),
             processors_endpoint=args.processors_endpoint,
             http=HttpSettings(
                 api_keys=tuple(args.api_key or api_keys_from_env()),
@@ -68,6 +74,8 @@ class FrontendConfig:
                 max_json_depth=args.max_json_depth,
             ),
             routing=RoutingConfig.from_args(args),
+            resilience=resilience_from_args(args),
+            admission=admission_from_args(args),
             common=CommonConfig.from_args(args),
         )
 
@@ -80,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-model-name", help="name clients use (default: the model folder's name)")
     parser.add_argument("--tokenizer", help="tokenizer folder or id, if not the model's")
     parser.add_argument(
-        "--workers-endpoint", default="tcp://*:5555", help="where the embedded processor's workers connect"
+        "--workers-endpoint", help="where the embedded processor's workers connect (default: tcp://*:PORT_BASE)"
     )
+    add_port_base_arg(parser, FRONTEND_BASE, "the embedded processor's workers hub +0")
     parser.add_argument(
         "--processors-endpoint",
         help="run no embedded processor; separate `zdyn processor`s register here (e.g. tcp://*:5550)",
@@ -99,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--max-body-mib", type=int, default=16, help="larger request bodies get a 413")
     http.add_argument("--max-json-depth", type=int, default=64, help="more deeply nested JSON bodies get a 400")
     add_router_args(parser)
+    add_resilience_args(parser)
+    add_admission_args(parser)
     add_common_args(parser)
     return parser
 
@@ -132,13 +143,15 @@ def build_backend(config: FrontendConfig) -> tuple[Backend, Hub, str]:
     """The backend the frontend serves through, the hub it needs started, and a line saying what it is."""
     if config.processors_endpoint:
         hub = Hub(config.processors_endpoint, role=Role.PROCESSOR, liveness=config.common.liveness)
-        return RemoteBackend(hub), hub, f"processors register at {config.processors_endpoint}"
+        return RemoteBackend(hub, config.resilience), hub, f"processors register at {config.processors_endpoint}"
     from zdyn.models import resolve_model, served_model_name
 
     model = resolve_model(config.model)
     name = config.served_model_name or served_model_name(model)
     hub = Hub(config.workers_endpoint, role=Role.WORKER, liveness=config.common.liveness, accept=accept_model(name))
-    processor = Processor(config.tokenizer or model, name, hub, make_selector(config.routing, hub))
+    selector = make_selector(config.routing, hub)
+    admission = Admission(config.admission)
+    processor = Processor(config.tokenizer or model, name, hub, selector, config.resilience, admission)
     return processor, hub, f"serving {name}; workers connect to {config.workers_endpoint}"
 
 
@@ -164,6 +177,10 @@ async def serve(config: FrontendConfig) -> int:
             await hub.close()
 
     frontend = Frontend(backend, config.http)
+    if isinstance(backend, Processor | RemoteBackend):  # requests re-issued after a peer failed
+        frontend.metrics.registry.register(ReissueCollector(backend.reissues, "frontend"))
+    if isinstance(backend, Processor):
+        frontend.metrics.registry.register(AdmissionCollector(backend.admission, "frontend"))
     if isinstance(backend, Processor) and not isinstance(backend.selector, RoundRobin):
         from zdyn.router.metrics import register
 

@@ -17,6 +17,7 @@ from zdyn.disagg.metrics import DisaggCollector
 from zdyn.disagg.queue_service import PrefillQueueService
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, role_main, serve_behind_hub, serve_metrics
+from zdyn.roles.ports import QUEUE_BASE, add_port_base_arg, endpoint_or_base
 from zdyn.rpc import Hub
 from zdyn.transport import check_endpoint
 
@@ -42,9 +43,9 @@ class PrefillQueueConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> PrefillQueueConfig:
         return cls(
-            jobs_endpoint=args.jobs_endpoint,
-            prefill_workers_endpoint=args.prefill_workers_endpoint,
-            status_endpoint=args.status_endpoint,
+            jobs_endpoint=endpoint_or_base(args.jobs_endpoint, args.port_base),
+            prefill_workers_endpoint=endpoint_or_base(args.prefill_workers_endpoint, args.port_base, 1),
+            status_endpoint=endpoint_or_base(args.status_endpoint, args.port_base, 2),
             max_attempts=args.max_attempts,
             max_jobs_per_worker=args.max_jobs_per_worker,
             metrics_port=args.metrics_port,
@@ -54,9 +55,12 @@ class PrefillQueueConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zdyn prefill-queue", description=__doc__)
-    parser.add_argument("--jobs-endpoint", default="tcp://*:5590", help="decode workers push jobs here (PULL)")
-    parser.add_argument("--prefill-workers-endpoint", default="tcp://*:5591", help="prefill workers register here")
-    parser.add_argument("--status-endpoint", default="tcp://*:5592", help="queue depth for decode workers (PUB)")
+    parser.add_argument("--jobs-endpoint", help="decode workers push jobs here (PULL; default tcp://*:PORT_BASE)")
+    parser.add_argument(
+        "--prefill-workers-endpoint", help="prefill workers register here (default tcp://*:PORT_BASE+1)"
+    )
+    parser.add_argument("--status-endpoint", help="queue depth for decode workers (PUB; default tcp://*:PORT_BASE+2)")
+    add_port_base_arg(parser, QUEUE_BASE, "jobs +0, prefill-workers hub +1, status +2")
     parser.add_argument("--max-attempts", type=int, default=2, help="runs of a job whose prefill worker died")
     parser.add_argument(
         "--max-jobs-per-worker",
@@ -82,7 +86,7 @@ async def serve(config: PrefillQueueConfig) -> int:
         f"prefill queue: jobs at {config.jobs_endpoint}, prefill workers at {config.prefill_workers_endpoint}, "
         f"status at {config.status_endpoint}"
     )
-    return await serve_behind_hub(service, workers, banner)
+    return await serve_behind_hub(service, workers, banner, config.common.drain_timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:

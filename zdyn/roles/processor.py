@@ -9,13 +9,24 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from zdyn.admission import Admission, AdmissionCollector, AdmissionConfig
+from zdyn.choice import ReissueCollector, Resilience
 from zdyn.errors import RequestError
 from zdyn.processor import Processor, accept_model
 from zdyn.protocol import Delta, Heartbeat, Process, Ready, Role
-from zdyn.roles.common import CommonConfig, add_common_args, freeze_startup_objects, on_stop_signals, role_main
+from zdyn.roles.common import (
+    CommonConfig,
+    add_common_args,
+    freeze_startup_objects,
+    on_stop_signals,
+    role_main,
+    serve_metrics,
+)
+from zdyn.roles.ports import PROCESSOR_BASE, add_port_base_arg, endpoint_or_base
+from zdyn.roles.resilience import add_admission_args, add_resilience_args, admission_from_args, resilience_from_args
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
 from zdyn.rpc import Hub, RefusedError, Request, Spoke
-from zdyn.transport import check_endpoint
+from zdyn.transport import check_endpoint, host_towards
 
 log = logging.getLogger("zdyn.processor")
 
@@ -27,8 +38,11 @@ class ProcessorConfig:
     model: str | None = None
     served_model_name: str | None = None
     tokenizer: str | None = None
+    metrics_port: int = 0  # Prometheus metrics (re-issued requests, admission) on this port; 0 = none
     processor_id: str = field(default_factory=lambda: f"processor-{socket.gethostname()}-{os.getpid()}")
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    resilience: Resilience = field(default_factory=Resilience)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
 
     def __post_init__(self) -> None:
@@ -41,12 +55,15 @@ class ProcessorConfig:
     def from_args(cls, args: argparse.Namespace) -> ProcessorConfig:
         return cls(
             frontend=args.frontend,
-            workers_endpoint=args.workers_endpoint,
+            workers_endpoint=endpoint_or_base(args.workers_endpoint, args.port_base),
             model=args.model,
             served_model_name=args.served_model_name,
             tokenizer=args.tokenizer,
+            metrics_port=args.metrics_port,
             processor_id=args.processor_id or f"processor-{socket.gethostname()}-{os.getpid()}",
             routing=RoutingConfig.from_args(args),
+            resilience=resilience_from_args(args),
+            admission=admission_from_args(args),
             common=CommonConfig.from_args(args),
         )
 
@@ -54,12 +71,18 @@ class ProcessorConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zdyn processor", description=__doc__)
     parser.add_argument("--frontend", default="tcp://127.0.0.1:5550", help="the frontend's processors endpoint")
-    parser.add_argument("--workers-endpoint", default="tcp://*:5556", help="where this processor's workers connect")
+    parser.add_argument(
+        "--workers-endpoint", help="where this processor's workers connect (default: tcp://*:PORT_BASE)"
+    )
+    add_port_base_arg(parser, PROCESSOR_BASE, "the workers hub +0")
     parser.add_argument("--model", help="model folder or HF id (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--served-model-name", help="name clients use (default: the model folder's name)")
     parser.add_argument("--tokenizer", help="tokenizer folder or id, if not the model's")
     add_router_args(parser)
+    parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port")
     parser.add_argument("--processor-id", help="unique id (default: processor-<host>-<pid>)")
+    add_resilience_args(parser)
+    add_admission_args(parser)
     add_common_args(parser)
     return parser
 
@@ -71,19 +94,34 @@ async def serve(config: ProcessorConfig) -> int:
     name = config.served_model_name or served_model_name(model)
     liveness = config.common.liveness
     workers = Hub(config.workers_endpoint, role=Role.WORKER, liveness=liveness, accept=accept_model(name))
-    processor = Processor(config.tokenizer or model, name, workers, make_selector(config.routing, workers))
+    selector = make_selector(config.routing, workers)
+    admission = Admission(config.admission)
+    processor = Processor(config.tokenizer or model, name, workers, selector, config.resilience, admission)
+    if config.metrics_port:
+        serve_metrics(
+            config.metrics_port,
+            ReissueCollector(processor.reissues, "processor"),
+            AdmissionCollector(admission, "processor"),
+        )
 
     def handle(request: Request) -> AsyncIterator[Delta]:
         if not isinstance(request, Process):
             raise RequestError("a processor serves Process requests, not token-level Generate")
-        return processor.process(request.request_id, request.request)
+        return processor.process(request.request_id, request.request, request.resume)
 
     def load() -> Heartbeat:
-        return Heartbeat(num_running=spoke.num_requests, worker_ids=[p.id for p in workers.live_peers()])
+        peers = workers.live_peers()
+        client = getattr(processor.selector, "client", None)  # a separate router's
+        return Heartbeat(
+            num_running=spoke.num_requests,
+            worker_ids=[p.id for p in peers],
+            worker_hosts=[p.ready.host for p in peers],
+            router=client.status if client is not None else "",
+        )
 
-    ready = Ready(peer_id=config.processor_id, role=Role.PROCESSOR, model=name)
+    ready = Ready(peer_id=config.processor_id, role=Role.PROCESSOR, model=name, host=host_towards(config.frontend))
     spoke = Spoke([config.frontend], ready, handle, load=load, liveness=liveness)
-    on_stop_signals(spoke.close)
+    on_stop_signals(spoke.close, lambda: spoke.drain(config.common.drain_timeout_s))
     await workers.start()
     freeze_startup_objects()
     log.info("processor %s serving %s: frontend %s, workers at %s", config.processor_id, name, config.frontend,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, role_main, serve_behind_hub, serve_metrics
+from zdyn.roles.ports import ROUTER_BASE, add_port_base_arg, endpoint_or_base
 from zdyn.roles.routing import RoutingConfig, add_policy_args
 from zdyn.router.policy import MODES
 from zdyn.router.service import RouterService
@@ -36,8 +37,8 @@ class RouterConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RouterConfig:
         return cls(
-            endpoint=args.endpoint,
-            workers_endpoint=args.workers_endpoint,
+            endpoint=endpoint_or_base(args.endpoint, args.port_base),
+            workers_endpoint=endpoint_or_base(args.workers_endpoint, args.port_base, 1),
             metrics_port=args.metrics_port,
             routing=RoutingConfig.from_args(args),
             common=CommonConfig.from_args(args),
@@ -46,8 +47,9 @@ class RouterConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zdyn router", description=__doc__)
-    parser.add_argument("--endpoint", default="tcp://*:5570", help="where processors ask for routes")
-    parser.add_argument("--workers-endpoint", default="tcp://*:5571", help="where workers register")
+    parser.add_argument("--endpoint", help="where processors ask for routes (default: tcp://*:PORT_BASE)")
+    parser.add_argument("--workers-endpoint", help="where workers register (default: tcp://*:PORT_BASE+1)")
+    add_port_base_arg(parser, ROUTER_BASE, "route queries +0, workers hub +1")
     add_policy_args(parser, "kv", MODES)
     parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port")
     add_common_args(parser)
@@ -64,7 +66,7 @@ async def serve(config: RouterConfig) -> int:
     banner = (
         f"router ({config.routing.mode}) answering at {config.endpoint}; workers register at {config.workers_endpoint}"
     )
-    return await serve_behind_hub(service, workers, banner)
+    return await serve_behind_hub(service, workers, banner, config.common.drain_timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:

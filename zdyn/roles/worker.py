@@ -21,7 +21,8 @@ from typing import Any
 from zdyn.engines.base import Engine
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, on_stop_signals, role_main, serve_metrics
-from zdyn.transport import check_endpoint, free_tcp_ports, host_towards
+from zdyn.roles.ports import WorkerPorts, add_port_base_arg, check_port
+from zdyn.transport import check_endpoint, host_towards, is_loopback, is_remote
 from zdyn.worker import Worker
 
 log = logging.getLogger("zdyn.worker")
@@ -45,8 +46,13 @@ class DisaggConfig:
         if self.prefill and self.prefill_queue:
             raise ValueError("--prefill (a prefill worker) and --prefill-queue (a decode worker) exclude each other")
         if self.prefill_queue:
-            check_endpoint(self.prefill_queue)
-            self.prefill_queue_status = self.prefill_queue_status or offset_port(self.prefill_queue, 2)
+            queues = self.prefill_queue.split(",")
+            for queue in queues:
+                check_endpoint(queue)
+            statuses = (self.prefill_queue_status or "").split(",") if self.prefill_queue_status else []
+            if statuses and len(statuses) != len(queues):
+                raise ValueError("--prefill-queue-status needs one endpoint per --prefill-queue endpoint")
+            self.prefill_queue_status = ",".join(statuses or [str(offset_port(q, 2)) for q in queues])
         if self.remote_prefill_timeout_s <= 0:
             raise ValueError(f"--remote-prefill-timeout must be positive, got {self.remote_prefill_timeout_s}")
 
@@ -65,7 +71,10 @@ class WorkerConfig:
     served_model_name: str | None = None
     kv_events: bool = True
     kv_events_port: int = 0  # 0: free ports
-    advertise_host: str | None = None  # None: this host's address on the route to the first hub
+    port_base: int = 0  # 0: free ports for what no port flag fixes
+    results_port: int = 0  # a decode worker's prefill results (PULL)
+    nixl_side_channel_port: int = 0
+    advertise_host: str | None = None  # None: per hub, this host's address on the route to it
     metrics_port: int = 0
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
@@ -80,8 +89,23 @@ class WorkerConfig:
             check_endpoint(hub)
         if self.num_workers < 1 or (self.num_workers > 1 and self.engine != "mocker"):
             raise ValueError("--num-workers > 1 is for the mocker; start one process per vLLM worker")
-        if not 0 <= self.kv_events_port < 65535:
-            raise ValueError(f"--kv-events-port must be in [0, 65534], got {self.kv_events_port}")
+        check_port("--kv-events-port", self.kv_events_port, 2 * self.num_workers)
+        check_port("--port-base", self.port_base, 4 * self.num_workers)
+        check_port("--results-port", self.results_port, self.num_workers)
+        check_port("--nixl-side-channel-port", self.nixl_side_channel_port, self.num_workers)
+        if self.advertise_host and is_loopback(self.advertise_host):
+            remote = [e for e in [*self.hubs, self.disagg.prefill_queue or ""] if is_remote(e)]
+            if remote:
+                raise ValueError(
+                    f"--advertise-host {self.advertise_host} is this host only, but {remote[0]} is on another host "
+                    "and could not reach this worker there: leave --advertise-host out (each hub then gets this "
+                    "host's address on the route to it) or give an address that host reaches"
+                )
+
+    def ports(self, index: int = 0) -> WorkerPorts:
+        return WorkerPorts.layout(
+            self.port_base, self.kv_events_port, self.results_port, self.nixl_side_channel_port, index
+        )
 
     def host_towards(self, endpoint: str) -> str:
         """The address peers at ``endpoint`` reach this worker at."""
@@ -99,6 +123,9 @@ class WorkerConfig:
             served_model_name=served[0] if isinstance(served, list) else served,
             kv_events=not args.no_kv_events,
             kv_events_port=args.kv_events_port,
+            port_base=args.port_base,
+            results_port=args.results_port,
+            nixl_side_channel_port=args.nixl_side_channel_port,
             advertise_host=args.advertise_host,
             metrics_port=args.metrics_port,
             disagg=DisaggConfig(
@@ -136,13 +163,25 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="port of the KV-event publisher the KV router subscribes to; replay is on the next port "
-        "(default: free ports; vLLM's --kv-events-config or the mocker's --kv-events-endpoint win)",
+        "(default: --port-base, else free ports; vLLM's --kv-events-config or the mocker's --kv-events-endpoint win)",
     )
+    add_port_base_arg(
+        group, 0, "KV events +0, KV replay +1, prefill results +2, NIXL side channel +3, the next simulated "
+        "worker +4; 0: free ports"
+    )  # fmt: skip
+    group.add_argument(
+        "--results-port", type=int, default=0, help="decode worker: port of its prefill results socket "
+        "(default: --port-base + 2, else a free port)"
+    )  # fmt: skip
+    group.add_argument(
+        "--nixl-side-channel-port", type=int, default=0, help="vLLM with NIXL: port of its side channel for KV "
+        "handshakes (default: $VLLM_NIXL_SIDE_CHANNEL_PORT, else --port-base + 3, else a free port)"
+    )  # fmt: skip
     group.add_argument("--no-kv-events", action="store_true", help="publish no KV-cache events")
     group.add_argument(
         "--advertise-host",
-        help="host name or address other hosts reach this worker at (default: this host's address on the "
-        "route to the first processor)",
+        help="host name or address other hosts reach this worker at (default: for each hub, this host's address "
+        "on the route to that hub)",
     )
     disagg = parser.add_argument_group("zdyn disaggregated prefill")
     disagg.add_argument(
@@ -153,7 +192,8 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     disagg.add_argument(
         "--prefill-queue",
         help="be a decode worker that sends long prefills to this prefill queue (its jobs endpoint, e.g. "
-        "tcp://host:5590; the queue's status is read from the port after next)",
+        "tcp://host:5590; the queue's status is read from the port after next); several, comma-separated, "
+        "for high availability: each job goes to a live queue",
     )
     disagg.add_argument("--prefill-queue-status", help="the prefill queue's status endpoint, if not port + 2")
     disagg.add_argument(
@@ -218,7 +258,8 @@ def make_engine(config: WorkerConfig, index: int = 0) -> Engine:
             kv_transfer=config.disagg.kv_transfer,
             kv_lease_s=config.disagg.kv_lease_s,
             advertise_host=config.host_towards(config.hubs[0]),
-            kv_events=kv_event_endpoints(config.kv_events_port, index) if config.kv_events else None,
+            kv_events=config.ports(index).kv_event_endpoints() if config.kv_events else None,
+            nixl_side_channel_port=config.ports(index).nixl_side_channel,
         )
         return vllm.VllmEngine(vllm.engine_args(config.engine_flags, host))
     from zdyn.engines.mocker.engine import MockerEngine
@@ -230,11 +271,11 @@ def make_engine(config: WorkerConfig, index: int = 0) -> Engine:
         mocker.kv_events_endpoint = offset_port(mocker.kv_events_endpoint, 2 * index)
         mocker.kv_events_replay_endpoint = offset_port(mocker.kv_events_replay_endpoint, 2 * index)
     elif config.kv_events:
-        mocker.kv_events_endpoint, mocker.kv_events_replay_endpoint = kv_event_endpoints(config.kv_events_port, index)
+        mocker.kv_events_endpoint, mocker.kv_events_replay_endpoint = config.ports(index).kv_event_endpoints()
     return MockerEngine(mocker)
 
 
-def with_disagg(engine: Engine, config: WorkerConfig) -> Engine:
+def with_disagg(engine: Engine, config: WorkerConfig, index: int = 0) -> Engine:
     """A prefill worker's engine runs prompts only; a decode worker's sends long prefills to prefill workers."""
     disagg = config.disagg
     if disagg.prefill:
@@ -247,22 +288,16 @@ def with_disagg(engine: Engine, config: WorkerConfig) -> Engine:
     from zdyn.disagg.policy import DisaggPolicy
 
     assert disagg.prefill_queue_status is not None
-    queue = disagg.prefill_queue
-    client = PrefillClient(queue, disagg.prefill_queue_status, config.host_towards(queue))
+    queues = zip(disagg.prefill_queue.split(","), disagg.prefill_queue_status.split(","), strict=True)
+    results = config.ports(index).results  # the first queue's results come back on the fixed port
+    clients = [
+        PrefillClient(jobs, status, config.host_towards(jobs), results_port=results if i == 0 else 0)
+        for i, (jobs, status) in enumerate(queues)
+    ]
     policy = DisaggPolicy(disagg.max_local_prefill_length, disagg.max_prefill_queue_size)
     return DisaggEngine(
-        engine, client, policy, timeout_s=disagg.remote_prefill_timeout_s, settings_file=disagg.settings_file
+        engine, clients, policy, timeout_s=disagg.remote_prefill_timeout_s, settings_file=disagg.settings_file
     )
-
-
-def kv_event_endpoints(port: int, index: int = 0) -> tuple[str, str]:
-    """Bind endpoints of a KV-event publisher and its replay socket: ``port`` and ``port + 1`` (two ports
-    further for each simulated worker of a process), or two free ports when ``port`` is 0."""
-    if port:
-        first = port + 2 * index
-        return f"tcp://*:{first}", f"tcp://*:{first + 1}"
-    events, replay = free_tcp_ports(2)
-    return f"tcp://*:{events}", f"tcp://*:{replay}"
 
 
 def offset_port(endpoint: str | None, index: int) -> str | None:
@@ -278,10 +313,10 @@ async def serve(config: WorkerConfig) -> int:
     try:
         workers = [
             Worker(
-                with_disagg(make_engine(config, i), config),
+                with_disagg(make_engine(config, i), config, i),
                 config.hubs,
                 worker_id,
-                advertise_host=config.host_towards(config.hubs[0]),
+                advertise_host=config.advertise_host,
                 role=role,
                 liveness=config.common.liveness,
             )  # fmt: skip
@@ -301,7 +336,10 @@ async def serve(config: WorkerConfig) -> int:
         for worker in workers:
             worker.close()
 
-    on_stop_signals(stop)
+    async def drain() -> None:
+        await asyncio.gather(*(w.drain(config.common.drain_timeout_s) for w in workers))
+
+    on_stop_signals(stop, drain)
     codes = await asyncio.gather(*(w.run() for w in workers))
     return max(codes)
 
@@ -316,7 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     if engine not in ENGINES:
         print(f"zdyn worker: --engine must be one of {', '.join(ENGINES)}", file=sys.stderr)
         return 2
-    return role_main(argv, build_parser(engine), ("Worker", f"Worker.{engine}"), WorkerConfig.from_args, serve)
+    return role_main(argv, build_parser(engine), sections(argv, engine), WorkerConfig.from_args, serve)
+
+
+def sections(argv: list[str], engine: str = "mocker") -> tuple[str, ...]:
+    """The config file's sections a worker reads, later ones winning: a prefill worker's own last."""
+    return ("Worker", f"Worker.{engine}", *(["PrefillWorker"] if "--prefill" in argv else []))
 
 
 def _engine_from_config(path: str | None) -> Any:

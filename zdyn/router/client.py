@@ -17,7 +17,7 @@ import zmq.asyncio
 from zdyn.protocol import RouteEvent, RouteQuery, RouteReply, RouteUpdate
 from zdyn.router.selector import RoundRobin, Route
 from zdyn.rpc import Peer
-from zdyn.transport import MalformedCounter, ignore_result, make_socket, read_messages, send
+from zdyn.transport import MalformedCounter, ignore_result, is_remote, make_socket, read_messages, send
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ class RouterClient:
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.malformed = MalformedCounter(f"router client {endpoint}")
         self.failures = 0  # queries that timed out or failed
+        self.answers = 0  # replies received
+        self.last_answer = 0.0  # monotonic time of the last reply
         self._down_until = 0.0
         self._pending: dict[str, asyncio.Future[RouteReply]] = {}
         self._sock: zmq.asyncio.Socket | None = None
@@ -69,12 +71,31 @@ class RouterClient:
         if self._sock is not None:
             send(self._sock, RouteUpdate(request_id=request_id, event=event)).add_done_callback(ignore_result)
 
+    @property
+    def status(self) -> str:
+        """``answering`` (a reply within the last 10 s), ``not answering``, or ``never answered``."""
+        if not self.answers:
+            return "never answered"
+        return "answering" if time.monotonic() - self.last_answer < 10.0 else "not answering"
+
     def _failed(self, why: str) -> None:
         self.failures += 1
         self._down_until = time.monotonic() + self.backoff_s
-        log.warning("router %s: %s; routing round-robin for %gs", self.endpoint, why, self.backoff_s)
+        if self.answers:
+            log.warning("router %s: %s; routing round-robin for %gs", self.endpoint, why, self.backoff_s)
+            return
+        hint = "is `zdyn router` running there, and reachable from this host?"
+        if not is_remote(self.endpoint):
+            hint = (
+                f"{self.endpoint} is this host: if the router runs on another host, give its address "
+                "(--router-endpoint tcp://ROUTER_HOST:5570, or the config's router-endpoint key)"
+            )
+        log.warning("router %s has never answered (%s): %s; routing round-robin meanwhile (%d queries so far)",
+                    self.endpoint, why, hint, self.failures)  # fmt: skip
 
     def _on_reply(self, identity: bytes, msg: RouteReply) -> None:
+        self.answers += 1
+        self.last_answer = time.monotonic()
         future = self._pending.get(msg.request_id)
         if future is not None and not future.done():
             future.set_result(msg)

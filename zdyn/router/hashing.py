@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import xxhash
 
+from zdyn.protocol import TokenIds
+
 ROOT_SEED = 0x7A64796E_726F7574  # b"zdynrout"
 _xxh3 = xxhash.xxh3_64_intdigest
 _U32 = next(code for code in "IL" if array(code).itemsize == 4)
@@ -38,6 +40,10 @@ def hash_blocks(
     num_tokens = len(token_ids) - len(token_ids) % block_size
     if num_tokens == 0:
         return []
+    if isinstance(token_ids, TokenIds):  # already packed: hash its bytes, no copy
+        return _chain(
+            token_ids.packed(), num_tokens * 4, block_size * 4, root_seed(lora_name) if parent is None else parent
+        )
     if isinstance(token_ids, list):
         tokens = array(_U32)
         tokens.fromlist(token_ids)  # faster than array(code, list)
@@ -46,12 +52,15 @@ def hash_blocks(
         tokens = array(_U32, token_ids[:num_tokens])
     if _SWAP:
         tokens.byteswap()
-    data = tokens.tobytes()
-    step = block_size * 4
-    h = root_seed(lora_name) if parent is None else parent
+    return _chain(tokens.tobytes(), num_tokens * 4, block_size * 4, root_seed(lora_name) if parent is None else parent)
+
+
+def _chain(data: bytes, end: int, step: int, h: int) -> list[int]:
+    """The chained hashes of ``data[:end]`` in ``step``-byte blocks, starting from seed ``h``."""
+    view = memoryview(data)
     out: list[int] = []
     append = out.append
-    for start in range(0, len(data), step):
-        h = _xxh3(data[start : start + step], h)
+    for start in range(0, end, step):
+        h = _xxh3(view[start : start + step], h)
         append(h)
     return out

@@ -12,7 +12,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from zdyn.errors import RequestError, unavailable
+from zdyn.errors import RequestError, peer_lost
 from zdyn.protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -21,6 +21,7 @@ from zdyn.protocol import (
     Heartbeat,
     Message,
     Outputs,
+    Process,
     Ready,
     Refused,
     Request,
@@ -57,9 +58,10 @@ class Peer:
 
 @dataclass(slots=True, frozen=True)
 class PeerEvent:
-    """A peer registered (``joined``) or was dropped (``left``, with the reason)."""
+    """A peer registered (``joined``), announced that it is shutting down (``draining``: it finishes what it
+    has and takes nothing new) or was dropped (``left``, with the reason)."""
 
-    kind: Literal["joined", "left"]
+    kind: Literal["joined", "draining", "left"]
     peer: Peer
     reason: str = ""
 
@@ -72,20 +74,28 @@ class _Stream:
     identity: bytes
     queue: asyncio.Queue[Delta | Error] = field(default_factory=asyncio.Queue)
     last_output: float = 0.0
-    error: Error | None = None  # an error that arrived behind output not yet handed out
+    held: Delta | Error | None = None  # taken from the queue but not mergeable into the item handed out
 
     async def next(self) -> Delta | Error:
-        """The next item; deltas already waiting are merged into one (one SSE write, not many)."""
-        if self.error is not None:
-            return self.error
-        item = await self.queue.get()
+        """The next item; deltas of the same choice already waiting are merged into one (one SSE write)."""
+        if self.held is not None:
+            item, self.held = self.held, None
+        else:
+            item = await self.queue.get()
         while isinstance(item, Delta) and item.finish is None and not self.queue.empty():
             following = self.queue.get_nowait()
-            if isinstance(following, Error):
-                self.error = following
+            if isinstance(following, Error) or following.index != item.index:
+                self.held = following
                 break
             merge_into(item, following)
         return item
+
+
+def _num_choices(request: Request) -> int:
+    """How many finishes end a stream: a text request's ``n`` choices (minus any a resumed one finished)."""
+    if isinstance(request, Process):
+        return request.request.n - sum(1 for p in request.resume if p.finished)
+    return 1
 
 
 def merge_into(delta: Delta, following: Delta) -> None:
@@ -129,21 +139,24 @@ class Hub:
         self.peers: dict[bytes, Peer] = {}
         self.malformed = MalformedCounter(f"hub {endpoint}")
         self.listeners: list[PeerListener] = []
+        self.extra_handlers: dict[type[Message], MessageHandler] = {}  # more message types (set before start)
         self.num_refused = 0
         self._joined = asyncio.Event()
+        self._change_waiters: list[asyncio.Future[None]] = []
         self._streams: dict[str, _Stream] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._sock: zmq.asyncio.Socket | None = None
         self._monitor: zmq.asyncio.Socket | None = None
 
     async def start(self) -> None:
-        self._sock = make_socket(self.ctx, zmq.ROUTER, self.endpoint, bind=True)
+        self._sock = make_socket(self.ctx, zmq.ROUTER, self.endpoint, bind=True, heartbeat=self.liveness)
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         handlers: dict[type[Message], MessageHandler] = {
             Outputs: self._on_outputs,
             Heartbeat: self._on_heartbeat,
             Error: self._on_error,
             Ready: self._on_ready,
+            **self.extra_handlers,
         }
         reader = read_messages(self._sock, handlers, self.malformed, routed=True, on_message=self._seen)
         loop = asyncio.get_running_loop()
@@ -169,8 +182,26 @@ class Hub:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def live_peers(self) -> list[Peer]:
-        return list(self.peers.values())
+    def send_to(self, identity: bytes, msg: Message) -> None:
+        """Best-effort send to any peer by identity, registered or not (a Directory answer, say)."""
+        if self._sock is not None:
+            send(self._sock, msg, identity).add_done_callback(ignore_result)
+
+    def live_peers(self, *, draining: bool = False) -> list[Peer]:
+        """Registered peers that take new requests (and, with ``draining``, those finishing up too)."""
+        return [p for p in self.peers.values() if draining or not p.load.draining]
+
+    async def wait_for_change(self, timeout_s: float) -> None:
+        """Return when a peer joins, starts draining or leaves, or after ``timeout_s``."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._change_waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout_s):  # not wait_for, which can swallow a cancellation (3.11)
+                await waiter
+        except TimeoutError:
+            pass
+        finally:
+            waiter.cancel()
 
     async def wait_for_peers(self, n: int = 1, timeout_s: float = 60.0) -> None:
         """Wait until ``n`` peers are registered; TimeoutError names what was missing."""
@@ -195,21 +226,22 @@ class Hub:
         stream = _Stream(peer.identity, last_output=asyncio.get_running_loop().time())
         self._streams[rid] = stream
         peer.num_inflight += 1
-        done = False
+        done, unfinished = False, _num_choices(request)
         try:
             try:
                 await send(self._sock, request, peer.identity)
             except zmq.ZMQError as e:
                 self._drop(peer, f"unreachable ({e})")
                 done = True
-                raise unavailable(f"{self.role} {peer.id} is unreachable") from e
+                raise peer_lost(f"{self.role} {peer.id} is unreachable") from e
             while True:
                 item = await stream.next()
                 if isinstance(item, Error):
                     done = True
                     raise RequestError.from_wire(item)
                 if item.finish is not None:
-                    done = True
+                    unfinished -= 1
+                    done = unfinished <= 0
                 yield item
                 if done:
                     return
@@ -236,7 +268,11 @@ class Hub:
     def _on_heartbeat(self, identity: bytes, msg: Heartbeat) -> None:
         peer = self.peers.get(identity)
         if peer is not None:
+            starts_draining = msg.draining and not peer.load.draining
             peer.load = msg
+            if starts_draining:
+                log.info("%s %s is draining: it gets no new requests", self.role, peer.id)
+                self._tell(PeerEvent("draining", peer))
 
     def _on_error(self, identity: bytes, msg: Error) -> None:
         stream = self._streams.get(msg.request_id)
@@ -251,9 +287,11 @@ class Hub:
             reason = f"this hub serves {self.role}s, not {ready.role}s"
         elif self.accept is not None:
             reason = self.accept(ready)
+        if reason is None:
+            reason = self._same_id(identity, ready)
         if reason is not None:
             self.num_refused += 1
-            log.error("refused %s %s at %s: %s", ready.role, ready.peer_id, self.endpoint, reason)
+            log.warning("refused %s %s at %s: %s", ready.role, ready.peer_id, self.endpoint, reason)
             assert self._sock is not None
             send(self._sock, Refused(reason=reason), identity).add_done_callback(ignore_result)
             return
@@ -264,12 +302,26 @@ class Hub:
             self._drop(old, "re-registered after losing contact")
         peer = self.peers[identity] = Peer(identity, ready, asyncio.get_running_loop().time())
         log.info(
-            "%s %s joined at %s: model=%s engine=%s max_num_seqs=%d block_size=%d kv_blocks=%d",
-            ready.role, ready.peer_id, self.endpoint, ready.model, ready.engine,
+            "%s %s joined at %s from %s: model=%s engine=%s max_num_seqs=%d block_size=%d kv_blocks=%d",
+            ready.role, ready.peer_id, self.endpoint, ready.host or "?", ready.model, ready.engine,
             ready.max_num_seqs, ready.block_size, ready.num_kv_blocks,
         )  # fmt: skip
         self._joined.set()
         self._tell(PeerEvent("joined", peer))
+
+    def _same_id(self, identity: bytes, ready: Ready) -> str | None:
+        """Another process registered under the same id: from another host, refuse the newcomer (two workers
+        must not share an id); from the same host, it is a restart, so the old registration goes."""
+        for other in list(self.peers.values()):
+            if other.id != ready.peer_id or other.identity == identity:
+                continue
+            if other.ready.host and ready.host and other.ready.host != ready.host:
+                return (
+                    f"{ready.role} id {ready.peer_id!r} is already registered from host {other.ready.host}; this one "
+                    f"is on host {ready.host}: give each {ready.role} its own id (--worker-id)"
+                )
+            self._drop(other, "replaced by a new process with the same id")
+        return None
 
     # -- peers leaving
     def _drop(self, peer: Peer, reason: str) -> None:
@@ -279,7 +331,7 @@ class Hub:
         failed = 0
         for rid, stream in self._streams.items():
             if stream.identity == peer.identity:
-                stream.queue.put_nowait(unavailable(f"{self.role} {peer.id} {reason}").to_wire(rid))
+                stream.queue.put_nowait(peer_lost(f"{self.role} {peer.id} {reason}").to_wire(rid))
                 failed += 1
         log.warning("%s %s dropped: %s; %d request(s) in flight failed", self.role, peer.id, reason, failed)
         self._tell(PeerEvent("left", peer, reason))
@@ -287,12 +339,16 @@ class Hub:
     def _tell(self, event: PeerEvent) -> None:
         for listener in list(self.listeners):
             listener(event)
+        waiters, self._change_waiters = self._change_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _probe(self, now: float) -> None:
         """Heartbeat every peer; ROUTER_MANDATORY makes a vanished peer fail at once."""
         assert self._sock is not None
         for peer in list(self.peers.values()):
-            if now - peer.last_seen > self.liveness.expiry_s:
+            if now - peer.last_seen > self.liveness.silence_s:
                 self._drop(peer, f"silent for {now - peer.last_seen:.1f}s")
                 continue
             sent = send(self._sock, Heartbeat(), peer.identity)

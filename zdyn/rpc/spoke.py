@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,14 +13,29 @@ from typing import Any
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
-from zdyn.errors import RequestError
-from zdyn.protocol import Cancel, Delta, Error, Generate, Heartbeat, Message, Outputs, Process, Ready, Refused, Request
+from zdyn.errors import RequestError, draining
+from zdyn.protocol import (
+    Cancel,
+    Delta,
+    Directory,
+    Error,
+    Generate,
+    Heartbeat,
+    Message,
+    Outputs,
+    Process,
+    Ready,
+    Refused,
+    Request,
+)
 from zdyn.transport import (
     Liveness,
     MalformedCounter,
     MessageHandler,
     ignore_result,
+    is_remote,
     log_send_error,
     make_socket,
     read_messages,
@@ -29,6 +46,8 @@ from zdyn.transport import (
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Request], AsyncIterator[Delta]]
+DirectoryListener = Callable[[str, Directory], None]  # (the endpoint of the hub that sent it, the directory)
+SILENT_WARNING_S = 5.0  # a hub that has not answered for this long gets one WARNING naming its endpoint
 
 
 def _ignore(identity: bytes, msg: object) -> None:
@@ -46,9 +65,14 @@ class _Link:
     endpoint: str
     sock: zmq.asyncio.Socket | None = None
     reader: asyncio.Task[None] | None = None
+    watcher: asyncio.Task[None] | None = None
     last_seen: float = 0.0
     heard: bool = False  # the hub has answered since this socket was opened
     session: int = 0  # sockets opened to this hub so far, minus one
+    discovered: bool = False  # learned from a hub's Directory (closed, not the spoke, when refused)
+    hub_id: str = ""  # the hub's id, once its Directory named it
+    opened_at: float = 0.0
+    warned: bool = False  # the silence WARNING was logged
     requests: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     pending: list[Delta] = field(default_factory=list)
 
@@ -68,6 +92,8 @@ class Spoke:
         *,
         load: Callable[[], Heartbeat] | None = None,
         liveness: Liveness | None = None,
+        ready_for: Callable[[str], Ready] | None = None,
+        on_directory: DirectoryListener | None = None,
         ctx: zmq.asyncio.Context | None = None,
     ) -> None:
         if not hubs:
@@ -76,12 +102,20 @@ class Spoke:
         self.handler = handler
         self.load = load or Heartbeat
         self.liveness = liveness or Liveness()
+        self.ready_for = ready_for  # the READY for one hub (its advertised addresses), if not ``ready``
+        self.on_directory = on_directory
         self.ctx = ctx or zmq.asyncio.Context.instance()
+        # Unique per process: a second process with the same peer id (another host) must not take this one's
+        # route at the hub (ROUTER_HANDOVER); the hub refuses it by its peer id instead.
+        self.identity = f"{ready.peer_id}#{secrets.token_hex(4)}".encode()
         self.links = [_Link(endpoint) for endpoint in hubs]
+        self._running = False
         self.malformed = MalformedCounter(f"{ready.role} {ready.peer_id}")
         self._stopped = asyncio.Event()
         self._refusal: str | None = None
         self._beater: asyncio.Task[None] | None = None
+        self.draining = False
+        self._idle = asyncio.Event()  # set whenever no request is in flight
 
     @property
     def num_requests(self) -> int:
@@ -90,6 +124,7 @@ class Spoke:
     async def run(self) -> None:
         """Serve until ``close()``; raises RefusedError if a hub refuses this spoke."""
         loop = asyncio.get_running_loop()
+        self._running = True
         for link in self.links:
             self._open(link, loop.time())
         self._beater = loop.create_task(self._beat())
@@ -103,19 +138,82 @@ class Spoke:
     def close(self) -> None:
         self._stopped.set()
 
+    def linked(self, endpoint: str) -> bool:
+        return any(link.endpoint == endpoint for link in self.links)
+
+    def add_hub(self, endpoint: str, *, discovered: bool = True) -> bool:
+        """Register at one more hub while running; False if already linked to it."""
+        if self.linked(endpoint):
+            return False
+        link = _Link(endpoint, discovered=discovered)
+        self.links.append(link)
+        if self._running:
+            self._open(link, asyncio.get_running_loop().time())
+        return True
+
+    def remove_hub(self, endpoint: str) -> None:
+        """Leave a hub: its requests are cancelled (the hub fails them when it notices)."""
+        for link in [link for link in self.links if link.endpoint == endpoint]:
+            self.links.remove(link)
+            self._close_link(link)
+
+    def tell_hubs(self, msg: Message) -> None:
+        """Send ``msg`` to every hub this spoke is linked to (best effort)."""
+        for link in self.links:
+            if link.sock is not None:
+                send(link.sock, msg).add_done_callback(ignore_result)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Shut down gracefully: tell every hub that this peer takes nothing new, let the requests in flight
+        finish for up to ``timeout_s``, then hand the rest back (a ``draining`` error, which the hub's side
+        re-issues elsewhere) and stop. Returns how many requests were handed back."""
+        self.draining = True
+        self._send_beats()
+        log.info("%s %s draining: %d request(s) in flight, up to %.0fs",
+                 self.ready.role, self.ready.peer_id, self.num_requests, timeout_s)  # fmt: skip
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self.num_requests:
+                    self._idle.clear()
+                    await self._idle.wait()
+        except TimeoutError:
+            pass
+        handed_back = 0
+        gone = draining(f"{self.ready.role} {self.ready.peer_id} is shutting down")
+        for link in self.links:
+            for rid, task in list(link.requests.items()):
+                task.cancel()
+                self._reply_error(link, gone.to_wire(rid))
+                handed_back += 1
+            link.requests.clear()
+            self._flush(link)
+        if handed_back:
+            log.warning("drain timed out: handed %d request(s) back to be moved", handed_back)
+            await asyncio.sleep(0.05)  # let the sends leave before the sockets close
+        self.close()
+        return handed_back
+
     def _open(self, link: _Link, now: float) -> None:
-        identity = f"{self.ready.peer_id}".encode()
-        link.sock = make_socket(self.ctx, zmq.DEALER, link.endpoint, bind=False, identity=identity)
+        link.sock = make_socket(
+            self.ctx, zmq.DEALER, link.endpoint, bind=False, identity=self.identity, heartbeat=self.liveness
+        )
         link.last_seen = now
         link.heard = False
+        link.opened_at = now
+        link.warned = False
         send(link.sock, self._ready(link)).add_done_callback(ignore_result)
         link.reader = asyncio.get_running_loop().create_task(self._read(link))
+        link.watcher = asyncio.get_running_loop().create_task(self._watch(link, link.sock))
 
     def _reset(self, link: _Link, now: float) -> None:
         """The hub went quiet. One that never answered may not be up yet: announce again on the same socket.
         One that did answer is presumed dead: drop its requests and reconnect with a fresh socket."""
         if not link.heard:
-            log.info("no answer from hub %s yet; announcing %s again", link.endpoint, self.ready.peer_id)
+            if not link.warned and now - link.opened_at > SILENT_WARNING_S:
+                link.warned = True
+                log.warning("%s", silent_hub_warning(link.endpoint, now - link.opened_at))
+            else:
+                log.debug("no answer from hub %s yet; announcing %s again", link.endpoint, self.ready.peer_id)
             assert link.sock is not None
             send(link.sock, self._ready(link)).add_done_callback(ignore_result)
             link.last_seen = now
@@ -129,16 +227,20 @@ class Spoke:
         self._open(link, now)
 
     def _ready(self, link: _Link) -> Ready:
-        return msgspec.structs.replace(self.ready, session=link.session)
+        ready = self.ready_for(link.endpoint) if self.ready_for is not None else self.ready
+        return msgspec.structs.replace(ready, session=link.session)
 
     def _close_link(self, link: _Link) -> None:
         for task in link.requests.values():
             task.cancel()
         link.requests.clear()
         link.pending.clear()
-        if link.reader is not None:
-            link.reader.cancel()
+        for task in (link.reader, link.watcher):
+            if task is not None:
+                task.cancel()
         if link.sock is not None:
+            with contextlib.suppress(zmq.ZMQError):  # its context may be gone already
+                link.sock.disable_monitor()
             link.sock.close(linger=0)
             link.sock = None
 
@@ -148,8 +250,7 @@ class Spoke:
             self._beater.cancel()
             tasks.append(self._beater)
         for link in self.links:
-            if link.reader is not None:
-                tasks.append(link.reader)
+            tasks += [t for t in (link.reader, link.watcher) if t is not None]
             self._close_link(link)
         await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -164,6 +265,9 @@ class Spoke:
             if msg.request_id in link.requests:
                 self.malformed.drop(f"duplicate request id {msg.request_id!r}")
                 return
+            if self.draining:  # sent before the hub heard we are draining: it goes elsewhere
+                self._reply_error(link, draining(f"{self.ready.peer_id} is draining").to_wire(msg.request_id))
+                return
             link.requests[msg.request_id] = asyncio.get_running_loop().create_task(self._serve(link, msg))
 
         def cancel(identity: bytes, msg: Cancel) -> None:
@@ -175,9 +279,20 @@ class Spoke:
                 log.info("cancel for request %s from %s: it has already ended", msg.request_id, link.endpoint)
 
         def refused(identity: bytes, msg: Refused) -> None:
+            if link.discovered:  # a hub we were told of, not one we were given: leave it, keep serving the others
+                log.warning("discovered hub %s refused %s: %s; leaving it", link.endpoint, self.ready.peer_id,
+                            msg.reason)  # fmt: skip
+                asyncio.get_running_loop().call_soon(self.remove_hub, link.endpoint)
+                return
             log.error("hub %s refused %s: %s", link.endpoint, self.ready.peer_id, msg.reason)
             self._refusal = f"hub {link.endpoint} refused us: {msg.reason}"
             self._stopped.set()
+
+        def directory(identity: bytes, msg: Directory) -> None:
+            if msg.sender:
+                link.hub_id = msg.sender
+            if self.on_directory is not None:
+                self.on_directory(link.endpoint, msg)
 
         handlers: dict[type[Message], MessageHandler] = {
             Generate: request,
@@ -185,6 +300,7 @@ class Spoke:
             Cancel: cancel,
             Refused: refused,
             Heartbeat: _ignore,
+            Directory: directory,
         }
         return read_messages(link.sock, handlers, self.malformed, on_message=heard)
 
@@ -203,6 +319,8 @@ class Spoke:
         finally:
             if link.requests.get(rid) is asyncio.current_task():
                 del link.requests[rid]
+            if not self.num_requests:
+                self._idle.set()
 
     def _emit(self, link: _Link, delta: Delta) -> None:
         if not link.pending:
@@ -219,14 +337,51 @@ class Spoke:
         if link.sock is not None:
             send(link.sock, failure).add_done_callback(log_send_error)
 
+    def _send_beats(self, now: float | None = None) -> None:
+        beat = self.load()
+        beat.draining = self.draining
+        for link in self.links:
+            if now is not None and now - link.last_seen > self.liveness.silence_s:
+                self._reset(link, now)
+            elif link.sock is not None:
+                send(link.sock, beat).add_done_callback(ignore_result)
+
     async def _beat(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await stalled_sleep(self.liveness.interval_s)
-            now = loop.time()
-            beat = self.load()
-            for link in self.links:
-                if now - link.last_seen > self.liveness.expiry_s:
-                    self._reset(link, now)
-                elif link.sock is not None:
-                    send(link.sock, beat).add_done_callback(ignore_result)
+            self._send_beats(loop.time())
+
+    async def _watch(self, link: _Link, sock: zmq.asyncio.Socket) -> None:
+        """The connection to the hub broke (the hub died, or libzmq's heartbeat timed out): its requests are
+        lost, so stop them. When it connects again (a restarted hub) announce this peer at once."""
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        lost = False
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    lost = True
+                    if link.requests:
+                        log.warning("lost hub %s: cancelling %d request(s)", link.endpoint, len(link.requests))
+                    for task in link.requests.values():
+                        task.cancel()
+                    link.requests.clear()
+                elif lost:
+                    lost = False
+                    link.session += 1
+                    log.info("hub %s is back: announcing %s again", link.endpoint, self.ready.peer_id)
+                    send(sock, self._ready(link)).add_done_callback(ignore_result)
+        finally:
+            monitor.close(linger=0)
+
+
+def silent_hub_warning(endpoint: str, silent_s: float) -> str:
+    """What to check when a hub never answers: it is not running, or not reachable at that address."""
+    hint = "is it running, and does this host reach that address (a firewall, the right host name)?"
+    if not is_remote(endpoint):
+        hint = (
+            f"{endpoint} is this host: if the hub runs on another host, give its address "
+            "(--connect tcp://HUB_HOST:PORT, or the config's connect key)"
+        )
+    return f"hub {endpoint} has not answered for {silent_s:.0f}s: {hint}"

@@ -17,8 +17,15 @@ KV_CACHE_SPEC_KIND = "full_attention"
 
 def hash_block(parent: int | None, token_ids: Sequence[int]) -> int:
     """Chained 64-bit hash of one full block: xxh3_64(parent as 8 LE bytes + tokens as u32 LE)."""
+    return _hash_bytes(parent, array("I", token_ids).tobytes())
+
+
+def _hash_bytes(parent: int | None, block: bytes) -> int:
     prefix = b"" if parent is None else parent.to_bytes(8, "little")
-    return xxhash.xxh3_64_intdigest(prefix + array("I", token_ids).tobytes(), seed=ROOT_HASH_SEED)
+    return _xxh3(prefix + block, ROOT_HASH_SEED)
+
+
+_xxh3 = xxhash.xxh3_64_intdigest
 
 
 @dataclass(slots=True)
@@ -157,18 +164,29 @@ class KvBlockManager:
         events, self._events = self._events, []
         return events
 
-    def _extend_hashes(self, table: _Table, token_ids: Sequence[int]) -> None:
+    def _extend_hashes(self, table: _Table, token_ids: Sequence[int], num_tokens: int | None = None) -> None:
         size = self.block_size
+        end = len(token_ids) if num_tokens is None else min(num_tokens, len(token_ids))
+        first, end = len(table.hashes) * size, end - end % size
+        if end <= first:
+            return
+        # The new full blocks as bytes at once (a copy of a packed array's slice; one conversion of a list), then
+        # one xxh3 call per block: no per-block array.
+        if isinstance(token_ids, array) and token_ids.itemsize == 4:
+            data = token_ids[first:end].tobytes()
+        else:
+            data = array("I", token_ids[first:end]).tobytes()
         parent = table.hashes[-1] if table.hashes else None
-        for start in range(len(table.hashes) * size, len(token_ids) - size + 1, size):
-            parent = hash_block(parent, token_ids[start : start + size])
-            table.hashes.append(parent)
+        append, step = table.hashes.append, size * 4
+        for start in range(0, len(data), step):
+            parent = _hash_bytes(parent, data[start : start + step])
+            append(parent)
 
     def _cache_full_blocks(self, table: _Table, token_ids: Sequence[int], num_tokens: int) -> None:
         num_full = min(num_tokens // self.block_size, len(table.block_ids))
         if num_full <= table.num_cached_blocks:
             return
-        self._extend_hashes(table, token_ids[: num_full * self.block_size])
+        self._extend_hashes(table, token_ids, num_full * self.block_size)
         run: list[int] = []  # consecutive block indices stored in one event, as vLLM groups them
         for index in range(table.num_cached_blocks, num_full):
             block_hash = table.hashes[index]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import xxhash
@@ -9,7 +10,7 @@ import xxhash
 from zdyn.engines.base import RequestError
 from zdyn.engines.mocker.config import MockerConfig
 from zdyn.engines.mocker.kv_transfer import RemotePrefill
-from zdyn.protocol import Finish, Generate
+from zdyn.protocol import Finish, Generate, TokenIds
 
 SEED_MASK = (1 << 64) - 1
 
@@ -43,7 +44,7 @@ class MockSequence:
     def __init__(
         self,
         request_id: str,
-        prompt: list[int],
+        prompt: Sequence[int],
         *,
         max_tokens: int,
         seed: int,
@@ -53,7 +54,7 @@ class MockSequence:
         kv_transfer_params: dict[str, Any] | None = None,
     ) -> None:
         self.request_id = request_id
-        self.token_ids = list(prompt)  # prompt followed by the output so far
+        self.token_ids = TokenIds(prompt)  # prompt followed by the output so far (a copy: packed, memcpy-fast)
         self.prompt_len = len(prompt)
         self.max_tokens = max_tokens
         self.min_tokens = min_tokens
@@ -74,7 +75,7 @@ class MockSequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len :]
+        return self.token_ids[self.prompt_len :].tolist()
 
 
 def new_sequence(request: Generate, config: MockerConfig) -> MockSequence:
@@ -86,8 +87,9 @@ def new_sequence(request: Generate, config: MockerConfig) -> MockSequence:
         raise RequestError(
             f"the prompt has {len(prompt)} tokens, more than the maximum model length of {config.max_model_len}"
         )
-    bad = next((t for t in prompt if not 0 <= t < config.vocab_size), None)
-    if bad is not None:
+    packed = isinstance(prompt, TokenIds)  # unsigned: only the top needs checking, at C speed
+    if max(prompt) >= config.vocab_size or (not packed and min(prompt) < 0):
+        bad = next(t for t in prompt if not 0 <= t < config.vocab_size)
         raise RequestError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
     if sampling.max_tokens < 1:
         raise RequestError(f"max_tokens must be at least 1, got {sampling.max_tokens}")

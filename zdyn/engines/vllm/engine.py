@@ -100,7 +100,7 @@ class VllmEngine:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
 
         rid = request.request_id
-        prompt = {"prompt_token_ids": request.token_ids}
+        prompt = {"prompt_token_ids": list(request.token_ids)}  # vLLM wants a list (TokenIds when decoded)
         num_prompt = len(request.token_ids)
         num_output = 0
         first = True

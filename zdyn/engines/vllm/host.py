@@ -31,6 +31,7 @@ class HostSettings:
     kv_lease_s: int = NIXL_KV_LEASE_S
     advertise_host: str = "127.0.0.1"  # where other workers reach this one (NIXL's side channel)
     kv_events: tuple[str, str] | None = None  # bind endpoints of the KV-event publisher and its replay socket
+    nixl_side_channel_port: int = 0  # 0: $VLLM_NIXL_SIDE_CHANNEL_PORT, else a free port
 
     def __post_init__(self) -> None:
         if self.kv_transfer and self.kv_lease_s < MIN_KV_LEASE_S:
@@ -71,7 +72,7 @@ def engine_args(parsed: Any, host: HostSettings) -> Any:
     if host.kv_transfer:
         if args.kv_transfer_config is None:
             args.kv_transfer_config = nixl_transfer_config(cpu, host.kv_lease_s)
-        _nixl_side_channel(host.advertise_host)
+        _nixl_side_channel(host.advertise_host, host.nixl_side_channel_port)
         if cpu and IN_PROCESS_ENV not in os.environ:
             # With NIXL loaded, vLLM's separate model-worker process made every prefill 10-40x slower on CPU
             # (benchmarks/nixl_spike/NOTES.md, gotcha 2); inside EngineCore it runs at full speed.
@@ -109,8 +110,11 @@ def nixl_transfer_config(cpu: bool, lease_s: int = NIXL_KV_LEASE_S) -> Any:
     )
 
 
-def _nixl_side_channel(host: str) -> None:
-    """Where this worker's vLLM answers NIXL handshakes (read by its EngineCore when it starts)."""
+def _nixl_side_channel(host: str, port: int = 0) -> None:
+    """Where this worker's vLLM answers NIXL handshakes (read by its EngineCore when it starts): ``port`` if
+    given (``--nixl-side-channel-port``, ``--port-base`` + 3), else the environment's, else a free one."""
     os.environ.setdefault(SIDE_CHANNEL_HOST_ENV, host)
+    if port:
+        os.environ[SIDE_CHANNEL_PORT_ENV] = str(port)
     os.environ.setdefault(SIDE_CHANNEL_PORT_ENV, str(free_tcp_ports(1)[0]))
     log.info("NIXL side channel at %s:%s", os.environ[SIDE_CHANNEL_HOST_ENV], os.environ[SIDE_CHANNEL_PORT_ENV])
