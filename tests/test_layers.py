@@ -18,11 +18,11 @@ MAX_BENCHMARK_LINES = 440  # a benchmark script: "at most ~400 lines" (issue 9)
 # Top to bottom: a module imports only from its own layer or the layers below it (README, "Architecture").
 LAYERS: list[tuple[str, set[str]]] = [
     ("entry points", {"cli", "roles", "bench"}),
-    ("the roles' library classes", {"frontend", "processor", "worker"}),
+    ("the roles' library classes", {"frontend", "processor", "choice", "admission", "worker"}),
     ("routing, disaggregation, engines", {"router", "disagg", "engines", "detokenizer", "models"}),
     ("streaming RPC", {"rpc", "kv_events"}),
     ("transport", {"transport"}),
-    ("messages", {"protocol", "errors", "__init__"}),
+    ("messages", {"protocol", "token_ids", "errors", "__init__"}),
 ]
 ARGPARSE_ALLOWED = ("zdyn.roles", "zdyn.cli", "zdyn.bench")
 VLLM_ALLOWED = ("zdyn.engines.vllm",)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from zdyn.detokenizer import Detokenizer
 from zdyn.errors import RequestError, retryable, unavailable
-from zdyn.protocol import Delta, Finish, Generate, SamplingParams
+from zdyn.protocol import Delta, Finish, Generate, SamplingParams, TokenIds, as_token_ids
 from zdyn.router.selector import Route
 from zdyn.rpc import Peer
 
@@ -81,7 +81,7 @@ def movable(sampling: SamplingParams) -> bool:
 
 
 # (choice request id, prompt + tokens so far, sampling for the rest, peers to avoid) -> a worker and route
-Choose = Callable[[str, list[int], set[str]], Awaitable[Route]]
+Choose = Callable[[str, Sequence[int], set[str]], Awaitable[Route]]
 Stream = Callable[[Peer, Generate], AsyncGenerator[Delta]]
 
 
@@ -89,7 +89,7 @@ Stream = Callable[[Peer, Generate], AsyncGenerator[Delta]]
 class ChoiceSpec:
     request_id: str  # the id sent to workers (``rid`` or ``rid-i`` for n > 1)
     index: int
-    prompt: list[int]
+    prompt: TokenIds
     sampling: SamplingParams
     model: str
     detokenizer: Detokenizer
@@ -143,7 +143,7 @@ class ChoiceRun:
             )
         return Generate(
             request_id=spec.request_id,
-            token_ids=spec.prompt + self.generated,
+            token_ids=as_token_ids(spec.prompt + self.generated),
             sampling=sampling,
             model=spec.model,
             overlap_blocks=route.overlap_blocks,

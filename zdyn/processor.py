@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from pathlib import Path
@@ -159,7 +159,7 @@ class Processor:
     async def _run(
         self,
         request_id: str,
-        token_ids: list[int],
+        token_ids: TokenIds,
         sampling: SamplingParams,
         request: TextRequest,
         resume: list[ChoiceProgress],
@@ -187,7 +187,7 @@ class Processor:
                     self.selector.update(run.spec.request_id, RouteEvent.FINISHED)
 
     def _choice_run(
-        self, request_id: str, index: int, token_ids: list[int], sampling: SamplingParams, request: TextRequest
+        self, request_id: str, index: int, token_ids: TokenIds, sampling: SamplingParams, request: TextRequest
     ) -> ChoiceRun:
         detokenizer = Detokenizer(
             self.backend,
@@ -218,7 +218,7 @@ class Processor:
             limit = min(AVOID_WAIT_S, self.resilience.worker_wait_s) if live else self.resilience.worker_wait_s
             await self.hub.wait_for_change(max(0.01, limit - waited))
 
-    async def _choose(self, rid: str, token_ids: list[int], avoid: set[str]) -> Route:
+    async def _choose(self, rid: str, token_ids: Sequence[int], avoid: set[str]) -> Route:
         peers = await self._workers(avoid)
         if self._routed.pop(rid, None):  # routed before, to a worker that failed: the router forgets that
             self.selector.update(rid, RouteEvent.FINISHED)

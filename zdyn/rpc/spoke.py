@@ -235,9 +235,9 @@ class Spoke:
             task.cancel()
         link.requests.clear()
         link.pending.clear()
-        for task in (link.reader, link.watcher):
-            if task is not None:
-                task.cancel()
+        for loop_task in (link.reader, link.watcher):
+            if loop_task is not None:
+                loop_task.cancel()
         if link.sock is not None:
             with contextlib.suppress(zmq.ZMQError):  # its context may be gone already
                 link.sock.disable_monitor()
