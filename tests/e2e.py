@@ -6,7 +6,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from helpers import eventually, wait_until  # re-exported: tests that import them from here keep working
+
 from zdyn.bench.deploy import ZdynDeployment, ZdynSpec, start, vllm_scratch_env
+
+__all__ = ["VLLM_TEST_ARGS", "deployment", "eventually", "scratch_env", "wait_until"]
 
 scratch_env = vllm_scratch_env  # keep vLLM's caches and IPC files in the test's folder
 
