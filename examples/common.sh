@@ -7,6 +7,12 @@ ZDYN_HOST=${ZDYN_HOST:-127.0.0.1}          # where run.sh reaches the frontend
 ZDYN_START_TIMEOUT=${ZDYN_START_TIMEOUT:-900}
 ZDYN_LOG_DIR=${ZDYN_LOG_DIR:-./logs/$(basename "$(dirname "$0")")-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$ZDYN_LOG_DIR"
+# CURVE keys for every role (made on first start); ZDYN_KEYS_DIR= (empty) with ZDYN_INSECURE=1 runs without.
+ZDYN_KEYS_DIR=${ZDYN_KEYS_DIR-$HOME/.config/zdyn/keys}
+if [ -n "$ZDYN_KEYS_DIR" ]; then
+    zdyn keys generate "$ZDYN_KEYS_DIR" >/dev/null
+    export ZDYN_KEYS_DIR
+fi
 declare -A ZDYN_PIDS=()
 
 start() {  # start NAME COMMAND...: run in its own session (process group), output to NAME.log
@@ -36,7 +42,9 @@ trap stop_all EXIT
 check_alive() {
     for name in "${!ZDYN_PIDS[@]}"; do
         if ! kill -0 "${ZDYN_PIDS[$name]}" 2>/dev/null; then
-            echo "$name exited; the end of its log:"; tail -n 20 "$ZDYN_LOG_DIR/$name.log"
+            # (without the leak report Triton's nanobind bindings print when a vLLM process exits)
+            echo "$name exited; the end of its log:"
+            grep -v -E '^(nanobind: |See https://nanobind| - (leaked|\.\.\. skipped))' "$ZDYN_LOG_DIR/$name.log" | tail -n 20
             return 1
         fi
     done

@@ -38,6 +38,7 @@ from zdyn.protocol import (
 )
 from zdyn.router.selector import Route, Selector
 from zdyn.rpc import Hub, Peer
+from zdyn.tools import OutputParsing, chat_template_inputs
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Processor:
         selector: Selector,
         resilience: Resilience | None = None,
         admission: Admission | None = None,
+        outputs: OutputParsing | None = None,
     ) -> None:
         self.model = model
         self.resilience = resilience or Resilience()
@@ -73,6 +75,7 @@ class Processor:
         self._token_text: dict[int, str] = {}
         self._tokenize_pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="zdyn-tokenize")
         self.num_tokenized_on_threads = 0  # requests whose prompt was long enough to go to the pool
+        self.outputs = outputs or OutputParsing()  # tool calls and reasoning in the output (zdyn.tools)
 
     async def tokenize_async(self, request: TextRequest) -> TokenIds:
         """``tokenize``, on a thread for a long prompt."""
@@ -90,11 +93,14 @@ class Processor:
     def tokenize(self, request: TextRequest) -> TokenIds:
         """Prompt token ids: the chat template applied to the messages, or the completion prompt."""
         if request.messages is not None:
+            tools = request.tools if request.tool_choice != "none" else None
+            messages, extra = chat_template_inputs(request.messages, tools, self.tokenizer.chat_template)
             try:
                 text = self.tokenizer.apply_chat_template(
-                    request.messages,
+                    messages,
                     tokenize=False,
                     add_generation_prompt=True,
+                    **extra,
                     **request.chat_template_kwargs,
                 )
             except Exception as e:  # jinja errors: the template rejected these messages
@@ -144,6 +150,9 @@ class Processor:
     ) -> AsyncGenerator[Delta]:
         """Yield text deltas (``index`` = choice) until every choice has finished. ``resume``: the tokens each
         choice already produced under another processor (that one died): the stream continues after them."""
+        outputs = self.outputs.for_request(request)  # a 400 if it needs a parser this processor lacks
+        if outputs is not None and self.outputs.keeps_special_tokens:
+            request.skip_special_tokens = False  # tool-call and thinking tags are special tokens in many models
         token_ids = await self.tokenize_async(request)
         peers = await self._workers(set())
         # Validated before routing, against the context every live worker can take: a rejected request is
@@ -154,6 +163,8 @@ class Processor:
         run = self._run(request_id, token_ids, sampling, request, resume or [])
         async with self.admission.slot(self.capacity()), aclosing(run) as deltas:
             async for delta in deltas:
+                if outputs is not None:
+                    outputs.apply(delta)  # tool calls and reasoning apart from the content
                 yield delta
 
     async def _run(

@@ -18,11 +18,12 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import xxhash
 import yaml
 import zmq
 import zmq.asyncio
@@ -31,11 +32,10 @@ from zdyn.disagg.policy import DisaggPolicy
 from zdyn.disagg.prefill import as_prefill
 from zdyn.engines.base import Engine, EngineInfo
 from zdyn.protocol import Cancel, Delta, Generate, Heartbeat, PrefillDone, PrefillJob, QueueLink, QueueStatus
+from zdyn.token_ids import TokenIds
 from zdyn.transport import (
     MalformedCounter,
-    advertised,
     ignore_result,
-    is_loopback,
     make_socket,
     read_messages,
     send,
@@ -54,7 +54,8 @@ class PrefillUnavailable(Exception):
 
 
 class PrefillClient:
-    """Sockets to the prefill queue: jobs and cancels out (PUSH), results in (PULL), queue status in (SUB)."""
+    """Sockets to the prefill queue: jobs and cancels out and their results back on one DEALER (the queue answers on
+    the connection a job came in on and never dials a decode worker), queue status in (SUB)."""
 
     def __init__(
         self,
@@ -62,17 +63,13 @@ class PrefillClient:
         status_endpoint: str,
         host: str,
         ctx: zmq.asyncio.Context | None = None,
-        *,
-        results_port: int = 0,
     ) -> None:
         self.jobs_endpoint = jobs_endpoint
-        self.results_port = results_port  # 0: a free port
         self.status_endpoint = status_endpoint
         self.host = host
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.status = QueueStatus()
         self.status_at = -1e9
-        self.reply_to = ""
         self.stats: Counter[str] = Counter()
         self.malformed = MalformedCounter(f"prefill results ({jobs_endpoint})")
         self._waiting: dict[str, asyncio.Future[PrefillDone]] = {}
@@ -82,15 +79,11 @@ class PrefillClient:
         self._releasing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._push = make_socket(self.ctx, zmq.PUSH, self.jobs_endpoint, bind=False)
-        interface = "127.0.0.1" if is_loopback(self.host) else "*"
-        port = self.results_port or "*"
-        self._results = make_socket(self.ctx, zmq.PULL, f"tcp://{interface}:{port}", bind=True)
-        self.reply_to = advertised(self._results.getsockopt_string(zmq.LAST_ENDPOINT), self.host)
+        self._push = make_socket(self.ctx, zmq.DEALER, self.jobs_endpoint, bind=False)
         self._status = make_socket(self.ctx, zmq.SUB, self.status_endpoint, bind=False)
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(read_messages(self._results, {PrefillDone: self._on_result}, self.malformed)),
+            loop.create_task(read_messages(self._push, {PrefillDone: self._on_result}, self.malformed)),
             loop.create_task(read_messages(self._status, {QueueStatus: self._on_status}, self.malformed)),
             loop.create_task(self._watch()),
         ]
@@ -101,7 +94,7 @@ class PrefillClient:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for sock in (self._push, self._results, self._status):
+        for sock in (self._push, self._status):
             sock.close(linger=0)
 
     @property
@@ -141,7 +134,7 @@ class PrefillClient:
         done = False
         pushed = time.monotonic()
         try:
-            job_msg = PrefillJob(request=job, reply_to=self.reply_to, deadline_s=timeout_s)
+            job_msg = PrefillJob(request=job, deadline_s=timeout_s)
             try:
                 await asyncio.wait_for(send(self._push, job_msg), SEND_TIMEOUT_S)
             except TimeoutError:
@@ -226,7 +219,9 @@ class DisaggEngine:
         self.policy = policy
         self.timeout_s = timeout_s
         self.settings_file = Path(settings_file) if settings_file else None
-        self.decisions: Counter[str] = Counter()  # remote, local, fallback
+        self.decisions: Counter[str] = Counter()  # remote, local, fallback, shared
+        # prompts being prefilled remotely -> done once that prompt's KV is in this engine's prefix cache
+        self._prefilling: dict[bytes, asyncio.Future[None]] = {}
         self._settings_mtime = 0.0
         self._watch: asyncio.Task[None] | None = None
 
@@ -259,7 +254,7 @@ class DisaggEngine:
         """The engine's load, plus this worker's view of its prefill queue (the frontend's /health shows it)."""
         status = self.client.status
         link = QueueLink(endpoint=self.client.jobs_endpoint, live=self.client.queue_live, queued=status.queued,
-                         prefill_workers=status.workers)  # fmt: skip
+                         prefill_workers=status.workers, decisions=dict(self.decisions))  # fmt: skip
         return msgspec.structs.replace(self.engine.load(), prefill_queues=[link])
 
     async def release_kv(self, request_id: str, kv_transfer_params: dict[str, Any]) -> None:
@@ -278,21 +273,44 @@ class DisaggEngine:
         cached = request.overlap_blocks * self.info.block_size
         decision = self.policy.decide(len(request.token_ids), cached, status.queued, status.prefill_workers)
         rid = request.request_id
-        if decision.remote:
-            started = time.perf_counter()
-            params = await self._remote_prefill(request, queues)
-            if params is None:
-                self.decisions["fallback"] += 1
+        key = prompt_key(request.token_ids)
+        leader = self._prefilling.get(key) if decision.remote else None
+        leading = decision.remote and leader is None
+        if leading:  # the choices of an n > 1 request that come while this one prefills remotely wait for it
+            self._prefilling[key] = asyncio.get_running_loop().create_future()
+        try:
+            if leader is not None:
+                await asyncio.wait([leader], timeout=self.timeout_s)
+                self.decisions["shared"] += 1
+                log.info("request %s: local prefill from the prefix cache (the same prompt's remote prefill)", rid)
+            elif decision.remote:
+                started = time.perf_counter()
+                params = await self._remote_prefill(request, queues)
+                if params is None:
+                    self.decisions["fallback"] += 1
+                else:
+                    self.decisions["remote"] += 1
+                    log.info("request %s: remote prefill (%s) took %.3fs", rid, decision.reason,
+                             time.perf_counter() - started)  # fmt: skip
+                    params = {**params, "do_remote_prefill": True}
+                    request = msgspec.structs.replace(request, kv_transfer_params=params)
             else:
-                self.decisions["remote"] += 1
-                log.info("request %s: remote prefill (%s) took %.3fs", rid, decision.reason,
-                         time.perf_counter() - started)  # fmt: skip
-                request = msgspec.structs.replace(request, kv_transfer_params={**params, "do_remote_prefill": True})
-        else:
-            self.decisions["local"] += 1
-            log.info("request %s: local prefill (%s)", rid, decision.reason)
-        async for delta in self.engine.generate(request):
-            yield delta
+                self.decisions["local"] += 1
+                log.info("request %s: local prefill (%s)", rid, decision.reason)
+            async for delta in self.engine.generate(request):
+                if leading:  # its first output: the prompt's KV is in this engine's prefix cache
+                    leading = self._release(key)
+                yield delta
+        finally:
+            if leading:
+                self._release(key)
+
+    def _release(self, key: bytes) -> bool:
+        """Let the requests waiting for this prompt's remote prefill go on (locally, from the prefix cache)."""
+        future = self._prefilling.pop(key, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+        return False
 
     async def _remote_prefill(self, request: Generate, queues: list[PrefillClient]) -> dict[str, Any] | None:
         """The prefill's kv_transfer_params from the first queue that delivers, or None (prefill locally)."""
@@ -326,3 +344,8 @@ class DisaggEngine:
             except (OSError, ValueError, AttributeError, yaml.YAMLError) as e:
                 log.error("cannot read disagg settings %s: %s (keeping the current ones)", self.settings_file, e)
             await asyncio.sleep(1.0)
+
+
+def prompt_key(token_ids: Sequence[int]) -> bytes:
+    """A short key of a prompt, to find its other choices."""
+    return xxhash.xxh3_128_digest(TokenIds(token_ids).tobytes())

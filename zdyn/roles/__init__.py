@@ -11,6 +11,7 @@ ROLES = {
     "worker": "zdyn.roles.worker",
     "router": "zdyn.roles.router",
     "prefill-queue": "zdyn.roles.prefill_queue",
+    "keys": "zdyn.roles.keys",
     "bench": "zdyn.bench.cli",
     "models": "zdyn.roles.models",
 }

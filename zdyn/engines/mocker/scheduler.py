@@ -19,6 +19,7 @@ from zdyn.engines.mocker.kv_transfer import (
     wants_remote_prefill,
 )
 from zdyn.engines.mocker.sequence import MockSequence, sample_token
+from zdyn.engines.mocker.structured import scripted_token
 from zdyn.engines.mocker.timing import StepComposition
 from zdyn.protocol import Delta, Finish, FinishReason
 
@@ -270,6 +271,8 @@ class Scheduler:
         )
 
     def _sample(self, seq: MockSequence) -> int:
+        if (scripted := scripted_token(seq.script, seq.num_output, seq.eos_token_id)) is not None:
+            return scripted
         vocab = self.config.vocab_size
         token = sample_token(seq.seed, seq.num_output, vocab)
         if seq.num_output < seq.min_tokens:

@@ -36,6 +36,7 @@ class MockSequence:
         "prompt_len",
         "remote_prefill",
         "request_id",
+        "script",
         "seed",
         "stop_token_ids",
         "token_ids",
@@ -68,6 +69,7 @@ class MockSequence:
         self.kv_transfer_params = kv_transfer_params  # vLLM KV-connector params, as the request gave them
         self.remote_prefill: RemotePrefill | None = None  # the prompt's KV to pull in before running
         self.num_transferred_tokens = 0  # prompt tokens whose KV came from a prefill worker
+        self.script: list[int] | None = None  # the output to give, then EOS (a structured-output request)
 
     @property
     def num_output(self) -> int:
