@@ -19,9 +19,9 @@ MAX_BENCHMARK_LINES = 440  # a benchmark script: "at most ~400 lines" (issue 9)
 LAYERS: list[tuple[str, set[str]]] = [
     ("entry points", {"cli", "roles", "bench"}),
     ("the roles' library classes", {"frontend", "processor", "choice", "admission", "worker"}),
-    ("routing, disaggregation, engines", {"router", "disagg", "engines", "detokenizer", "models"}),
-    ("streaming RPC", {"rpc", "kv_events"}),
-    ("transport", {"transport"}),
+    ("routing, disaggregation, engines", {"router", "disagg", "engines", "detokenizer", "tools", "models"}),
+    ("streaming RPC", {"rpc", "kv_events", "kv_publisher"}),
+    ("transport", {"transport", "security"}),
     ("messages", {"protocol", "token_ids", "errors", "__init__"}),
 ]
 ARGPARSE_ALLOWED = ("zdyn.roles", "zdyn.cli", "zdyn.bench")

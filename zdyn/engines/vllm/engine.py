@@ -217,7 +217,7 @@ def _validation_error() -> type[Exception]:
         from vllm.exceptions import VLLMValidationError
     except ImportError:
         return ValueError
-    return VLLMValidationError  # type: ignore[no-any-return]
+    return VLLMValidationError
 
 
 def _stat_logger_base() -> type:
