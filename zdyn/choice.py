@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -23,9 +23,10 @@ from prometheus_client.registry import Collector
 
 from zdyn.detokenizer import Detokenizer
 from zdyn.errors import RequestError, retryable, unavailable
-from zdyn.protocol import Delta, Finish, Generate, SamplingParams, TokenIds, as_token_ids
+from zdyn.protocol import Delta, Finish, Generate, SamplingParams
 from zdyn.router.selector import Route
 from zdyn.rpc import Peer
+from zdyn.token_ids import TokenIds
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,11 @@ class ReissueCollector(Collector):
 def movable(sampling: SamplingParams) -> bool:
     """Can a choice move to another worker mid-stream? Not when its state lives in the engine (guided
     decoding's grammar state); every other sampling setting is re-created from the tokens so far."""
-    return True
+    return sampling.structured is None
 
 
 # (choice request id, prompt + tokens so far, sampling for the rest, peers to avoid) -> a worker and route
-Choose = Callable[[str, Sequence[int], set[str]], Awaitable[Route]]
+Choose = Callable[[str, TokenIds, set[str]], Awaitable[Route]]
 Stream = Callable[[Peer, Generate], AsyncGenerator[Delta]]
 
 
@@ -143,7 +144,7 @@ class ChoiceRun:
             )
         return Generate(
             request_id=spec.request_id,
-            token_ids=as_token_ids(spec.prompt + self.generated),
+            token_ids=spec.prompt + self.generated,
             sampling=sampling,
             model=spec.model,
             overlap_blocks=route.overlap_blocks,

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from pathlib import Path
@@ -229,7 +229,7 @@ class Processor:
             limit = min(AVOID_WAIT_S, self.resilience.worker_wait_s) if live else self.resilience.worker_wait_s
             await self.hub.wait_for_change(max(0.01, limit - waited))
 
-    async def _choose(self, rid: str, token_ids: Sequence[int], avoid: set[str]) -> Route:
+    async def _choose(self, rid: str, token_ids: TokenIds, avoid: set[str]) -> Route:
         peers = await self._workers(avoid)
         if self._routed.pop(rid, None):  # routed before, to a worker that failed: the router forgets that
             self.selector.update(rid, RouteEvent.FINISHED)

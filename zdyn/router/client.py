@@ -18,6 +18,7 @@ import zmq.asyncio
 from zdyn.protocol import RouteEvent, RouteQuery, RouteReply, RouteUpdate, as_token_ids
 from zdyn.router.selector import RoundRobin, Route
 from zdyn.rpc import Peer
+from zdyn.token_ids import as_token_ids
 from zdyn.transport import MalformedCounter, ignore_result, is_remote, make_socket, read_messages, send
 
 log = logging.getLogger(__name__)

@@ -243,9 +243,9 @@ class Spoke:
             task.cancel()
         link.requests.clear()
         link.pending.clear()
-        for loop_task in (link.reader, link.watcher):
-            if loop_task is not None:
-                loop_task.cancel()
+        for helper in (link.reader, link.watcher):
+            if helper is not None:
+                helper.cancel()
         if link.sock is not None:
             with contextlib.suppress(zmq.ZMQError):  # its context may be gone already
                 link.sock.disable_monitor()
