@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import zmq
 import zmq.asyncio
 
-from zdyn.protocol import RouteEvent, RouteQuery, RouteReply, RouteUpdate, as_token_ids
+from zdyn.protocol import RouteEvent, RouteQuery, RouteReply, RouteUpdate
 from zdyn.router.selector import RoundRobin, Route
 from zdyn.rpc import Peer
 from zdyn.token_ids import as_token_ids
