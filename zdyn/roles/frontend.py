@@ -29,7 +29,6 @@ from zdyn.roles.resilience import add_admission_args, add_resilience_args, admis
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
 from zdyn.router.selector import RoundRobin
 from zdyn.rpc import Hub
-from zdyn.rpc.directory import HubDirectory
 from zdyn.security import is_local
 from zdyn.transport import check_endpoint
 
@@ -155,16 +154,15 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_backend(config: FrontendConfig) -> tuple[Backend, Hub, str, HubDirectory | None]:
-    """The backend the frontend serves through, the hub it needs started, a line saying what it is, and the
-    hub's directory (discovery)."""
+def build_backend(config: FrontendConfig) -> tuple[Backend, Hub, str]:
+    """The backend the frontend serves through, the hub it needs started, and a line saying what it is."""
     if config.processors_endpoint:
         hub = Hub(
             config.processors_endpoint, role=Role.PROCESSOR, liveness=config.common.liveness,
             max_peers=config.common.max_peers,
         )  # fmt: skip
         where = f"processors register at {config.processors_endpoint}"
-        return RemoteBackend(hub, config.resilience), hub, where, None
+        return RemoteBackend(hub, config.resilience), hub, where
     from zdyn.models import resolve_model, served_model_name
 
     model = resolve_model(config.model)
@@ -177,8 +175,7 @@ def build_backend(config: FrontendConfig) -> tuple[Backend, Hub, str, HubDirecto
     admission = Admission(config.admission)
     processor = Processor(config.tokenizer or model, name, hub, selector, config.resilience, admission)
     processor.outputs = config.output_parsing.build(processor.tokenizer)
-    directory = config.discovery.hub_directory(hub, "frontend", name)
-    return processor, hub, f"serving {name}; workers connect to {config.workers_endpoint}", directory
+    return processor, hub, f"serving {name}; workers connect to {config.workers_endpoint}"
 
 
 async def serve(config: FrontendConfig) -> int:
@@ -188,11 +185,15 @@ async def serve(config: FrontendConfig) -> int:
         log.error("cannot start: %s", e.strerror or e)
         return 2
     try:
-        backend, hub, where, directory = build_backend(config)
+        backend, hub, where = build_backend(config)
     except ValueError as e:  # an output parser that does not fit the model
         log.error("cannot start: %s", e)
         sock.close()
         return 2
+    # the embedded processor's workers hub tells its workers of the deployment's other hubs (discovery)
+    directory = (
+        config.discovery.hub_directory(hub, "frontend", backend.model) if isinstance(backend, Processor) else None
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -23,6 +23,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 
 import msgspec
 import zmq
@@ -303,12 +304,16 @@ class SpokeDiscovery:
                          silent_s)  # fmt: skip
                 self.spoke.remove_hub(link.endpoint)
 
+    def _from(self, seed: str) -> Callable[[bytes, Directory], None]:
+        def answer(identity: bytes, msg: Directory) -> None:
+            self.on_directory(seed, msg)
+
+        return answer
+
     async def _housekeeping(self) -> None:
         socks = {seed: make_socket(self.ctx, zmq.DEALER, seed, bind=False) for seed in self.seeds}
         readers = [
-            asyncio.get_running_loop().create_task(
-                read_messages(sock, {Directory: lambda _, msg, seed=seed: self.on_directory(seed, msg)}, self.malformed)
-            )
+            asyncio.get_running_loop().create_task(read_messages(sock, {Directory: self._from(seed)}, self.malformed))
             for seed, sock in socks.items()
         ]
         asked = 0.0
