@@ -7,10 +7,13 @@ from zdyn.bench.delay import Delay, serve
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(1 << 16):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
+    try:
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+        await writer.wait_closed()
 
 
 async def test_the_shim_adds_its_rtt_and_keeps_the_bytes(unused_tcp_port_factory, tmp_path):
@@ -36,6 +39,7 @@ async def test_the_shim_adds_its_rtt_and_keeps_the_bytes(unused_tcp_port_factory
     await asyncio.sleep(1.3)  # re-read once a second
     assert await round_trip(b"x") < 0.05
     writer.close()
+    await writer.wait_closed()
     stop.set()
     await asyncio.wait_for(shim, 5)
     echo.close()

@@ -90,13 +90,26 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay
 
 
 async def serve(listen: tuple[str, int], target: tuple[str, int], delay: Delay, stop: asyncio.Event) -> None:
+    """Forward connections until ``stop`` is set; then close every connection it still holds."""
+    open_writers: set[asyncio.StreamWriter] = set()
+
     async def connection(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        open_writers.add(client_w)
         try:
             server_r, server_w = await asyncio.open_connection(*target)
         except OSError:
             client_w.close()
+            open_writers.discard(client_w)
             return
-        await asyncio.gather(pump(client_r, server_w, delay), pump(server_r, client_w, delay), return_exceptions=True)
+        open_writers.add(server_w)
+        try:
+            await asyncio.gather(pump(client_r, server_w, delay), pump(server_r, client_w, delay))
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            for writer in (client_w, server_w):
+                writer.close()
+                open_writers.discard(writer)
 
     server = await asyncio.start_server(connection, *listen)
     log.info("delay shim %s:%d -> %s:%d, RTT %.1f ms", *listen, *target, delay.rtt_ms)
@@ -105,6 +118,10 @@ async def serve(listen: tuple[str, int], target: tuple[str, int], delay: Delay, 
             delay.refresh()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
+    for writer in list(open_writers):
+        writer.close()
+        with contextlib.suppress(OSError, ConnectionError):
+            await writer.wait_closed()
 
 
 def _address(text: str) -> tuple[str, int]:
