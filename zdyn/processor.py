@@ -160,6 +160,10 @@ class Processor:
         sampling = self._sampling(
             request, len(token_ids), min(p.ready.max_model_len or self.max_model_len for p in peers)
         )
+        if outputs is not None:
+            for progress in resume or []:  # choices another processor started: their parsers catch up
+                text = self.backend.decode(progress.token_ids, skip_special_tokens=request.skip_special_tokens)
+                outputs.prime(progress.index, text, progress.token_ids)
         run = self._run(request_id, token_ids, sampling, request, resume or [])
         async with self.admission.slot(self.capacity()), aclosing(run) as deltas:
             async for delta in deltas:

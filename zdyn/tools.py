@@ -182,10 +182,20 @@ class RequestOutputs:
         self.end_texts = end_texts  # special tokens' text to drop from the end of an output (EOS kept in the text)
         self.choices: dict[int, ChoiceState] = {}
 
-    def apply(self, delta: Delta) -> None:
-        state = self.choices.get(delta.index)
+    def _state(self, index: int) -> ChoiceState:
+        state = self.choices.get(index)
         if state is None:
-            state = self.choices[delta.index] = ChoiceState(self.make())
+            state = self.choices[index] = ChoiceState(self.make())
+        return state
+
+    def prime(self, index: int, text: str, token_ids: Sequence[int]) -> None:
+        """A choice that another processor started (it died): parse what the client already has, hand out nothing
+        of it, so that the rest continues the same calls."""
+        state = self._state(index)
+        state.calls += len(state.parser.feed(text, token_ids, False).calls)
+
+    def apply(self, delta: Delta) -> None:
+        state = self._state(delta.index)
         text = delta.text or ""
         if delta.finish is not None:
             text = next((text.removesuffix(end) for end in self.end_texts if text.endswith(end)), text)
