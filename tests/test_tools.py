@@ -243,9 +243,11 @@ def test_text_without_a_call_stays_content(tokenizer, stream):
 def test_reasoning_is_split_off(tokenizer, stream):
     parsing = vllm_parsing(tokenizer, reasoning_parser="deepseek_r1")
     assert parsing.keeps_special_tokens
-    deltas = run(parsing, TextRequest(prompt="x", stream=stream), tokens(tokenizer, "<think>Hmm, Paris.</think>Sunny."))
+    pieces = tokens(tokenizer, "<think>Hmm, Paris.</think>Sunny.")
+    deltas = run(parsing, TextRequest(messages=[], stream=stream), pieces)
     assert "".join(d.reasoning or "" for d in deltas) == "Hmm, Paris."
     assert "".join(d.text or "" for d in deltas) == "Sunny."
+    assert parsing.for_request(TextRequest(prompt="x")) is None  # completions keep their text whole, as in vLLM
 
 
 def test_unknown_parsers_and_unfit_tokenizers_are_refused_at_start(tokenizer, tiny_model):
