@@ -75,20 +75,33 @@ class Processor:
         self.num_tokenized_on_threads = 0  # requests whose prompt was long enough to go to the pool
 
     async def tokenize_async(self, request: TextRequest) -> TokenIds:
-        """``tokenize``, on a thread for a long prompt."""
+        """``tokenize``; a long prompt's text is encoded on a thread.
+
+        Only the Rust call runs there (it releases the GIL throughout); the template (jinja, cheap) and the
+        conversion of the ids (Python objects) stay on the loop, so that a tokenizing thread never holds the GIL
+        the event loop waits for (a thread holding it would stall every send and receive by up to the switch
+        interval)."""
         if prompt_chars(request) <= LONG_PROMPT_CHARS:
             return self.tokenize(request)
+        prompt = self.prompt_text(request)
+        if isinstance(prompt, TokenIds):
+            return prompt
         self.num_tokenized_on_threads += 1
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self.tokenize, request)
-
-    def encode(self, text: str, add_special_tokens: bool) -> TokenIds:
-        """Token ids of ``text`` from the Rust tokenizer directly: its batch call without offsets is the fastest,
-        and it releases the GIL."""
-        [encoding] = self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)
+        encoding = await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._encode_one, *prompt)
         return TokenIds(encoding.ids)
+
+    def _encode_one(self, text: str, add_special_tokens: bool) -> Any:
+        """The Rust tokenizer directly: its batch call without offsets is the fastest, and it releases the GIL."""
+        [encoding] = self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)
+        return encoding
 
     def tokenize(self, request: TextRequest) -> TokenIds:
         """Prompt token ids: the chat template applied to the messages, or the completion prompt."""
+        prompt = self.prompt_text(request)
+        return prompt if isinstance(prompt, TokenIds) else TokenIds(self._encode_one(*prompt).ids)
+
+    def prompt_text(self, request: TextRequest) -> tuple[str, bool] | TokenIds:
+        """The text to encode and whether to add special tokens; or the ids of a token-id prompt, checked."""
         if request.messages is not None:
             try:
                 text = self.tokenizer.apply_chat_template(
@@ -99,13 +112,13 @@ class Processor:
                 )
             except Exception as e:  # jinja errors: the template rejected these messages
                 raise RequestError(f"cannot apply the chat template: {e}") from e
-            return self.encode(text, add_special_tokens=False)
+            return text, False
         if isinstance(request.prompt, list):
             vocab = len(self.tokenizer)
             if request.prompt and not 0 <= min(request.prompt) <= max(request.prompt) < vocab:
                 raise RequestError(f"prompt token ids must be in [0, {vocab})")
             return TokenIds(request.prompt)
-        return self.encode(request.prompt or "", add_special_tokens=True)
+        return request.prompt or "", True
 
     def models(self) -> list[str]:
         return [self.model]
