@@ -50,6 +50,7 @@ def run_sh_env(spec: ZdynSpec, ports: Ports, config: Path, log_dir: Path, bin_di
         "ZDYN_ROUTER_PORT": str(ports.router),
         "ZDYN_QUEUE_PORT": str(ports.queue),
         "ZDYN_ROUTER_IN_PROCESS": "1" if spec.router_in_process else "0",
+        "ZDYN_KEYS_DIR": "",  # the fake zdyn makes no keys (the harness passes its own through the environment)
         **({"ZDYN_MODEL": spec.model} if spec.model else {}),
         **({"ZDYN_ROUTER_MODE": spec.router_mode} if spec.router_mode else {}),
     }

@@ -121,3 +121,19 @@ def test_cancel_while_queued_and_while_prefilling_leaves_nothing_behind(disagg):
 
     wait_until(idle, 5, "a request was left behind on the decode worker")
     assert not re.search(r"prefill job \S+ on \S+: done", group.log("queue").split("cancelled (running)")[-1])
+
+
+def test_n_choices_share_one_remote_prefill_and_the_frontend_counts_decisions(disagg):
+    group, base_url = disagg
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0)
+    answer = client.completions.create(model="tiny-llama", prompt=LONG, max_tokens=3, n=2, seed=1)
+    assert len(answer.choices) == 2 and answer.usage.completion_tokens == 6
+
+    def decisions() -> dict[str, float]:  # the decode worker's, as the frontend's /metrics has them
+        text = httpx.get(f"{base_url}/metrics").text
+        found = re.findall(r'zdyn_disagg_decisions_total\{decision="(\w+)",worker="decode0"\} (\S+)', text)
+        return {decision: float(n) for decision, n in found}
+
+    wait_until(lambda: decisions().get("shared") == 1, 10, "no shared prefill on the frontend's /metrics")
+    assert decisions() == {"remote": 1, "shared": 1}  # one remote prefill for both choices
+    assert len(dispatched(group)) == 1

@@ -24,15 +24,14 @@ from zdyn.kv_events import (
     KvEvent,
     KvEventBatch,
     KvEventError,
-    KvEventPublisher,
     decode_frames,
     decode_payload,
     encode_frames,
     encode_payload,
-    is_bind_endpoint,
     normalize_hash,
     split_replay_reply,
 )
+from zdyn.kv_publisher import KvEventPublisher, is_bind_endpoint
 from zdyn.protocol import ProtocolError
 
 TS = 1795765826.446156

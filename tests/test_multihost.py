@@ -12,13 +12,13 @@ import zmq.asyncio
 
 from zdyn.bench.deploy import EXAMPLES
 from zdyn.frontend.health import topology
-from zdyn.protocol import Delta, Finish, Ready, RouteQuery
+from zdyn.protocol import Delta, Finish, Ready, RouteQuery, encode
 from zdyn.roles import frontend, prefill_queue, processor, router, worker
 from zdyn.roles.common import parse_args
 from zdyn.roles.ports import WorkerPorts
 from zdyn.router.client import RouterClient
 from zdyn.rpc import Hub, RefusedError, Spoke
-from zdyn.transport import Liveness, advertised, endpoint_host, host_towards, is_loopback, is_remote
+from zdyn.transport import Liveness, advertised, endpoint_host, host_towards, is_loopback, is_remote, make_socket
 from zdyn.worker import Worker
 
 FAST = Liveness(interval_s=0.1, misses=3)
@@ -80,7 +80,7 @@ def test_worker_port_flags_are_checked_and_reach_the_config():
     with pytest.raises(ValueError):
         worker_config("--port-base", "65534")
     with pytest.raises(ValueError):
-        worker_config("--results-port", "-1")
+        worker_config("--nixl-side-channel-port", "-1")
 
 
 def test_advertising_loopback_to_a_hub_on_another_host_is_refused():
@@ -139,17 +139,35 @@ async def test_the_same_id_from_another_host_is_refused_and_the_first_keeps_serv
     await asyncio.sleep(0.5)  # several heartbeat periods: the first is still registered, under its own identity
     (peer,) = hub.live_peers()
     assert peer.identity == first.identity and peer.ready.host == "10.0.0.1"
-    # a restart on the same host (a new process, the old one not yet noticed dead) replaces the old registration
+    # while the first is alive, the same id from its own host is refused too (nobody takes a live peer's requests)
+    thief = Spoke([endpoint], Ready(peer_id="w", role="worker", host="10.0.0.1"), _serve, liveness=FAST, ctx=ctx)
+    with pytest.raises(RefusedError):
+        await asyncio.wait_for(thief.run(), 5)
+    assert hub.num_refused == 2 and [p.identity for p in hub.live_peers()] == [first.identity]
+    first.close()
+    await asyncio.wait_for(first_task, 5)
+    await hub.close()
+
+
+async def test_a_restart_replaces_a_registration_that_went_quiet(unused_tcp_port, ctx):
+    """A new process with the same id, while the old one's death is not yet noticed (silent, not expired)."""
+    endpoint = f"tcp://127.0.0.1:{unused_tcp_port}"
+    hub = Hub(endpoint, role="worker", liveness=Liveness(interval_s=0.2, misses=20), ctx=ctx)
+    await hub.start()
+    hung = make_socket(ctx, zmq.DEALER, endpoint, bind=False, identity=b"w#old")  # registers, then never beats
+    await hung.send_multipart(encode(Ready(peer_id="w", role="worker", host="10.0.0.1", instance="old")))
+    await hub.wait_for_peers(1, timeout_s=5)
+    await asyncio.sleep(0.5)
     again = Spoke([endpoint], Ready(peer_id="w", role="worker", host="10.0.0.1"), _serve, liveness=FAST, ctx=ctx)
     again_task = asyncio.create_task(again.run())
     for _ in range(100):
         if [p.identity for p in hub.live_peers()] == [again.identity]:
             break
         await asyncio.sleep(0.05)
-    assert [p.identity for p in hub.live_peers()] == [again.identity] and hub.num_refused == 1
-    for spoke, task in ((first, first_task), (again, again_task)):
-        spoke.close()
-        await asyncio.wait_for(task, 5)
+    assert [p.identity for p in hub.live_peers()] == [again.identity] and hub.num_refused == 0
+    again.close()
+    await asyncio.wait_for(again_task, 5)
+    hung.close(linger=0)
     await hub.close()
 
 

@@ -19,7 +19,17 @@ from zdyn.choice import Resilience
 from zdyn.errors import RequestError
 from zdyn.frontend.remote import RemoteBackend
 from zdyn.processor import Processor
-from zdyn.protocol import Delta, Finish, Generate, Heartbeat, Process, Ready, SamplingParams, TextRequest
+from zdyn.protocol import (
+    Delta,
+    Finish,
+    Generate,
+    Heartbeat,
+    Process,
+    Ready,
+    SamplingParams,
+    StructuredOutputs,
+    TextRequest,
+)
 from zdyn.router.selector import RoundRobin
 from zdyn.rpc import Hub, Request, Spoke
 from zdyn.transport import Liveness
@@ -148,6 +158,21 @@ async def test_a_killed_worker_s_stream_moves_on_without_a_gap(endpoint, ctx, ti
     moved = survivor.served[-1]
     assert moved.token_ids[:4] == PROMPT and len(moved.token_ids) >= 14  # prompt + the tokens so far
     assert moved.sampling.max_tokens == 30 - (len(moved.token_ids) - 4)
+    await stop(hub, workers)
+
+
+async def test_a_guided_request_is_retried_but_never_migrated(endpoint, ctx, tiny_model):
+    hub, processor, workers = await start(endpoint, ctx, tiny_model)
+    guided = request(30)
+    guided.sampling.structured = StructuredOutputs(regex="[a-z]+")
+
+    async def kill_at_five(n: int) -> None:
+        if n == 5:
+            await busy(workers).kill()
+
+    with pytest.raises(RequestError) as failed:  # its grammar state was in the dead engine: it cannot move
+        await collect(processor.process("g", guided), kill_at_five)
+    assert failed.value.status == 503 and not processor.reissues.counts
     await stop(hub, workers)
 
 
@@ -301,4 +326,6 @@ async def test_a_killed_processor_s_requests_continue_on_another(unused_tcp_port
         spoke.close()
         await asyncio.gather(task, return_exceptions=True)
         await stop(hub, workers)
+    await until(lambda: not processors_hub.live_peers(draining=True))
+    assert backend.models() == ["m"]  # still known while its processors restart: a wait, then 503, not a 404
     await processors_hub.close()

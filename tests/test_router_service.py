@@ -10,7 +10,8 @@ import zmq.asyncio
 from e2e import eventually
 
 from zdyn.bench.procs import free_ports
-from zdyn.kv_events import KvBlockStored, KvEventPublisher
+from zdyn.kv_events import KvBlockStored
+from zdyn.kv_publisher import KvEventPublisher
 from zdyn.protocol import Ready, RouteQuery, RouteUpdate, encode
 from zdyn.router.client import RemoteSelector, RouterClient
 from zdyn.router.core import KvRouter

@@ -12,7 +12,8 @@ import zmq
 import zmq.asyncio
 from e2e import eventually
 
-from zdyn.kv_events import KvBlockRemoved, KvBlockStored, KvEventPublisher, encode_payload
+from zdyn.kv_events import KvBlockRemoved, KvBlockStored, encode_payload
+from zdyn.kv_publisher import KvEventPublisher
 from zdyn.router.core import KvRouter
 from zdyn.router.subscriber import KvSubscriber
 

@@ -26,6 +26,7 @@ from zdyn.errors import RequestError, retryable, unavailable
 from zdyn.protocol import Delta, Finish, Generate, SamplingParams
 from zdyn.router.selector import Route
 from zdyn.rpc import Peer
+from zdyn.token_ids import TokenIds
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,11 @@ class ReissueCollector(Collector):
 def movable(sampling: SamplingParams) -> bool:
     """Can a choice move to another worker mid-stream? Not when its state lives in the engine (guided
     decoding's grammar state); every other sampling setting is re-created from the tokens so far."""
-    return True
+    return sampling.structured is None
 
 
 # (choice request id, prompt + tokens so far, sampling for the rest, peers to avoid) -> a worker and route
-Choose = Callable[[str, list[int], set[str]], Awaitable[Route]]
+Choose = Callable[[str, TokenIds, set[str]], Awaitable[Route]]
 Stream = Callable[[Peer, Generate], AsyncGenerator[Delta]]
 
 
@@ -89,7 +90,7 @@ Stream = Callable[[Peer, Generate], AsyncGenerator[Delta]]
 class ChoiceSpec:
     request_id: str  # the id sent to workers (``rid`` or ``rid-i`` for n > 1)
     index: int
-    prompt: list[int]
+    prompt: TokenIds
     sampling: SamplingParams
     model: str
     detokenizer: Detokenizer

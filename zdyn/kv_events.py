@@ -1,4 +1,4 @@
-"""vLLM's native KV-cache event stream: encoder, normalising decoder and a ZMQ publisher with replay.
+"""vLLM's native KV-cache event stream: encoder and normalising decoder (the publisher: ``zdyn.kv_publisher``).
 
 Frames are ``[topic, seq (8 bytes big-endian), payload]``; the payload is what vLLM 0.32's ``ZmqEventPublisher``
 sends: a msgspec-encoded ``[ts, [event, ...], data_parallel_rank]`` whose events are maps tagged by ``"type"``
@@ -8,20 +8,15 @@ map-shaped batch, so one router can read every vLLM version seen so far.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from array import array
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import zmq
-import zmq.asyncio
 
 from zdyn.protocol import ProtocolError
-from zdyn.transport import DEFAULT_HWM, TransportError, make_socket
 
 HASH_MASK = (1 << 64) - 1
 MEDIUM_GPU = "GPU"
@@ -301,102 +296,3 @@ def split_replay_reply(frames: Sequence[bytes]) -> tuple[int, bytes]:
     if len(seq_frame) != 8:
         raise KvEventError(f"replay sequence frame must be 8 bytes, got {len(seq_frame)}")
     return int.from_bytes(seq_frame, "big", signed=True), payload
-
-
-def is_bind_endpoint(endpoint: str) -> bool:
-    """vLLM's rule: bind wildcard, IPv6-any and ipc/inproc endpoints, connect to everything else."""
-    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
-
-
-class KvEventPublisher:
-    """Publishes KV event batches like vLLM's ZmqEventPublisher, from asyncio code.
-
-    ``seq`` starts at 0 in every process and counts batches. With ``replay_endpoint`` a ROUTER socket
-    answers ``[id, "", start_seq]`` with every buffered batch whose seq >= start_seq, then an end marker.
-    """
-
-    def __init__(
-        self,
-        endpoint: str,
-        *,
-        replay_endpoint: str | None = None,
-        topic: str = "",
-        buffer_steps: int = DEFAULT_BUFFER_STEPS,
-        hwm: int = DEFAULT_HWM,
-        data_parallel_rank: int = 0,
-        ctx: zmq.asyncio.Context | None = None,
-    ) -> None:
-        self._topic = topic.encode()
-        self._dp_rank = data_parallel_rank
-        self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
-        self._next_seq = 0
-        self._ctx = ctx or zmq.asyncio.Context.instance()
-        # PUB drops silently past the HWM, so keep it large: a slow router then lags instead of losing events.
-        bind = is_bind_endpoint(endpoint)
-        self._pub = make_socket(self._ctx, zmq.PUB, endpoint, bind=bind, hwm=hwm)
-        self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT) if bind else endpoint
-        self._replay: zmq.asyncio.Socket | None = None
-        self._replay_task: asyncio.Task[None] | None = None
-        self.replay_endpoint: str | None = None
-        if replay_endpoint is not None:
-            try:
-                # A full replay is buffer_steps + 1 messages to one peer; past its HWM a ROUTER would drop the rest.
-                # Its clients are one-off DEALERs: one that left is no error (not mandatory).
-                self._replay = make_socket(
-                    self._ctx, zmq.ROUTER, replay_endpoint, bind=True, hwm=buffer_steps + 16, mandatory=False
-                )
-            except TransportError:
-                self._pub.close(linger=0)
-                raise
-            self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
-
-    @property
-    def next_seq(self) -> int:
-        return self._next_seq
-
-    async def start(self) -> None:
-        if self._replay is not None and self._replay_task is None:
-            self._replay_task = asyncio.create_task(self._serve_replay(), name="kv-events-replay")
-
-    async def publish(self, events: Iterable[KvEvent], ts: float | None = None) -> int:
-        """Send one batch; returns its seq."""
-        payload = encode_payload(events, ts, self._dp_rank)
-        seq = self._next_seq
-        self._next_seq += 1
-        self._buffer.append((seq, payload))
-        await self._pub.send_multipart(encode_frames(self._topic, seq, payload))
-        return seq
-
-    async def close(self) -> None:
-        if self._replay_task is not None:
-            self._replay_task.cancel()
-            try:
-                await self._replay_task
-            except asyncio.CancelledError:
-                pass
-            self._replay_task = None
-        self._close_sockets()
-
-    async def __aenter__(self) -> KvEventPublisher:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    def _close_sockets(self) -> None:
-        self._pub.close(linger=0)
-        if self._replay is not None:
-            self._replay.close(linger=0)
-
-    async def _serve_replay(self) -> None:
-        assert self._replay is not None
-        while True:
-            frames = await self._replay.recv_multipart()
-            if len(frames) != 3 or frames[1] != b"" or len(frames[2]) != 8:
-                continue  # not a replay request; vLLM ignores these too
-            client_id, start = frames[0], int.from_bytes(frames[2], "big")
-            for seq, payload in list(self._buffer):
-                if seq >= start:
-                    await self._replay.send_multipart([client_id, b"", self._topic, seq.to_bytes(8, "big"), payload])
-            await self._replay.send_multipart([client_id, b"", b"", END_SEQ, b""])

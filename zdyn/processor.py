@@ -38,6 +38,7 @@ from zdyn.protocol import (
 )
 from zdyn.router.selector import Route, Selector
 from zdyn.rpc import Hub, Peer
+from zdyn.tools import OutputParsing, chat_template_inputs
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Processor:
         selector: Selector,
         resilience: Resilience | None = None,
         admission: Admission | None = None,
+        outputs: OutputParsing | None = None,
     ) -> None:
         self.model = model
         self.resilience = resilience or Resilience()
@@ -73,6 +75,7 @@ class Processor:
         self._token_text: dict[int, str] = {}
         self._tokenize_pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="zdyn-tokenize")
         self.num_tokenized_on_threads = 0  # requests whose prompt was long enough to go to the pool
+        self.outputs = outputs or OutputParsing()  # tool calls and reasoning in the output (zdyn.tools)
 
     async def tokenize_async(self, request: TextRequest) -> TokenIds:
         """``tokenize``; a long prompt's text is encoded on a thread.
@@ -103,11 +106,14 @@ class Processor:
     def prompt_text(self, request: TextRequest) -> tuple[str, bool] | TokenIds:
         """The text to encode and whether to add special tokens; or the ids of a token-id prompt, checked."""
         if request.messages is not None:
+            tools = request.tools if request.tool_choice != "none" else None
+            messages, extra = chat_template_inputs(request.messages, tools, self.tokenizer.chat_template)
             try:
                 text = self.tokenizer.apply_chat_template(
-                    request.messages,
+                    messages,
                     tokenize=False,
                     add_generation_prompt=True,
+                    **extra,
                     **request.chat_template_kwargs,
                 )
             except Exception as e:  # jinja errors: the template rejected these messages
@@ -157,6 +163,9 @@ class Processor:
     ) -> AsyncGenerator[Delta]:
         """Yield text deltas (``index`` = choice) until every choice has finished. ``resume``: the tokens each
         choice already produced under another processor (that one died): the stream continues after them."""
+        outputs = self.outputs.for_request(request)  # a 400 if it needs a parser this processor lacks
+        if outputs is not None and self.outputs.keeps_special_tokens:
+            request.skip_special_tokens = False  # tool-call and thinking tags are special tokens in many models
         token_ids = await self.tokenize_async(request)
         peers = await self._workers(set())
         # Validated before routing, against the context every live worker can take: a rejected request is
@@ -167,12 +176,14 @@ class Processor:
         run = self._run(request_id, token_ids, sampling, request, resume or [])
         async with self.admission.slot(self.capacity()), aclosing(run) as deltas:
             async for delta in deltas:
+                if outputs is not None:
+                    outputs.apply(delta)  # tool calls and reasoning apart from the content
                 yield delta
 
     async def _run(
         self,
         request_id: str,
-        token_ids: list[int],
+        token_ids: TokenIds,
         sampling: SamplingParams,
         request: TextRequest,
         resume: list[ChoiceProgress],
@@ -200,7 +211,7 @@ class Processor:
                     self.selector.update(run.spec.request_id, RouteEvent.FINISHED)
 
     def _choice_run(
-        self, request_id: str, index: int, token_ids: list[int], sampling: SamplingParams, request: TextRequest
+        self, request_id: str, index: int, token_ids: TokenIds, sampling: SamplingParams, request: TextRequest
     ) -> ChoiceRun:
         detokenizer = Detokenizer(
             self.backend,
@@ -231,7 +242,7 @@ class Processor:
             limit = min(AVOID_WAIT_S, self.resilience.worker_wait_s) if live else self.resilience.worker_wait_s
             await self.hub.wait_for_change(max(0.01, limit - waited))
 
-    async def _choose(self, rid: str, token_ids: list[int], avoid: set[str]) -> Route:
+    async def _choose(self, rid: str, token_ids: TokenIds, avoid: set[str]) -> Route:
         peers = await self._workers(avoid)
         if self._routed.pop(rid, None):  # routed before, to a worker that failed: the router forgets that
             self.selector.update(rid, RouteEvent.FINISHED)

@@ -58,11 +58,21 @@ class RouteEvent(StrEnum):
     FINISHED = "finished"
 
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
     """Base of all wire messages (map encoded, defaults omitted)."""
+
+
+class StructuredOutputs(Message):
+    """One constraint on the output, enforced by the engine's guided decoding (vLLM's structured outputs)."""
+
+    json: str | None = None  # a JSON schema, JSON-encoded
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: list[str] | None = None  # exactly one of these strings
+    grammar: str | None = None  # an EBNF (or Lark) grammar
 
 
 class SamplingParams(Message):
@@ -81,6 +91,7 @@ class SamplingParams(Message):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # number of top logprobs per token; None = no logprobs
+    structured: StructuredOutputs | None = None  # guided decoding; None = unconstrained
 
 
 class Ready(Message):
@@ -100,6 +111,7 @@ class Ready(Message):
     data_parallel_rank: int = 0
     kv_lease_s: float = 0.0  # a prefill worker keeps a finished prefill's KV this long for its reader; 0 = unbounded
     session: int = 0  # bumped each time the peer reconnects with a fresh socket (and dropped its requests)
+    instance: str = ""  # random per process run: a new socket of the same run may take over its peer id
     host: str = ""  # the address this peer advertises to this hub (its host, as the hub's side reaches it)
 
 
@@ -116,6 +128,7 @@ class QueueLink(Message):
     live: bool = False  # its status arrived recently
     queued: int = 0
     prefill_workers: list[str] = []  # "id@host" of the prefill workers registered there
+    decisions: dict[str, int] = {}  # the decode worker's prefill decisions so far (remote, local, fallback, shared)
 
 
 class Heartbeat(Message):
@@ -165,6 +178,11 @@ class TextRequest(Message):
     n: int = 1
     echo: bool = False
     chat_template_kwargs: dict[str, Any] = {}
+    tools: list[dict[str, Any]] | None = None  # OpenAI tool definitions, as the chat template sees them
+    tool_choice: Literal["none", "auto", "required", "named"] = "none"
+    tool_name: str | None = None  # the function tool_choice "named" forces
+    parallel_tool_calls: bool = True
+    stream: bool = False  # the client streams: output parsers hand out what they can at once
 
 
 class ChoiceProgress(Message):
@@ -209,6 +227,15 @@ class Finish(Message):
     cached_tokens: int = 0
 
 
+class ToolCallDelta(Message):
+    """A piece of one tool call in a choice's output; the first piece of a call carries its id and name."""
+
+    index: int  # which call of the choice
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""  # more of the call's JSON arguments
+
+
 class Delta(Message):
     """New output of one request from one engine step (or one detokenizer step).
 
@@ -219,6 +246,8 @@ class Delta(Message):
     index: int = 0
     token_ids: list[int] = []
     text: str | None = None
+    reasoning: str | None = None  # reasoning text the processor's reasoning parser split from ``text``
+    tool_calls: list[ToolCallDelta] | None = None  # tool calls the processor's tool parser found in the output
     logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int | None = None  # prefix-cache hit, on a request's first delta
     finish: Finish | None = None
@@ -272,15 +301,16 @@ class RouteUpdate(Message):
 
 
 class PrefillJob(Message):
-    """Decode worker -> prefill queue (PUSH): prefill this prompt, then tell ``reply_to`` where its KV is."""
+    """Decode worker -> prefill queue (DEALER -> ROUTER): prefill this prompt; ``PrefillDone`` comes back on the same
+    connection."""
 
     request: Generate  # the decode worker's own request: same id, prompt and model
-    reply_to: str  # the decode worker's PULL endpoint for PrefillDone
+    reply_to: str = ""  # unused: the queue answers on the connection the job came in on, it dials nobody
     deadline_s: float = 0.0  # seconds the decode worker waits; the queue drops the job unstarted after that
 
 
 class PrefillDone(Message):
-    """Prefill queue -> decode worker (PUSH): the prefill finished (``kv_transfer_params``) or failed (``error``)."""
+    """Prefill queue -> decode worker, on the job's connection: done (``kv_transfer_params``) or failed (``error``)."""
 
     request_id: str
     kv_transfer_params: dict[str, Any] | None = None
@@ -297,6 +327,7 @@ class QueueStatus(Message):
     running: int = 0  # jobs on prefill workers
     prefill_workers: int = 0
     capacity: int = 0  # jobs the prefill workers take at once
+    draining: bool = False  # the queue is shutting down: send jobs elsewhere
     workers: list[str] = []  # "id@host" of the registered prefill workers
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
+from zdyn import security
 from zdyn.protocol import Message, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 # Messages queued per peer before a send waits. Request paths never drop: DEALER blocks at the HWM and
 # ROUTER sockets run with ROUTER_MANDATORY, so a full or unknown peer is an error, not a silent loss.
 DEFAULT_HWM = 100_000
+MAX_MSG_BYTES = 64 << 20  # a peer sending a larger frame is disconnected (ZMQ_MAXMSGSIZE)
 READ_BATCH = 16  # a reader yields to the event loop after this many messages that were already waiting
 SCHEMES = ("tcp://", "ipc://", "inproc://")
 
@@ -132,12 +134,17 @@ def make_socket(
     identity: bytes | None = None,
     hwm: int = DEFAULT_HWM,
     mandatory: bool = True,
+    allow: Collection[str] | None = None,
+    max_msg_bytes: int = MAX_MSG_BYTES,
     heartbeat: Liveness | None = None,
 ) -> zmq.asyncio.Socket:
     """Create, configure and bind or connect a socket. ``bind`` defaults to True for ROUTER and PUB.
 
     ROUTER sockets fail a send to an unknown peer (``mandatory``) rather than dropping it; a replay server
-    answering anonymous one-off clients turns that off."""
+    answering anonymous one-off clients turns that off. When ``ctx`` has keys (``security.install``), tcp
+    sockets use CURVE: a bound one admits the client keys of the roles in ``allow``, a connecting one
+    authenticates with this process's role key. A ROUTER never hands a live peer's route to a newcomer with
+    the same routing id (no ROUTER_HANDOVER): spokes use a random id per socket."""
     check_endpoint(endpoint)
     if bind is None:
         bind = kind in (zmq.ROUTER, zmq.PUB)
@@ -145,9 +152,9 @@ def make_socket(
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)
     if kind == zmq.ROUTER and mandatory:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting under its identity takes over its route
     if heartbeat is not None:  # connection liveness in libzmq's I/O thread: a partition closes the connection
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat.interval_s * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat.expiry_s * 1000))
@@ -158,6 +165,11 @@ def make_socket(
         sock.setsockopt(zmq.IDENTITY, identity)
     if endpoint.startswith("tcp://") and not _is_ipv4(endpoint[len("tcp://") :].rpartition(":")[0]):
         sock.setsockopt(zmq.IPV6, 1)  # wildcards, names and IPv6 addresses (an IPv4 address reads back as itself)
+    try:
+        security.configure(sock, ctx, endpoint, bind=bind, allow=allow)
+    except security.KeysError:
+        sock.close()
+        raise
     try:
         if bind:
             sock.bind(endpoint)

@@ -16,9 +16,10 @@ import msgspec
 
 from zdyn.engines.base import Engine, EngineDeadError
 from zdyn.errors import RequestError, unavailable
+from zdyn.kv_publisher import KvEventRelay
 from zdyn.protocol import Delta, Generate, Ready, Role
 from zdyn.rpc import RefusedError, Request, Spoke
-from zdyn.transport import Liveness, advertised, host_towards
+from zdyn.transport import Liveness, TransportError, advertised, host_towards
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class Worker:
         advertise_host: str | None = None,
         role: Role = Role.WORKER,
         liveness: Liveness | None = None,
+        kv_relay: tuple[str, str] | None = None,
     ) -> None:
         if not hubs:
             raise ValueError("a worker needs at least one hub to connect to")
@@ -44,6 +46,8 @@ class Worker:
         self.advertise_host = advertise_host  # None: per hub, this host's address on the route to it
         self.role = role
         self.liveness = liveness or Liveness()
+        self.kv_relay = kv_relay  # bind endpoints for relaying the engine's KV events off this host
+        self.relay: KvEventRelay | None = None
         self.spoke: Spoke | None = None
         self.engine_dead = False
 
@@ -57,6 +61,16 @@ class Worker:
             self.worker_id, info.engine, info.model, time.perf_counter() - started, info.max_model_len,
             info.max_num_seqs, info.block_size, info.num_kv_blocks,
         )  # fmt: skip
+        events, replay = info.kv_events_endpoint, info.kv_replay_endpoint
+        if events and self.kv_relay is not None:
+            try:
+                self.relay = KvEventRelay(events, replay, *self.kv_relay)
+            except TransportError as e:
+                log.error("worker %s cannot relay its KV events: %s", self.worker_id, e)
+                await self.engine.shutdown()
+                return 2
+            await self.relay.start()
+            events, replay = self.relay.endpoint, self.relay.replay_endpoint
         ready = Ready(
             peer_id=self.worker_id,
             role=self.role,
@@ -66,8 +80,8 @@ class Worker:
             max_model_len=info.max_model_len,
             block_size=info.block_size,
             num_kv_blocks=info.num_kv_blocks,
-            kv_events_endpoint=info.kv_events_endpoint,  # bind form: each hub gets it with the address it reaches
-            kv_replay_endpoint=info.kv_replay_endpoint,
+            kv_events_endpoint=events,  # bind form: each hub gets it with the address it reaches
+            kv_replay_endpoint=replay,
             kv_lease_s=info.kv_lease_s,
         )
         if ready.kv_events_endpoint:
@@ -85,6 +99,8 @@ class Worker:
             log.error("%s", e)
             return 2
         finally:
+            if self.relay is not None:
+                await self.relay.close()
             await self.engine.shutdown()
         return 1 if self.engine_dead else 0
 

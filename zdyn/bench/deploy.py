@@ -15,6 +15,7 @@ Stopping sends SIGTERM to every role's process group, waits, then sends SIGKILL.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from zdyn.bench.procs import (
     wait_until,
 )
 from zdyn.bench.results import REPO
+from zdyn.security import KEYS_DIR_ENV, generate
 
 EXAMPLES = REPO / "examples"
 SCENARIOS = ("agg", "agg_route", "disagg", "disagg_route")
@@ -273,8 +275,13 @@ def _ready(spec: ZdynSpec, dep: ZdynDeployment, timeout_s: float, stable_s: floa
 def start(
     spec: ZdynSpec, log_dir: Path, timeout_s: float = 180.0, stable_s: float = 1.0, bind_host: str = LOOPBACK
 ) -> Iterator[ZdynDeployment]:
-    """Start ``spec`` (logs and config in ``log_dir``), wait until it serves, stop it on exit."""
+    """Start ``spec`` (logs and config in ``log_dir``), wait until it serves, stop it on exit. Like run.sh, the
+    roles get CURVE keys (made in ``log_dir/keys``) unless ``spec.env`` says otherwise (``ZDYN_KEYS_DIR=""``
+    with ``ZDYN_INSECURE=1`` runs without)."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    if KEYS_DIR_ENV not in spec.env:
+        generate(log_dir / "keys")
+        spec = dataclasses.replace(spec, env={KEYS_DIR_ENV: str((log_dir / "keys").resolve()), **spec.env})
     ports = Ports.free(spec)
     config = (log_dir / "config.yaml").resolve()
     config.write_text(yaml.safe_dump(config_for(spec, ports), sort_keys=False))

@@ -18,11 +18,12 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import xxhash
 import yaml
 import zmq
 import zmq.asyncio
@@ -31,18 +32,18 @@ from zdyn.disagg.policy import DisaggPolicy
 from zdyn.disagg.prefill import as_prefill
 from zdyn.engines.base import Engine, EngineInfo
 from zdyn.protocol import Cancel, Delta, Generate, Heartbeat, PrefillDone, PrefillJob, QueueLink, QueueStatus
+from zdyn.token_ids import TokenIds
 from zdyn.transport import (
     MalformedCounter,
-    advertised,
     ignore_result,
-    is_loopback,
     make_socket,
     read_messages,
     send,
 )
 
 log = logging.getLogger(__name__)
-STATUS_STALE_S = 3.0  # no QueueStatus for this long: the queue is gone, prefill locally
+STATUS_STALE_S = 1.0  # no QueueStatus (sent every 0.25 s) for this long: the queue is gone, prefill locally
+SEND_TIMEOUT_S = 1.0  # a job that cannot be handed to the queue's socket within this is prefilled locally
 # Decoding must start within this fraction of the prefill worker's KV lease. Once vLLM has the request it renews
 # the lease every lease/6 s, so the rest is the margin for that first renewal and for clocks that disagree.
 HANDOFF_LEASE_FRACTION = 0.5
@@ -53,7 +54,8 @@ class PrefillUnavailable(Exception):
 
 
 class PrefillClient:
-    """Sockets to the prefill queue: jobs and cancels out (PUSH), results in (PULL), queue status in (SUB)."""
+    """Sockets to the prefill queue: jobs and cancels out and their results back on one DEALER (the queue answers on
+    the connection a job came in on and never dials a decode worker), queue status in (SUB)."""
 
     def __init__(
         self,
@@ -61,17 +63,13 @@ class PrefillClient:
         status_endpoint: str,
         host: str,
         ctx: zmq.asyncio.Context | None = None,
-        *,
-        results_port: int = 0,
     ) -> None:
         self.jobs_endpoint = jobs_endpoint
-        self.results_port = results_port  # 0: a free port
         self.status_endpoint = status_endpoint
         self.host = host
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.status = QueueStatus()
         self.status_at = -1e9
-        self.reply_to = ""
         self.stats: Counter[str] = Counter()
         self.malformed = MalformedCounter(f"prefill results ({jobs_endpoint})")
         self._waiting: dict[str, asyncio.Future[PrefillDone]] = {}
@@ -81,16 +79,13 @@ class PrefillClient:
         self._releasing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._push = make_socket(self.ctx, zmq.PUSH, self.jobs_endpoint, bind=False)
-        interface = "127.0.0.1" if is_loopback(self.host) else "*"
-        port = self.results_port or "*"
-        self._results = make_socket(self.ctx, zmq.PULL, f"tcp://{interface}:{port}", bind=True)
-        self.reply_to = advertised(self._results.getsockopt_string(zmq.LAST_ENDPOINT), self.host)
+        self._push = make_socket(self.ctx, zmq.DEALER, self.jobs_endpoint, bind=False)
         self._status = make_socket(self.ctx, zmq.SUB, self.status_endpoint, bind=False)
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(read_messages(self._results, {PrefillDone: self._on_result}, self.malformed)),
+            loop.create_task(read_messages(self._push, {PrefillDone: self._on_result}, self.malformed)),
             loop.create_task(read_messages(self._status, {QueueStatus: self._on_status}, self.malformed)),
+            loop.create_task(self._watch()),
         ]
 
     async def close(self) -> None:
@@ -99,12 +94,36 @@ class PrefillClient:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for sock in (self._push, self._results, self._status):
+        for sock in (self._push, self._status):
             sock.close(linger=0)
 
     @property
     def queue_live(self) -> bool:
         return time.monotonic() - self.status_at < STATUS_STALE_S
+
+    @property
+    def usable(self) -> bool:
+        """The queue is up, not draining, and has a prefill worker: a job sent now can run."""
+        return self.queue_live and not self.status.draining and self.status.prefill_workers > 0
+
+    def _check_waiting(self) -> None:
+        """Fail the jobs waiting on a queue that died or lost its last prefill worker (each falls back to a
+        local prefill, or another queue) instead of letting them wait out their whole timeout. A draining queue
+        hands its queued jobs back itself and finishes the running ones."""
+        if not self._waiting or (self.queue_live and self.status.prefill_workers > 0):
+            return
+        why = "no status" if not self.queue_live else "no prefill worker"
+        self.stats[f"gave_up_{why.replace(' ', '_')}"] += len(self._waiting)
+        log.warning("prefill queue %s: %s; %d waiting job(s) go elsewhere", self.jobs_endpoint, why,
+                    len(self._waiting))  # fmt: skip
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(PrefillUnavailable(f"prefill queue {self.jobs_endpoint}: {why}"))
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_STALE_S / 4)
+            self._check_waiting()
 
     async def prefill(self, request: Generate, timeout_s: float) -> dict[str, Any]:
         """Run ``request``'s prefill on a prefill worker; its ``kv_transfer_params``, or PrefillUnavailable."""
@@ -115,7 +134,11 @@ class PrefillClient:
         done = False
         pushed = time.monotonic()
         try:
-            await send(self._push, PrefillJob(request=job, reply_to=self.reply_to, deadline_s=timeout_s))
+            job_msg = PrefillJob(request=job, deadline_s=timeout_s)
+            try:
+                await asyncio.wait_for(send(self._push, job_msg), SEND_TIMEOUT_S)
+            except TimeoutError:
+                raise PrefillUnavailable(f"prefill queue {self.jobs_endpoint} does not take jobs") from None
             result = await asyncio.wait_for(future, timeout_s)
             done = True
         except TimeoutError:
@@ -170,27 +193,35 @@ class PrefillClient:
 
     def _on_status(self, identity: bytes, msg: QueueStatus) -> None:
         self.status, self.status_at = msg, time.monotonic()
+        self._check_waiting()
 
 
 class DisaggEngine:
-    """An ``Engine`` that prefills long prompts on prefill workers, through the prefill queue."""
+    """An ``Engine`` that prefills long prompts on prefill workers, through a prefill queue.
+
+    With several queues (high availability) each job goes to a usable one with the fewest jobs waiting; a
+    queue that dies, drains or loses its prefill workers hands its waiting jobs to another, or to a local
+    prefill, within about a second."""
 
     def __init__(
         self,
         engine: Engine,
-        client: PrefillClient,
+        client: PrefillClient | list[PrefillClient],
         policy: DisaggPolicy,
         *,
         timeout_s: float = 30.0,
         settings_file: str | None = None,
     ) -> None:
         self.engine = engine
-        self.client = client
-        self.client.release = engine.release_kv
+        self.clients = client if isinstance(client, list) else [client]
+        for c in self.clients:
+            c.release = engine.release_kv
         self.policy = policy
         self.timeout_s = timeout_s
         self.settings_file = Path(settings_file) if settings_file else None
-        self.decisions: Counter[str] = Counter()  # remote, local, fallback
+        self.decisions: Counter[str] = Counter()  # remote, local, fallback, shared
+        # prompts being prefilled remotely -> done once that prompt's KV is in this engine's prefix cache
+        self._prefilling: dict[bytes, asyncio.Future[None]] = {}
         self._settings_mtime = 0.0
         self._watch: asyncio.Task[None] | None = None
 
@@ -198,8 +229,23 @@ class DisaggEngine:
     def info(self) -> EngineInfo:
         return self.engine.info
 
+    @property
+    def client(self) -> PrefillClient:
+        """The first queue's client (most deployments have one queue)."""
+        return self.clients[0]
+
+    @property
+    def stats(self) -> Counter[str]:
+        """The prefill clients' counters, added up over every queue."""
+        return sum((c.stats for c in self.clients), Counter())
+
+    def _queues(self) -> list[PrefillClient]:
+        """Usable queues, least busy first."""
+        return sorted((c for c in self.clients if c.usable), key=lambda c: c.status.queued)
+
     async def start(self) -> None:
-        await self.client.start()  # first, so the queue's status is known by the time the engine is up
+        for c in self.clients:  # first, so the queues' status is known by the time the engine is up
+            await c.start()
         await self.engine.start()
         if self.settings_file is not None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_settings())
@@ -208,7 +254,7 @@ class DisaggEngine:
         """The engine's load, plus this worker's view of its prefill queue (the frontend's /health shows it)."""
         status = self.client.status
         link = QueueLink(endpoint=self.client.jobs_endpoint, live=self.client.queue_live, queued=status.queued,
-                         prefill_workers=status.workers)  # fmt: skip
+                         prefill_workers=status.workers, decisions=dict(self.decisions))  # fmt: skip
         return msgspec.structs.replace(self.engine.load(), prefill_queues=[link])
 
     async def release_kv(self, request_id: str, kv_transfer_params: dict[str, Any]) -> None:
@@ -217,31 +263,69 @@ class DisaggEngine:
     async def shutdown(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
-        await self.client.close()
+        for c in self.clients:
+            await c.close()
         await self.engine.shutdown()
 
     async def generate(self, request: Generate) -> AsyncIterator[Delta]:
-        status = self.client.status if self.client.queue_live else QueueStatus()
+        queues = self._queues()
+        status = queues[0].status if queues else QueueStatus()
         cached = request.overlap_blocks * self.info.block_size
         decision = self.policy.decide(len(request.token_ids), cached, status.queued, status.prefill_workers)
         rid = request.request_id
-        if decision.remote:
-            started = time.perf_counter()
-            try:
-                params = await self.client.prefill(request, self.timeout_s)
-            except PrefillUnavailable as e:
-                self.decisions["fallback"] += 1
-                log.warning("request %s: remote prefill failed (%s): prefilling locally", rid, e)
+        key = prompt_key(request.token_ids)
+        leader = self._prefilling.get(key) if decision.remote else None
+        leading = decision.remote and leader is None
+        if leading:  # the choices of an n > 1 request that come while this one prefills remotely wait for it
+            self._prefilling[key] = asyncio.get_running_loop().create_future()
+        try:
+            if leader is not None:
+                await asyncio.wait([leader], timeout=self.timeout_s)
+                self.decisions["shared"] += 1
+                log.info("request %s: local prefill from the prefix cache (the same prompt's remote prefill)", rid)
+            elif decision.remote:
+                started = time.perf_counter()
+                params = await self._remote_prefill(request, queues)
+                if params is None:
+                    self.decisions["fallback"] += 1
+                else:
+                    self.decisions["remote"] += 1
+                    log.info("request %s: remote prefill (%s) took %.3fs", rid, decision.reason,
+                             time.perf_counter() - started)  # fmt: skip
+                    params = {**params, "do_remote_prefill": True}
+                    request = msgspec.structs.replace(request, kv_transfer_params=params)
             else:
-                self.decisions["remote"] += 1
-                log.info("request %s: remote prefill (%s) took %.3fs", rid, decision.reason,
-                         time.perf_counter() - started)  # fmt: skip
-                request = msgspec.structs.replace(request, kv_transfer_params={**params, "do_remote_prefill": True})
-        else:
-            self.decisions["local"] += 1
-            log.info("request %s: local prefill (%s)", rid, decision.reason)
-        async for delta in self.engine.generate(request):
-            yield delta
+                self.decisions["local"] += 1
+                log.info("request %s: local prefill (%s)", rid, decision.reason)
+            async for delta in self.engine.generate(request):
+                if leading:  # its first output: the prompt's KV is in this engine's prefix cache
+                    leading = self._release(key)
+                yield delta
+        finally:
+            if leading:
+                self._release(key)
+
+    def _release(self, key: bytes) -> bool:
+        """Let the requests waiting for this prompt's remote prefill go on (locally, from the prefix cache)."""
+        future = self._prefilling.pop(key, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+        return False
+
+    async def _remote_prefill(self, request: Generate, queues: list[PrefillClient]) -> dict[str, Any] | None:
+        """The prefill's kv_transfer_params from the first queue that delivers, or None (prefill locally)."""
+        deadline = time.monotonic() + self.timeout_s
+        for client in queues:
+            left = deadline - time.monotonic()
+            if left <= 0 or not client.usable:
+                continue
+            try:
+                return await client.prefill(request, left)
+            except PrefillUnavailable as e:
+                log.warning("request %s: remote prefill via %s failed: %s", request.request_id,
+                            client.jobs_endpoint, e)  # fmt: skip
+        log.warning("request %s: no remote prefill: prefilling locally", request.request_id)
+        return None
 
     async def _watch_settings(self) -> None:
         """Re-read max_local_prefill_length / max_prefill_queue_size from the settings file when it changes."""
@@ -260,3 +344,8 @@ class DisaggEngine:
             except (OSError, ValueError, AttributeError, yaml.YAMLError) as e:
                 log.error("cannot read disagg settings %s: %s (keeping the current ones)", self.settings_file, e)
             await asyncio.sleep(1.0)
+
+
+def prompt_key(token_ids: Sequence[int]) -> bytes:
+    """A short key of a prompt, to find its other choices."""
+    return xxhash.xxh3_128_digest(TokenIds(token_ids).tobytes())

@@ -25,7 +25,7 @@ class DisaggCollector(Collector):
             for worker, engine in self.engines:
                 for decision, n in sorted(engine.decisions.items()):
                     decisions.add_metric([worker, decision], n)
-                for kind, n in sorted(engine.client.stats.items()):
+                for kind, n in sorted(engine.stats.items()):
                     results.add_metric([worker, kind], n)
             yield decisions
             yield results

@@ -117,6 +117,10 @@ class PrefillQueue:
 
     cancel = done  # a cancelled job is simply over; the caller stops it on its worker if it was running
 
+    def queued_jobs(self) -> list[Job]:
+        """The jobs waiting for a worker, oldest first."""
+        return list(self._queued)
+
     def failed(self, request_id: str) -> bool:
         """A running job's worker died or could not run it: back to the front of the queue while attempts
         remain (True), else the job is over (False, removed)."""

@@ -32,7 +32,7 @@ from zdyn.frontend.http import (
     json_response,
     read_body,
 )
-from zdyn.frontend.metrics import Metrics, RequestMetrics
+from zdyn.frontend.metrics import Metrics, RequestMetrics, WorkerDisagg
 from zdyn.frontend.openai import ParsedRequest, parse_request
 from zdyn.frontend.responses import ResponseBuilder, error_body
 from zdyn.protocol import Delta, TextRequest
@@ -196,6 +196,7 @@ class Frontend:
         self.backend = backend
         self.settings = settings or HttpSettings()
         self.metrics = Metrics()
+        self.metrics.registry.register(WorkerDisagg(backend.workers))  # decode workers' prefill decisions
 
     def app(
         self, lifespan: Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]] | None = None

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
@@ -93,3 +96,24 @@ class RequestMetrics:
             m.prompt_tokens.inc(usage["prompt_tokens"])
             m.output_tokens.inc(usage["completion_tokens"])
             m.cached_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
+
+
+class WorkerDisagg(Collector):
+    """The prefill decisions (remote, local, fallback, shared) of the decode workers behind this frontend, as
+    their heartbeats report them (``QueueLink.decisions``): disaggregated serving seen from the frontend."""
+
+    def __init__(self, workers: Callable[[], list[dict[str, Any]]]) -> None:
+        self.workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        decisions = CounterMetricFamily(
+            "zdyn_disagg_decisions", "Prefill decisions of decode workers", labels=["worker", "decision"]
+        )
+        for worker in self.workers():
+            counts: dict[str, int] = {}
+            for queue in worker.get("prefill_queues", ()):
+                for decision, n in queue.get("decisions", {}).items():
+                    counts[decision] = counts.get(decision, 0) + n
+            for decision, n in sorted(counts.items()):
+                decisions.add_metric([worker["id"], decision], n)
+        yield decisions

@@ -13,8 +13,6 @@ import msgspec
 
 from zdyn.errors import RequestError
 from zdyn.frontend.schema import (
-    INT64_MAX,
-    INT64_MIN,
     ROLES,
     AssistantMessage,
     ChatMessage,
@@ -22,11 +20,11 @@ from zdyn.frontend.schema import (
     CommonRequest,
     CompletionRequest,
     RefusalPart,
-    TextFormat,
     TextPart,
     ToolMessage,
 )
-from zdyn.protocol import GENERATION_DEFAULTS, SamplingParams, TextRequest
+from zdyn.frontend.structured import apply_tools, check_json_value, structured_outputs
+from zdyn.protocol import GENERATION_DEFAULTS, SamplingParams, StructuredOutputs, TextRequest
 
 DEFAULT_MAX_DEPTH = 64
 # Sampling fields copied as given; a field the client left out (None) keeps SamplingParams' default.
@@ -35,9 +33,7 @@ SAMPLING_FIELDS = (
     "repetition_penalty", "min_tokens", "stop_token_ids",
 )  # fmt: skip
 # Fields only their null value is accepted for, until zdyn implements them.
-COMMON_NULL_ONLY = (
-    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "prompt_logprobs",
-)  # fmt: skip
+COMMON_NULL_ONLY = ("prompt_logprobs",)
 CHAT_NULL_ONLY = ("prediction", "audio", "web_search_options", "reasoning_effort")
 _DECODERS: dict[str, msgspec.json.Decoder[ChatRequest] | msgspec.json.Decoder[CompletionRequest]] = {
     "chat": msgspec.json.Decoder(ChatRequest),
@@ -78,13 +74,14 @@ def parse_request(endpoint: str, body: bytes, max_depth: int = DEFAULT_MAX_DEPTH
         raise invalid(f"the JSON body is nested too deeply (at most {max_depth} levels)") from None
     _check_common(request)
     text = TextRequest(
-        sampling=_sampling(request),
+        sampling=_sampling(request, structured_outputs(request, max_depth)),
         sampling_set=sorted(k for k in GENERATION_DEFAULTS if getattr(request, k) is not None),
         max_tokens=request.max_tokens,
         stop=[request.stop] if isinstance(request.stop, str) else request.stop or [],
         n=request.n or 1,
         include_stop_str_in_output=bool(request.include_stop_str_in_output),
         skip_special_tokens=request.skip_special_tokens is not False,
+        stream=bool(request.stream),
     )
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     parsed = ParsedRequest(endpoint, request.model, text, bool(request.stream), include_usage)
@@ -124,25 +121,19 @@ def _check_common(request: CommonRequest) -> None:
             raise not_supported(name)
 
 
-def _sampling(request: CommonRequest) -> SamplingParams:
+def _sampling(request: CommonRequest, structured: StructuredOutputs | None) -> SamplingParams:
     given = {k: v for k in SAMPLING_FIELDS if (v := getattr(request, k)) is not None}
     ignore_eos = request.ignore_eos
     if ignore_eos is None and request.nvext is not None:
         ignore_eos = request.nvext.ignore_eos
-    return SamplingParams(**given, ignore_eos=bool(ignore_eos))
+    return SamplingParams(**given, ignore_eos=bool(ignore_eos), structured=structured)
 
 
 def _chat(request: ChatRequest, parsed: ParsedRequest, max_depth: int) -> None:
-    if request.tools:
-        raise not_supported("tools")
-    if request.tool_choice not in (None, "none"):
-        raise invalid("'tool_choice' is only allowed when 'tools' are specified", "tool_choice")
     if request.functions:
         raise not_supported("functions")
     if request.function_call not in (None, "none"):
         raise invalid("'function_call' is only allowed when 'functions' are specified", "function_call")
-    if request.response_format is not None and not isinstance(request.response_format, TextFormat):
-        raise not_supported("response_format")
     if request.modalities is not None and set(request.modalities) - {"text"}:
         raise not_supported("modalities")
     for name in CHAT_NULL_ONLY:
@@ -154,6 +145,7 @@ def _chat(request: ChatRequest, parsed: ParsedRequest, max_depth: int) -> None:
     if request.max_completion_tokens is not None:  # OpenAI's newer name wins
         text.max_tokens = request.max_completion_tokens
     text.messages = [_message(i, m) for i, m in enumerate(request.messages)]
+    apply_tools(request, text, max_depth)
     if request.chat_template_kwargs:
         check_json_value(request.chat_template_kwargs, "chat_template_kwargs", max_depth - 1)
         text.chat_template_kwargs = request.chat_template_kwargs
@@ -190,19 +182,6 @@ def _content(index: int, content: str | list[Any] | None) -> str:
             kind = type(part).__struct_config__.tag
             raise invalid(f"only text content parts are supported, not '{kind}'", f"messages[{index}].content[{j}]")
     return "".join(texts)
-
-
-def check_json_value(value: Any, param: str, max_depth: int) -> None:
-    """Free-form JSON handed on: at most ``max_depth`` levels, integers in MessagePack's int64 range."""
-    stack = [(value, max_depth)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth < 1:
-                raise invalid(f"'{param}' is nested too deeply", param)
-            stack.extend((child, depth - 1) for child in (item.values() if isinstance(item, dict) else item))
-        elif isinstance(item, int) and not INT64_MIN <= item <= INT64_MAX:
-            raise invalid(f"'{param}' holds an integer outside the 64-bit range", param)
 
 
 def _completion(request: CompletionRequest, parsed: ParsedRequest) -> None:

@@ -11,7 +11,7 @@ from zdyn.choice import Reissues, Resilience, movable
 from zdyn.errors import DRAINING, PEER_LOST, RequestError, unavailable
 from zdyn.protocol import ChoiceProgress, Delta, Process, TextRequest
 from zdyn.router.selector import RoundRobin
-from zdyn.rpc import Hub, Peer
+from zdyn.rpc import Hub, Peer, PeerEvent
 
 
 class RemoteBackend:
@@ -25,6 +25,14 @@ class RemoteBackend:
         self.selector = RoundRobin()
         self.resilience = resilience or Resilience()
         self.reissues = Reissues()
+        # Models any processor has served: while all of a model's processors restart, its requests wait for
+        # one (then 503), they are not refused as an unknown model (404).
+        self.known_models: set[str] = set()
+        processors.listeners.append(self._on_processor)
+
+    def _on_processor(self, event: PeerEvent) -> None:
+        if event.kind == "joined" and event.peer.ready.model:
+            self.known_models.add(event.peer.ready.model)
 
     async def process(self, request_id: str, request: TextRequest) -> AsyncGenerator[Delta]:
         progress: dict[int, ChoiceProgress] = {}
@@ -70,7 +78,7 @@ class RemoteBackend:
             await hub.wait_for_change(max(0.01, min(1.0, loop_wait - waited)))
 
     def models(self) -> list[str]:
-        return sorted({p.ready.model for p in self.processors.live_peers()})
+        return sorted(self.known_models | {p.ready.model for p in self.processors.live_peers()})
 
     def workers(self) -> list[dict[str, Any]]:
         """Each live worker once, with the processors that reach it (a worker may serve several)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from zdyn.protocol import Delta, Finish, TokenLogprob
+from zdyn.protocol import Delta, Finish, TokenLogprob, ToolCallDelta
 
 if TYPE_CHECKING:
     from zdyn.frontend.openai import ParsedRequest
@@ -72,6 +72,8 @@ class ResponseBuilder:
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         self.finishes: list[Finish | None] = [None] * n
         self.started = [False] * n
+        self.reasoning = [""] * n
+        self.calls: list[dict[int, dict[str, Any]]] = [{} for _ in range(n)]  # per choice, by call index
 
     def _base(self, object: str) -> dict[str, Any]:
         return {"id": self.id, "object": object, "created": self.request.created, "model": self.request.model}
@@ -88,11 +90,11 @@ class ResponseBuilder:
         self.texts[i] += text
         if delta.finish is not None:
             self.finishes[i] = delta.finish
-        if text or delta.logprobs or delta.finish is not None:
+        if text or delta.logprobs or delta.finish is not None or delta.reasoning or delta.tool_calls:
             logprobs = None
             if self.request.logprobs:
                 logprobs = (chat_logprobs if self.chat else _completion_lp(offset))(delta.logprobs or [])
-            body = {"text": text} if not self.chat else {"content": text} if text else {}
+            body = {"text": text} if not self.chat else _chat_delta(delta, text)
             finish = delta.finish.reason if delta.finish is not None else None
             out.append(self._chunk(i, body, logprobs, finish))
         return out
@@ -123,10 +125,22 @@ class ResponseBuilder:
         """Accumulate a delta for a non-streaming response."""
         i = delta.index
         self.texts[i] += delta.text or ""
+        self.reasoning[i] += delta.reasoning or ""
+        for call in delta.tool_calls or ():
+            _merge_call(self.calls[i], call)
         if delta.logprobs:
             self.logprobs[i].extend(delta.logprobs)
         if delta.finish is not None:
             self.finishes[i] = delta.finish
+
+    def _message(self, index: int, text: str) -> dict[str, Any]:
+        calls = [self.calls[index][k] for k in sorted(self.calls[index])]
+        message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+        if calls:
+            message["tool_calls"] = calls
+        if self.reasoning[index]:
+            message["reasoning_content"] = self.reasoning[index]
+        return message
 
     def response(self) -> dict[str, Any]:
         choices = []
@@ -134,7 +148,7 @@ class ResponseBuilder:
             finish = self.finishes[i]
             choice: dict[str, Any] = {"index": i}
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": text}
+                choice["message"] = self._message(i, text)
                 choice["logprobs"] = chat_logprobs(self.logprobs[i]) if self.request.logprobs else None
             else:
                 choice["text"] = text
@@ -146,6 +160,40 @@ class ResponseBuilder:
         body["choices"] = choices
         body["usage"] = usage([f for f in self.finishes if f is not None])
         return body
+
+
+def _chat_delta(delta: Delta, text: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"content": text} if text else {}
+    if delta.reasoning:
+        body["reasoning_content"] = delta.reasoning
+    if delta.tool_calls:
+        body["tool_calls"] = [_call_chunk(call) for call in delta.tool_calls]
+    return body
+
+
+def _call_chunk(call: ToolCallDelta) -> dict[str, Any]:
+    """A tool-call delta as OpenAI streams it: id, type and name on a call's first chunk only."""
+    chunk: dict[str, Any] = {"index": call.index}
+    function: dict[str, Any] = {"arguments": call.arguments}
+    if call.id is not None:
+        chunk["id"] = call.id
+        chunk["type"] = "function"
+    if call.name is not None:
+        function = {"name": call.name, "arguments": call.arguments}
+    chunk["function"] = function
+    return chunk
+
+
+def _merge_call(calls: dict[int, dict[str, Any]], call: ToolCallDelta) -> None:
+    """Add a tool-call delta to a choice's whole calls (non-streaming response)."""
+    whole = calls.get(call.index)
+    if whole is None:
+        whole = calls[call.index] = {"id": call.id or "", "type": "function", "function": {"name": "", "arguments": ""}}
+    if call.id:
+        whole["id"] = call.id
+    if call.name:
+        whole["function"]["name"] = call.name
+    whole["function"]["arguments"] += call.arguments
 
 
 def _completion_lp(offset: int) -> Any:

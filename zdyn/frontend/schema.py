@@ -3,7 +3,7 @@
 Decoding a body into ``ChatRequest`` or ``CompletionRequest`` checks every type and range in one pass; what a
 Struct cannot say (a field allowed only as its null or default value, a message without content) is checked in
 ``zdyn.frontend.openai``. Unknown fields are rejected, as OpenAI does. Fields that zdyn does not implement yet
-(tools, response formats, ...) are typed here all the same, so that a later change only has to use them.
+(audio, predictions, ...) are typed here all the same, so that a later change only has to use them.
 """
 
 from __future__ import annotations
@@ -153,6 +153,20 @@ class JsonSchemaFormat(Strict, tag_field="type", tag="json_schema"):
 
 
 ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaFormat
+Choices = Annotated[list[str], Meta(min_length=1)]
+
+
+class StructuredOutputsParams(Strict):
+    """vLLM's ``structured_outputs`` object: one of json, regex, choice, grammar or json_object."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: Choices | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # vLLM's tuning options: accepted, not implemented (the engine's defaults apply)
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: bool | None = None
 
 
 # ------------------------------------------------------------------------------------------------ bodies
@@ -199,12 +213,12 @@ class CommonRequest(Strict):
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    # vLLM's structured-output extras: only null until structured outputs are implemented
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    structured_outputs: Any = None
+    # vLLM's structured-output extras (at most one kind of constraint per request)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Choices | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     prompt_logprobs: Any = None
 
 

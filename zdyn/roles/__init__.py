@@ -11,5 +11,6 @@ ROLES = {
     "worker": "zdyn.roles.worker",
     "router": "zdyn.roles.router",
     "prefill-queue": "zdyn.roles.prefill_queue",
+    "keys": "zdyn.roles.keys",
     "bench": "zdyn.bench.cli",
 }

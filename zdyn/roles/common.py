@@ -6,13 +6,18 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import zmq.asyncio
+
 from zdyn.config import config_argv
+from zdyn.rpc.hub import DEFAULT_MAX_PEERS
+from zdyn.security import DEFAULT_KEYS_DIR, INSECURE_ENV, KEYS_DIR_ENV, SecuritySettings
 from zdyn.transport import Liveness
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -24,11 +29,15 @@ class CommonConfig:
 
     log_level: str = "info"
     liveness: Liveness = field(default_factory=Liveness)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    max_peers: int = DEFAULT_MAX_PEERS  # per hub
     drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
 
     def __post_init__(self) -> None:
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.max_peers < 1:
+            raise ValueError(f"--max-peers must be >= 1, got {self.max_peers}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"--drain-timeout must be >= 0, got {self.drain_timeout_s}")
 
@@ -37,6 +46,8 @@ class CommonConfig:
         return cls(
             log_level=str(getattr(args, "log_level", "info")).lower(),
             liveness=Liveness(args.heartbeat_interval, args.heartbeat_misses),
+            security=SecuritySettings(args.keys_dir or None, args.insecure),
+            max_peers=args.max_peers,
             drain_timeout_s=getattr(args, "drain_timeout", 30.0),
         )
 
@@ -50,6 +61,19 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--heartbeat-misses", type=int, default=3, help="missed heartbeats after which a peer is declared dead"
     )
+    group.add_argument(
+        "--keys-dir",
+        default=os.environ.get(KEYS_DIR_ENV),
+        help=f"the deployment's CURVE keys (`zdyn keys generate DIR`, e.g. {DEFAULT_KEYS_DIR}); every ZeroMQ "
+        f"socket then authenticates and encrypts (default: ${KEYS_DIR_ENV})",
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        default=os.environ.get(INSECURE_ENV, "") not in ("", "0"),
+        help=f"allow listening on a non-loopback address without keys (default: ${INSECURE_ENV}=1)",
+    )
+    group.add_argument("--max-peers", type=int, default=DEFAULT_MAX_PEERS, help="registrations a hub accepts at most")
     group.add_argument(
         "--drain-timeout",
         type=float,
@@ -124,6 +148,10 @@ def run(main: Coroutine[Any, Any, int | None]) -> int:
 class RoleConfig(Protocol):
     common: CommonConfig
 
+    def key_role(self) -> str: ...  # whose keys this process holds (zdyn.security.ROLES)
+
+    def binds(self) -> list[str]: ...  # the ZeroMQ endpoints it listens on
+
 
 C = TypeVar("C", bound=RoleConfig)
 
@@ -135,15 +163,23 @@ def role_main(
     make_config: Callable[[argparse.Namespace], C],
     serve: Callable[[C], Coroutine[Any, Any, int]],
 ) -> int:
-    """A role's ``main``: flags (after the config file's ``sections``) -> typed config -> ``serve`` on uvloop.
-    A setting that cannot work is said on stderr with exit code 2, as argparse does."""
+    """A role's ``main``: flags (after the config file's ``sections``) -> typed config -> keys -> ``serve`` on
+    uvloop. A setting that cannot work (also: listening beyond loopback without keys) is said on stderr with exit
+    code 2, as argparse does."""
     args = parse_args(parser, argv, *sections)
     try:
         config = make_config(args)
-    except ValueError as e:
+        security = config.common.security
+        warnings = security.check_binds(parser.prog, config.binds())
+        security.install(zmq.asyncio.Context.instance(), config.key_role())
+    except ValueError as e:  # KeysError too
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     setup_logging(config.common)
+    for warning in warnings:
+        logging.getLogger("zdyn.security").warning("%s", warning)
+    if security.keys_dir:
+        logging.getLogger("zdyn.security").info("CURVE keys from %s (as %s)", security.keys_dir, config.key_role())
     return run(serve(config))
 
 

@@ -22,6 +22,7 @@ from zdyn.frontend.remote import RemoteBackend
 from zdyn.processor import Processor, accept_model
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, freeze_startup_objects, role_main
+from zdyn.roles.output_parsing import OutputParsingConfig, add_output_parsing_args
 from zdyn.roles.ports import FRONTEND_BASE, add_port_base_arg, endpoint_or_base
 from zdyn.roles.resilience import add_admission_args, add_resilience_args, admission_from_args, resilience_from_args
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
@@ -49,6 +50,7 @@ class FrontendConfig:
     resilience: Resilience = field(default_factory=Resilience)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
+    output_parsing: OutputParsingConfig = field(default_factory=OutputParsingConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -56,6 +58,12 @@ class FrontendConfig:
         check_endpoint(self.workers_endpoint)
         if self.processors_endpoint is not None:
             check_endpoint(self.processors_endpoint)
+
+    def key_role(self) -> str:
+        return "frontend"
+
+    def binds(self) -> list[str]:
+        return [self.processors_endpoint or self.workers_endpoint]
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FrontendConfig:
@@ -77,6 +85,7 @@ class FrontendConfig:
             resilience=resilience_from_args(args),
             admission=admission_from_args(args),
             common=CommonConfig.from_args(args),
+            output_parsing=OutputParsingConfig.from_args(args),
         )
 
 
@@ -110,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_args(parser)
     add_resilience_args(parser)
     add_admission_args(parser)
+    add_output_parsing_args(parser)
     add_common_args(parser)
     return parser
 
@@ -142,16 +152,23 @@ def listen(host: str, port: int) -> socket.socket:
 def build_backend(config: FrontendConfig) -> tuple[Backend, Hub, str]:
     """The backend the frontend serves through, the hub it needs started, and a line saying what it is."""
     if config.processors_endpoint:
-        hub = Hub(config.processors_endpoint, role=Role.PROCESSOR, liveness=config.common.liveness)
+        hub = Hub(
+            config.processors_endpoint, role=Role.PROCESSOR, liveness=config.common.liveness,
+            max_peers=config.common.max_peers,
+        )  # fmt: skip
         return RemoteBackend(hub, config.resilience), hub, f"processors register at {config.processors_endpoint}"
     from zdyn.models import resolve_model, served_model_name
 
     model = resolve_model(config.model)
     name = config.served_model_name or served_model_name(model)
-    hub = Hub(config.workers_endpoint, role=Role.WORKER, liveness=config.common.liveness, accept=accept_model(name))
+    hub = Hub(
+        config.workers_endpoint, role=Role.WORKER, liveness=config.common.liveness, accept=accept_model(name),
+        max_peers=config.common.max_peers,
+    )  # fmt: skip
     selector = make_selector(config.routing, hub)
     admission = Admission(config.admission)
     processor = Processor(config.tokenizer or model, name, hub, selector, config.resilience, admission)
+    processor.outputs = config.output_parsing.build(processor.tokenizer)
     return processor, hub, f"serving {name}; workers connect to {config.workers_endpoint}"
 
 
@@ -161,7 +178,12 @@ async def serve(config: FrontendConfig) -> int:
     except OSError as e:
         log.error("cannot start: %s", e.strerror or e)
         return 2
-    backend, hub, where = build_backend(config)
+    try:
+        backend, hub, where = build_backend(config)
+    except ValueError as e:  # an output parser that does not fit the model
+        log.error("cannot start: %s", e)
+        sock.close()
+        return 2
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -40,6 +40,12 @@ class PrefillQueueConfig:
         if self.max_jobs_per_worker < 0:
             raise ValueError(f"--max-jobs-per-worker must be >= 0, got {self.max_jobs_per_worker}")
 
+    def key_role(self) -> str:
+        return "prefill-queue"
+
+    def binds(self) -> list[str]:
+        return [self.jobs_endpoint, self.prefill_workers_endpoint, self.status_endpoint]
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> PrefillQueueConfig:
         return cls(
@@ -75,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(config: PrefillQueueConfig) -> int:
-    workers = Hub(config.prefill_workers_endpoint, role=Role.PREFILL, liveness=config.common.liveness)
+    workers = Hub(
+        config.prefill_workers_endpoint, role=Role.PREFILL, liveness=config.common.liveness,
+        max_peers=config.common.max_peers,
+    )  # fmt: skip
     service = PrefillQueueService(
         config.jobs_endpoint, config.status_endpoint, workers, max_attempts=config.max_attempts,
         max_jobs_per_worker=config.max_jobs_per_worker,
@@ -86,7 +95,7 @@ async def serve(config: PrefillQueueConfig) -> int:
         f"prefill queue: jobs at {config.jobs_endpoint}, prefill workers at {config.prefill_workers_endpoint}, "
         f"status at {config.status_endpoint}"
     )
-    return await serve_behind_hub(service, workers, banner)
+    return await serve_behind_hub(service, workers, banner, config.common.drain_timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from zdyn.roles.common import (
     role_main,
     serve_metrics,
 )
+from zdyn.roles.output_parsing import OutputParsingConfig, add_output_parsing_args
 from zdyn.roles.ports import PROCESSOR_BASE, add_port_base_arg, endpoint_or_base
 from zdyn.roles.resilience import add_admission_args, add_resilience_args, admission_from_args, resilience_from_args
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
@@ -44,12 +45,19 @@ class ProcessorConfig:
     resilience: Resilience = field(default_factory=Resilience)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
+    output_parsing: OutputParsingConfig = field(default_factory=OutputParsingConfig)
 
     def __post_init__(self) -> None:
         check_endpoint(self.frontend)
         check_endpoint(self.workers_endpoint)
         if not self.processor_id:
             raise ValueError("--processor-id must not be empty")
+
+    def key_role(self) -> str:
+        return "processor"
+
+    def binds(self) -> list[str]:
+        return [self.workers_endpoint]
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ProcessorConfig:
@@ -65,6 +73,7 @@ class ProcessorConfig:
             resilience=resilience_from_args(args),
             admission=admission_from_args(args),
             common=CommonConfig.from_args(args),
+            output_parsing=OutputParsingConfig.from_args(args),
         )
 
 
@@ -83,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--processor-id", help="unique id (default: processor-<host>-<pid>)")
     add_resilience_args(parser)
     add_admission_args(parser)
+    add_output_parsing_args(parser)
     add_common_args(parser)
     return parser
 
@@ -93,10 +103,18 @@ async def serve(config: ProcessorConfig) -> int:
     model = resolve_model(config.model)
     name = config.served_model_name or served_model_name(model)
     liveness = config.common.liveness
-    workers = Hub(config.workers_endpoint, role=Role.WORKER, liveness=liveness, accept=accept_model(name))
+    workers = Hub(
+        config.workers_endpoint, role=Role.WORKER, liveness=liveness, accept=accept_model(name),
+        max_peers=config.common.max_peers,
+    )  # fmt: skip
     selector = make_selector(config.routing, workers)
     admission = Admission(config.admission)
     processor = Processor(config.tokenizer or model, name, workers, selector, config.resilience, admission)
+    try:
+        processor.outputs = config.output_parsing.build(processor.tokenizer)
+    except ValueError as e:  # an output parser that does not fit the model
+        log.error("cannot start: %s", e)
+        return 2
     if config.metrics_port:
         serve_metrics(
             config.metrics_port,

@@ -34,6 +34,12 @@ class RouterConfig:
         if self.routing.mode not in MODES:
             raise ValueError(f"a router's mode is one of {', '.join(MODES)}, got {self.routing.mode!r}")
 
+    def key_role(self) -> str:
+        return "router"
+
+    def binds(self) -> list[str]:
+        return [self.endpoint, self.workers_endpoint]
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RouterConfig:
         return cls(
@@ -57,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(config: RouterConfig) -> int:
-    workers = Hub(config.workers_endpoint, role=Role.WORKER, liveness=config.common.liveness)
+    workers = Hub(
+        config.workers_endpoint, role=Role.WORKER, liveness=config.common.liveness, max_peers=config.common.max_peers
+    )
     service = RouterService(config.endpoint, workers, config.routing.kv_router())
     if config.metrics_port:
         from zdyn.router.metrics import RouterCollector
@@ -66,7 +74,7 @@ async def serve(config: RouterConfig) -> int:
     banner = (
         f"router ({config.routing.mode}) answering at {config.endpoint}; workers register at {config.workers_endpoint}"
     )
-    return await serve_behind_hub(service, workers, banner)
+    return await serve_behind_hub(service, workers, banner, config.common.drain_timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:

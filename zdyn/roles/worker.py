@@ -22,6 +22,7 @@ from zdyn.engines.base import Engine
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, on_stop_signals, role_main, serve_metrics
 from zdyn.roles.ports import WorkerPorts, add_port_base_arg, check_port
+from zdyn.roles.worker_kv import kv_relay_endpoints, private_kv_endpoints, relays_kv_events, remove_private_dir
 from zdyn.transport import check_endpoint, host_towards, is_loopback, is_remote
 from zdyn.worker import Worker
 
@@ -46,8 +47,13 @@ class DisaggConfig:
         if self.prefill and self.prefill_queue:
             raise ValueError("--prefill (a prefill worker) and --prefill-queue (a decode worker) exclude each other")
         if self.prefill_queue:
-            check_endpoint(self.prefill_queue)
-            self.prefill_queue_status = self.prefill_queue_status or offset_port(self.prefill_queue, 2)
+            queues = self.prefill_queue.split(",")
+            for queue in queues:
+                check_endpoint(queue)
+            statuses = (self.prefill_queue_status or "").split(",") if self.prefill_queue_status else []
+            if statuses and len(statuses) != len(queues):
+                raise ValueError("--prefill-queue-status needs one endpoint per --prefill-queue endpoint")
+            self.prefill_queue_status = ",".join(statuses or [str(offset_port(q, 2)) for q in queues])
         if self.remote_prefill_timeout_s <= 0:
             raise ValueError(f"--remote-prefill-timeout must be positive, got {self.remote_prefill_timeout_s}")
 
@@ -67,7 +73,6 @@ class WorkerConfig:
     kv_events: bool = True
     kv_events_port: int = 0  # 0: free ports
     port_base: int = 0  # 0: free ports for what no port flag fixes
-    results_port: int = 0  # a decode worker's prefill results (PULL)
     nixl_side_channel_port: int = 0
     advertise_host: str | None = None  # None: per hub, this host's address on the route to it
     metrics_port: int = 0
@@ -86,7 +91,6 @@ class WorkerConfig:
             raise ValueError("--num-workers > 1 is for the mocker; start one process per vLLM worker")
         check_port("--kv-events-port", self.kv_events_port, 2 * self.num_workers)
         check_port("--port-base", self.port_base, 4 * self.num_workers)
-        check_port("--results-port", self.results_port, self.num_workers)
         check_port("--nixl-side-channel-port", self.nixl_side_channel_port, self.num_workers)
         if self.advertise_host and is_loopback(self.advertise_host):
             remote = [e for e in [*self.hubs, self.disagg.prefill_queue or ""] if is_remote(e)]
@@ -98,9 +102,16 @@ class WorkerConfig:
                 )
 
     def ports(self, index: int = 0) -> WorkerPorts:
-        return WorkerPorts.layout(
-            self.port_base, self.kv_events_port, self.results_port, self.nixl_side_channel_port, index
-        )
+        return WorkerPorts.layout(self.port_base, self.kv_events_port, 0, self.nixl_side_channel_port, index)
+
+    def key_role(self) -> str:
+        return "prefill" if self.disagg.prefill else "worker"
+
+    def binds(self) -> list[str]:
+        """The KV-event relay's endpoint (loopback, or every interface when a hub is on another host)."""
+        if not relays_kv_events(self):
+            return []
+        return [kv_relay_endpoints(self, 0)[0]]
 
     def host_towards(self, endpoint: str) -> str:
         """The address peers at ``endpoint`` reach this worker at."""
@@ -119,7 +130,6 @@ class WorkerConfig:
             kv_events=not args.no_kv_events,
             kv_events_port=args.kv_events_port,
             port_base=args.port_base,
-            results_port=args.results_port,
             nixl_side_channel_port=args.nixl_side_channel_port,
             advertise_host=args.advertise_host,
             metrics_port=args.metrics_port,
@@ -157,16 +167,13 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         "--kv-events-port",
         type=int,
         default=0,
-        help="port of the KV-event publisher the KV router subscribes to; replay is on the next port "
-        "(default: --port-base, else free ports; vLLM's --kv-events-config or the mocker's --kv-events-endpoint win)",
+        help="port of the KV-event relay the KV router subscribes to (CURVE with keys); replay is on the next port "
+        "(default: --port-base, else free ports; vLLM's --kv-events-config or the mocker's --kv-events-endpoint, "
+        "if given, are used as they are, without relay or CURVE)",
     )
     add_port_base_arg(
-        group, 0, "KV events +0, KV replay +1, prefill results +2, NIXL side channel +3, the next simulated "
+        group, 0, "KV events +0, KV replay +1, (+2 unused), NIXL side channel +3, the next simulated "
         "worker +4; 0: free ports"
-    )  # fmt: skip
-    group.add_argument(
-        "--results-port", type=int, default=0, help="decode worker: port of its prefill results socket "
-        "(default: --port-base + 2, else a free port)"
     )  # fmt: skip
     group.add_argument(
         "--nixl-side-channel-port", type=int, default=0, help="vLLM with NIXL: port of its side channel for KV "
@@ -187,7 +194,8 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     disagg.add_argument(
         "--prefill-queue",
         help="be a decode worker that sends long prefills to this prefill queue (its jobs endpoint, e.g. "
-        "tcp://host:5590; the queue's status is read from the port after next)",
+        "tcp://host:5590; the queue's status is read from the port after next); several, comma-separated, "
+        "for high availability: each job goes to a live queue",
     )
     disagg.add_argument("--prefill-queue-status", help="the prefill queue's status endpoint, if not port + 2")
     disagg.add_argument(
@@ -252,7 +260,7 @@ def make_engine(config: WorkerConfig, index: int = 0) -> Engine:
             kv_transfer=config.disagg.kv_transfer,
             kv_lease_s=config.disagg.kv_lease_s,
             advertise_host=config.host_towards(config.hubs[0]),
-            kv_events=config.ports(index).kv_event_endpoints() if config.kv_events else None,
+            kv_events=private_kv_endpoints(index) if config.kv_events else None,
             nixl_side_channel_port=config.ports(index).nixl_side_channel,
         )
         return vllm.VllmEngine(vllm.engine_args(config.engine_flags, host))
@@ -265,7 +273,7 @@ def make_engine(config: WorkerConfig, index: int = 0) -> Engine:
         mocker.kv_events_endpoint = offset_port(mocker.kv_events_endpoint, 2 * index)
         mocker.kv_events_replay_endpoint = offset_port(mocker.kv_events_replay_endpoint, 2 * index)
     elif config.kv_events:
-        mocker.kv_events_endpoint, mocker.kv_events_replay_endpoint = config.ports(index).kv_event_endpoints()
+        mocker.kv_events_endpoint, mocker.kv_events_replay_endpoint = private_kv_endpoints(index)
     return MockerEngine(mocker)
 
 
@@ -282,13 +290,11 @@ def with_disagg(engine: Engine, config: WorkerConfig, index: int = 0) -> Engine:
     from zdyn.disagg.policy import DisaggPolicy
 
     assert disagg.prefill_queue_status is not None
-    queue = disagg.prefill_queue
-    client = PrefillClient(
-        queue, disagg.prefill_queue_status, config.host_towards(queue), results_port=config.ports(index).results
-    )
+    queues = zip(disagg.prefill_queue.split(","), disagg.prefill_queue_status.split(","), strict=True)
+    clients = [PrefillClient(jobs, status, config.host_towards(jobs)) for jobs, status in queues]
     policy = DisaggPolicy(disagg.max_local_prefill_length, disagg.max_prefill_queue_size)
     return DisaggEngine(
-        engine, client, policy, timeout_s=disagg.remote_prefill_timeout_s, settings_file=disagg.settings_file
+        engine, clients, policy, timeout_s=disagg.remote_prefill_timeout_s, settings_file=disagg.settings_file
     )
 
 
@@ -311,6 +317,7 @@ async def serve(config: WorkerConfig) -> int:
                 advertise_host=config.advertise_host,
                 role=role,
                 liveness=config.common.liveness,
+                kv_relay=kv_relay_endpoints(config, i) if relays_kv_events(config) else None,
             )  # fmt: skip
             for i, worker_id in enumerate(config.worker_ids())
         ]
@@ -332,7 +339,10 @@ async def serve(config: WorkerConfig) -> int:
         await asyncio.gather(*(w.drain(config.common.drain_timeout_s) for w in workers))
 
     on_stop_signals(stop, drain)
-    codes = await asyncio.gather(*(w.run() for w in workers))
+    try:
+        codes = await asyncio.gather(*(w.run() for w in workers))
+    finally:
+        remove_private_dir()
     return max(codes)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 import zmq
 import zmq.asyncio
@@ -17,6 +18,7 @@ import zmq.asyncio
 from zdyn.protocol import RouteEvent, RouteQuery, RouteReply, RouteUpdate
 from zdyn.router.selector import RoundRobin, Route
 from zdyn.rpc import Peer
+from zdyn.token_ids import as_token_ids
 from zdyn.transport import MalformedCounter, ignore_result, is_remote, make_socket, read_messages, send
 
 log = logging.getLogger(__name__)
@@ -116,8 +118,8 @@ class RemoteSelector:
         self.client = client
         self.fallback = RoundRobin()
 
-    async def select(self, request_id: str, token_ids: list[int], peers: list[Peer]) -> Route:
-        query = RouteQuery(request_id=request_id, token_ids=token_ids, candidates=[p.id for p in peers])
+    async def select(self, request_id: str, token_ids: Sequence[int], peers: list[Peer]) -> Route:
+        query = RouteQuery(request_id=request_id, token_ids=as_token_ids(token_ids), candidates=[p.id for p in peers])
         reply = await self.client.route(query)
         if reply is not None:
             peer = next((p for p in peers if p.id == reply.worker), None)

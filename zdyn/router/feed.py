@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 
 import zmq.asyncio
 
@@ -91,7 +92,7 @@ class LocalSelector:
         self.feed = WorkerFeed(workers, router)
         self.fallback = RoundRobin()
 
-    async def select(self, request_id: str, token_ids: list[int], peers: list[Peer]) -> Route:
+    async def select(self, request_id: str, token_ids: Sequence[int], peers: list[Peer]) -> Route:
         by_id = {p.id: p for p in peers}
         self.feed.refresh_loads()
         try:

@@ -29,7 +29,7 @@ class Route:
 
 
 class Selector(Protocol):
-    async def select(self, request_id: str, token_ids: list[int], peers: list[Peer]) -> Route:
+    async def select(self, request_id: str, token_ids: Sequence[int], peers: list[Peer]) -> Route:
         """Choose one of ``peers`` (never empty) for a prompt."""
         ...
 
@@ -53,7 +53,7 @@ class RoundRobin:
         self._next += 1
         return item
 
-    async def select(self, request_id: str, token_ids: list[int], peers: list[Peer]) -> Route:
+    async def select(self, request_id: str, token_ids: Sequence[int], peers: list[Peer]) -> Route:
         return Route(self.pick(peers), reason=self.reason)
 
     def update(self, request_id: str, event: RouteEvent) -> None:

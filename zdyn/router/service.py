@@ -41,7 +41,7 @@ class RouterService:
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
-        self._sock = make_socket(self.ctx, zmq.ROUTER, self.endpoint, bind=True)
+        self._sock = make_socket(self.ctx, zmq.ROUTER, self.endpoint, bind=True, allow=("processor", "frontend"))
         summary = asyncio.get_running_loop().create_task(self._summaries())
         handlers: dict[type[Message], MessageHandler] = {RouteQuery: self._on_query, RouteUpdate: self.update}
         reader = asyncio.get_running_loop().create_task(

@@ -16,7 +16,8 @@ from collections import Counter
 import zmq
 import zmq.asyncio
 
-from zdyn.kv_events import KvEventBatch, KvEventError, decode_frames, decode_payload, split_replay_reply
+from zdyn.kv_events import KvEventBatch, KvEventError, decode_frames, decode_payload
+from zdyn.kv_publisher import fetch_replay
 from zdyn.router.core import KvRouter
 from zdyn.router.sequence import SeqAction, SeqTracker
 from zdyn.transport import MalformedCounter, make_socket
@@ -112,21 +113,12 @@ class KvSubscriber:
 
     async def _replay(self, start: int) -> list[KvEventBatch] | None:
         """Every buffered batch with seq >= start, in order; None when the replay endpoint did not answer."""
-        sock = make_socket(self.ctx, zmq.DEALER, self.replay_endpoint, bind=False)
-        batches: list[KvEventBatch] = []
         try:
-            await sock.send_multipart([b"", start.to_bytes(8, "big")])
-            async with asyncio.timeout(self.replay_timeout_s):
-                while True:
-                    seq, payload = split_replay_reply(await sock.recv_multipart())
-                    if seq < 0:
-                        break
-                    batches.append(decode_payload(payload, seq))
+            raw = await fetch_replay(self.ctx, self.replay_endpoint, start, self.replay_timeout_s)
+            batches = [decode_payload(payload, seq) for seq, payload in raw]
         except (TimeoutError, KvEventError) as e:
             self.stats["replay_failed"] += 1
             log.warning("KV-event replay from %s failed: %s", self.replay_endpoint, e or "timed out")
             return None
-        finally:
-            sock.close(linger=0)
         self.stats["replayed"] += len(batches)
-        return sorted(batches, key=lambda b: b.seq)
+        return batches

@@ -41,6 +41,7 @@ from zdyn.transport import (
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_S = 600.0  # a request with no output for this long fails (engine stuck, not dead)
+DEFAULT_MAX_PEERS = 512  # registrations past this are refused
 
 
 @dataclass(slots=True, eq=False)
@@ -128,9 +129,13 @@ class Hub:
         liveness: Liveness | None = None,
         accept: Callable[[Ready], str | None] | None = None,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
+        max_peers: int = DEFAULT_MAX_PEERS,
         ctx: zmq.asyncio.Context | None = None,
     ) -> None:
+        if max_peers < 1:
+            raise ValueError(f"max_peers must be >= 1, got {max_peers}")
         self.endpoint = endpoint
+        self.max_peers = max_peers
         self.role = role
         self.liveness = liveness or Liveness()
         self.accept = accept
@@ -140,7 +145,8 @@ class Hub:
         self.malformed = MalformedCounter(f"hub {endpoint}")
         self.listeners: list[PeerListener] = []
         self.extra_handlers: dict[type[Message], MessageHandler] = {}  # more message types (set before start)
-        self.num_refused = 0
+        self.num_refused = 0  # READYs refused (wrong version, role or model; an id in use; too many peers)
+        self.num_hijacks = 0  # of those: another live process claiming a registered peer's id
         self._joined = asyncio.Event()
         self._change_waiters: list[asyncio.Future[None]] = []
         self._streams: dict[str, _Stream] = {}
@@ -149,7 +155,10 @@ class Hub:
         self._monitor: zmq.asyncio.Socket | None = None
 
     async def start(self) -> None:
-        self._sock = make_socket(self.ctx, zmq.ROUTER, self.endpoint, bind=True, heartbeat=self.liveness)
+        # Only keys of this hub's role may connect (when the context has keys): see zdyn.security.
+        self._sock = make_socket(
+            self.ctx, zmq.ROUTER, self.endpoint, bind=True, heartbeat=self.liveness, allow=(str(self.role),)
+        )
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         handlers: dict[type[Message], MessageHandler] = {
             Outputs: self._on_outputs,
@@ -196,9 +205,12 @@ class Hub:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._change_waiters.append(waiter)
         try:
-            await asyncio.wait_for(waiter, timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for, which can swallow a cancellation (3.11)
+                await waiter
         except TimeoutError:
             pass
+        finally:
+            waiter.cancel()
 
     async def wait_for_peers(self, n: int = 1, timeout_s: float = 60.0) -> None:
         """Wait until ``n`` peers are registered; TimeoutError names what was missing."""
@@ -277,22 +289,12 @@ class Hub:
             stream.queue.put_nowait(msg)
 
     def _on_ready(self, identity: bytes, ready: Ready) -> None:
-        reason = None
-        if ready.protocol_version != PROTOCOL_VERSION:
-            reason = f"protocol version {ready.protocol_version} is not this hub's {PROTOCOL_VERSION}"
-        elif ready.role != self.role:
-            reason = f"this hub serves {self.role}s, not {ready.role}s"
-        elif self.accept is not None:
-            reason = self.accept(ready)
-        if reason is None:
-            reason = self._same_id(identity, ready)
-        if reason is not None:
-            self.num_refused += 1
-            log.warning("refused %s %s at %s: %s", ready.role, ready.peer_id, self.endpoint, reason)
-            assert self._sock is not None
-            send(self._sock, Refused(reason=reason), identity).add_done_callback(ignore_result)
-            return
+
         old = self.peers.get(identity)
+        reason = self._refusal(identity, ready, old)
+        if reason is not None:
+            self._refuse(identity, ready, reason)
+            return
         if old is not None and old.ready == ready:
             return  # announced again before it heard from us: nothing changed
         if old is not None:  # a new session: it lost us and cancelled what it had, so fail those streams
@@ -306,19 +308,41 @@ class Hub:
         self._joined.set()
         self._tell(PeerEvent("joined", peer))
 
+    def _refusal(self, identity: bytes, ready: Ready, old: Peer | None) -> str | None:
+        """Why ``ready`` cannot register, or None."""
+        if ready.protocol_version != PROTOCOL_VERSION:
+            return f"protocol version {ready.protocol_version} is not this hub's {PROTOCOL_VERSION}"
+        if ready.role != self.role or not ready.peer_id:
+            return f"this hub serves {self.role}s with an id, not {ready.role}s {ready.peer_id!r}"
+        reason = (self.accept(ready) if self.accept is not None else None) or self._same_id(identity, ready)
+        if reason is None and old is None and len(self.peers) >= self.max_peers:
+            reason = f"this hub already has its maximum of {self.max_peers} peers (--max-peers)"
+        return reason
+
     def _same_id(self, identity: bytes, ready: Ready) -> str | None:
-        """Another process registered under the same id: from another host, refuse the newcomer (two workers
-        must not share an id); from the same host, it is a restart, so the old registration goes."""
+        """The same run on a fresh socket takes its id over; another process only once the registered one is quiet
+        (a restart before its death was noticed). A live one keeps it: the newcomer is refused, naming both hosts."""
+        now = asyncio.get_running_loop().time()
         for other in list(self.peers.values()):
             if other.id != ready.peer_id or other.identity == identity:
                 continue
-            if other.ready.host and ready.host and other.ready.host != ready.host:
-                return (
-                    f"{ready.role} id {ready.peer_id!r} is already registered from host {other.ready.host}; this one "
-                    f"is on host {ready.host}: give each {ready.role} its own id (--worker-id)"
-                )
-            self._drop(other, "replaced by a new process with the same id")
+            if other.ready.instance and other.ready.instance == ready.instance:
+                self._drop(other, "re-registered on a new connection")
+            elif now - other.last_seen <= 1.5 * self.liveness.interval_s:
+                self.num_hijacks += 1
+                there, here = other.ready.host or "?", ready.host or "?"
+                return f"id {ready.peer_id!r} is in use by a live {ready.role} on host {there}; this one is on {here}"
+            else:
+                self._drop(other, "replaced by a new process with the same id")
         return None
+
+    def _refuse(self, identity: bytes, ready: Ready, reason: str) -> None:  # counted; logged at a bounded rate
+        self.num_refused += 1
+        if self.num_refused <= 5 or self.num_refused % 100 == 0:
+            log.warning("refused %s %s at %s (refusal #%d): %s", ready.role, ready.peer_id, self.endpoint,
+                        self.num_refused, reason)  # fmt: skip
+        assert self._sock is not None
+        send(self._sock, Refused(reason=reason), identity).add_done_callback(ignore_result)
 
     # -- peers leaving
     def _drop(self, peer: Peer, reason: str) -> None:

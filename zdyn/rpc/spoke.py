@@ -34,6 +34,7 @@ from zdyn.transport import (
     Liveness,
     MalformedCounter,
     MessageHandler,
+    host_towards,
     ignore_result,
     is_remote,
     log_send_error,
@@ -98,6 +99,12 @@ class Spoke:
     ) -> None:
         if not hubs:
             raise ValueError("a spoke needs at least one hub endpoint to connect to")
+        if not ready.instance or not ready.host:
+            ready = msgspec.structs.replace(
+                ready, instance=ready.instance or secrets.token_hex(8), host=ready.host or host_towards(hubs[0])
+            )
+        if not ready.instance:
+            ready = msgspec.structs.replace(ready, instance=secrets.token_hex(8))
         self.ready = ready
         self.handler = handler
         self.load = load or Heartbeat
@@ -105,9 +112,9 @@ class Spoke:
         self.ready_for = ready_for  # the READY for one hub (its advertised addresses), if not ``ready``
         self.on_directory = on_directory
         self.ctx = ctx or zmq.asyncio.Context.instance()
-        # Unique per process: a second process with the same peer id (another host) must not take this one's
-        # route at the hub (ROUTER_HANDOVER); the hub refuses it by its peer id instead.
-        self.identity = f"{ready.peer_id}#{secrets.token_hex(4)}".encode()
+        # Unique and unguessable per process (no ROUTER_HANDOVER): nobody takes this peer's route by naming its
+        # id, and the hub tells this run's sockets (same ``instance``) from another process's.
+        self.identity = f"{ready.peer_id[:64]}#{secrets.token_hex(8)}".encode()
         self.links = [_Link(endpoint) for endpoint in hubs]
         self._running = False
         self.malformed = MalformedCounter(f"{ready.role} {ready.peer_id}")
@@ -194,6 +201,7 @@ class Spoke:
         return handed_back
 
     def _open(self, link: _Link, now: float) -> None:
+
         link.sock = make_socket(
             self.ctx, zmq.DEALER, link.endpoint, bind=False, identity=self.identity, heartbeat=self.liveness
         )
@@ -228,16 +236,16 @@ class Spoke:
 
     def _ready(self, link: _Link) -> Ready:
         ready = self.ready_for(link.endpoint) if self.ready_for is not None else self.ready
-        return msgspec.structs.replace(ready, session=link.session)
+        return msgspec.structs.replace(ready, session=link.session, instance=self.ready.instance)
 
     def _close_link(self, link: _Link) -> None:
         for task in link.requests.values():
             task.cancel()
         link.requests.clear()
         link.pending.clear()
-        for task in (link.reader, link.watcher):
-            if task is not None:
-                task.cancel()
+        for helper in (link.reader, link.watcher):
+            if helper is not None:
+                helper.cancel()
         if link.sock is not None:
             with contextlib.suppress(zmq.ZMQError):  # its context may be gone already
                 link.sock.disable_monitor()

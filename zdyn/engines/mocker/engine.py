@@ -6,16 +6,19 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import zmq
+from tokenizers import Tokenizer
 
 from zdyn.engines.base import EngineDeadError, EngineInfo
 from zdyn.engines.mocker.config import MockerConfig
 from zdyn.engines.mocker.scheduler import MockSequence, Scheduler, new_sequence
+from zdyn.engines.mocker.structured import valid_text
 from zdyn.engines.mocker.timing import InterpolatedTiming, PolynomialTiming, StepComposition, TimingModel
-from zdyn.kv_events import KvEventPublisher
-from zdyn.protocol import Delta, Generate, Heartbeat
+from zdyn.kv_publisher import KvEventPublisher
+from zdyn.protocol import Delta, Generate, Heartbeat, StructuredOutputs
 from zdyn.rpc.hub import merge_into
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,7 @@ class MockerEngine:
         self.last_step: tuple[StepComposition, float] | None = None
         self.transfer_ms = 0.0  # modelled KV-transfer time before the speed-up, summed over remote prefills
         self.transfer_wait_s = 0.0  # what those transfers were given to wait, after the speed-up
+        self._tokenizer: Tokenizer | None = None  # the model's, loaded for the first structured-output request
 
     @property
     def publisher(self) -> KvEventPublisher | None:
@@ -94,6 +98,8 @@ class MockerEngine:
         if self._task is None:
             raise RuntimeError("call start() before generate()")
         seq = new_sequence(request, self.config)
+        if request.sampling.structured is not None:
+            seq.script = self._script(request.sampling.structured, seq.seed)
         self.scheduler.add(seq)
         queue: asyncio.Queue[Delta | Exception] = asyncio.Queue()
         self._queues[seq.request_id] = queue
@@ -118,6 +124,19 @@ class MockerEngine:
             self._queues.pop(seq.request_id, None)
             if not finished:
                 self.scheduler.abort(seq.request_id)
+
+    def _script(self, structured: StructuredOutputs, seed: int) -> list[int] | None:
+        """Token ids of a valid answer to a structured-output request (see ``structured``), when the model dir
+        has a tokenizer."""
+        text = valid_text(structured, seed)
+        if text is None or not self.config.model_path:
+            return None
+        if self._tokenizer is None:
+            path = Path(self.config.model_path) / "tokenizer.json"
+            if not path.is_file():
+                return None
+            self._tokenizer = Tokenizer.from_file(str(path))
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
     def load(self) -> Heartbeat:
         return Heartbeat(

@@ -22,6 +22,7 @@ from zdyn.engines.mocker.kv_transfer import (
     wants_remote_decode,
     wants_remote_prefill,
 )
+from zdyn.engines.mocker.structured import scripted_token
 from zdyn.engines.mocker.timing import StepComposition
 from zdyn.protocol import Delta, Finish, FinishReason, Generate, TokenIds
 
@@ -51,6 +52,7 @@ class MockSequence:
         "prompt_len",
         "remote_prefill",
         "request_id",
+        "script",
         "seed",
         "stop_token_ids",
         "token_ids",
@@ -83,6 +85,7 @@ class MockSequence:
         self.kv_transfer_params = kv_transfer_params  # vLLM KV-connector params, as the request gave them
         self.remote_prefill: RemotePrefill | None = None  # the prompt's KV to pull in before running
         self.num_transferred_tokens = 0  # prompt tokens whose KV came from a prefill worker
+        self.script: list[int] | None = None  # the output to give, then EOS (a structured-output request)
 
     @property
     def num_output(self) -> int:
@@ -376,6 +379,8 @@ class Scheduler:
         )
 
     def _sample(self, seq: MockSequence) -> int:
+        if (scripted := scripted_token(seq.script, seq.num_output, seq.eos_token_id)) is not None:
+            return scripted
         vocab = self.config.vocab_size
         token = sample_token(seq.seed, seq.num_output, vocab)
         if seq.num_output < seq.min_tokens:

@@ -131,7 +131,7 @@ class VllmEngine:
                 yield delta
         except VllmEngineDead as e:
             raise EngineDeadError(str(e)) from e
-        except ValueError as e:  # vLLM's input validation (VLLMValidationError is a ValueError)
+        except (ValueError, _validation_error()) as e:  # vLLM's checks of the request: a 400, not an engine fault
             raise RequestError(str(e)) from e
         finally:
             self._num_inflight -= 1
@@ -150,7 +150,14 @@ class VllmEngine:
 
 def to_vllm_sampling(params: SamplingParams, kv_transfer_params: dict[str, Any] | None = None) -> Any:
     from vllm import SamplingParams as VllmSamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    structured = None
+    if params.structured is not None:  # at most one kind is set (the frontend checked); vLLM checks the rest
+        s = params.structured
+        structured = StructuredOutputsParams(
+            json=s.json, regex=s.regex, choice=s.choice, grammar=s.grammar, json_object=s.json_object or None
+        )
 
     return VllmSamplingParams(
         n=1,
@@ -167,6 +174,7 @@ def to_vllm_sampling(params: SamplingParams, kv_transfer_params: dict[str, Any] 
         frequency_penalty=params.frequency_penalty,
         repetition_penalty=params.repetition_penalty,
         logprobs=params.logprobs,
+        structured_outputs=structured,
         detokenize=False,  # the processor detokenizes
         output_kind=RequestOutputKind.DELTA,
         extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
@@ -191,6 +199,15 @@ def convert_logprobs(token_ids: list[int], positions: Iterable[Mapping[int, Any]
             )
         )
     return result
+
+
+def _validation_error() -> type[Exception]:
+    """vLLM's error for a request it refuses (a ValueError in older vLLM, its own client error since)."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:
+        return ValueError
+    return VLLMValidationError  # type: ignore[no-any-return]
 
 
 def _stat_logger_base() -> type:

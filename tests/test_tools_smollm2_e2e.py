@@ -1,0 +1,74 @@
+"""Tool calls and structured outputs on the embedded SmolLM2-135M-Instruct on vLLM, through the openai SDK.
+
+"required" and named tool choices, and ``json_schema`` response formats, are enforced by vLLM's guided decoding:
+even this small model answers with calls that parse and fit the tools' parameter schemas.
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import tool_cases
+from e2e import scratch_env
+from tool_cases import ASK, TIME, WEATHER, check_call
+
+from zdyn.bench.deploy import ZdynSpec, start
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smollm2-tools")
+    spec = ZdynSpec(
+        "agg",
+        engine="vllm",
+        worker_args=("--enforce-eager", "--max-model-len", "2048"),
+        config={"Frontend": {"tool-call-parser": "smollm2"}},  # tool_choice "auto": SmolLM2's <tool_call> format
+        env=scratch_env(tmp),
+    )
+    with start(spec, tmp / "logs", timeout_s=300) as dep:
+        yield dep
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_tool_choice_returns_valid_calls(smollm2, stream):
+    tool_cases.required_calls(smollm2, stream)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_named_tool_choice_calls_that_function(smollm2, stream):
+    tool_cases.named_call(smollm2, stream)
+
+
+def test_auto_tool_choice_parses_smollm2s_format(smollm2):
+    answer = smollm2.client().chat.completions.create(
+        model=smollm2.model, messages=ASK, tools=[WEATHER, TIME], max_tokens=80, temperature=0
+    )
+    choice = answer.choices[0]
+    for call in choice.message.tool_calls or []:
+        check_call(call.function.name, call.function.arguments)
+    assert "<tool_call>" not in (choice.message.content or "")
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls"
+    else:
+        assert choice.finish_reason in ("stop", "length") and choice.message.content
+
+
+def test_json_schema_output_parses_and_validates(smollm2):
+    tool_cases.json_schema_output(smollm2)
+
+
+def test_vllm_extras_constrain_and_bad_ones_are_400s(smollm2):
+    tool_cases.guided_choice(smollm2)
+    client = smollm2.client()
+    digits = client.completions.create(
+        model=smollm2.model, prompt="The year is", max_tokens=4, extra_body={"guided_regex": "[0-9]{4}"}
+    )
+    assert digits.choices[0].text.isdigit() and len(digits.choices[0].text) == 4
+    with pytest.raises(openai.BadRequestError):  # vLLM's structured-output backend refuses this pattern
+        client.completions.create(model=smollm2.model, prompt="x", max_tokens=4, extra_body={"guided_regex": "(?<=a)b"})
+    with pytest.raises(openai.BadRequestError):  # a JSON schema vLLM's backend cannot compile
+        client.completions.create(
+            model=smollm2.model, prompt="x", max_tokens=4, extra_body={"guided_json": {"type": "no-such-type"}}
+        )
