@@ -1,29 +1,18 @@
-"""Helpers for end-to-end tests: waits, small vLLM settings, and zdyn deployments through the benchmark harness."""
+"""Helpers for end-to-end tests: small vLLM settings, and zdyn deployments through the benchmark harness."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from zdyn.bench import procs
+from helpers import eventually, wait_until  # re-exported: tests that import them from here keep working
+
 from zdyn.bench.deploy import ZdynDeployment, ZdynSpec, start, vllm_scratch_env
 
+__all__ = ["VLLM_TEST_ARGS", "deployment", "eventually", "scratch_env", "wait_until"]
+
 scratch_env = vllm_scratch_env  # keep vLLM's caches and IPC files in the test's folder
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll ``check`` until it holds; TimeoutError(``what``) after ``timeout_s``."""
-    procs.wait_until(check, what, timeout_s, interval_s=0.05)
-
-
-async def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """``wait_until`` for asyncio tests: the event loop keeps running while it waits."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 # Small, fast vLLM settings for the tiny test model on CPU.

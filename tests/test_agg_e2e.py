@@ -9,7 +9,8 @@ import time
 import httpx
 import openai
 import pytest
-from e2e import VLLM_TEST_ARGS, deployment, wait_until
+from e2e import VLLM_TEST_ARGS, deployment
+from helpers import wait_until
 from transformers import AutoTokenizer
 
 from zdyn.bench.procs import get_json, wait_for_workers

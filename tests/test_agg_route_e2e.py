@@ -14,7 +14,8 @@ import urllib.request
 
 import openai
 import pytest
-from e2e import VLLM_TEST_ARGS, scratch_env, wait_until
+from e2e import VLLM_TEST_ARGS, scratch_env
+from helpers import wait_until
 
 from zdyn.bench.procs import ProcessGroup, free_port, wait_for_workers
 

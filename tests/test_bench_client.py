@@ -273,6 +273,7 @@ async def test_sessions_wait_for_previous_turn_and_resend_answer(base_url: str, 
     assert len(last_turns) == 2  # turn 2 of each session resends both earlier answers
 
 
+@pytest.mark.slow
 def test_cli_run_json_and_plot(
     base_url: str, tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

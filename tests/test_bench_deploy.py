@@ -119,6 +119,7 @@ def test_spec_rejects_what_run_sh_cannot_start() -> None:
             ZdynSpec(**bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_agg_with_two_mocker_workers_serves_and_leaves_nothing_behind(tiny_model: Path, tmp_path: Path) -> None:
     spec = ZdynSpec(
         "agg", workers=2, model=str(tiny_model), worker_args=("--speedup", "1000", "--max-model-len", "2048")

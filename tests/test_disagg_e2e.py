@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from e2e import VLLM_TEST_ARGS, scratch_env, wait_until
+from e2e import VLLM_TEST_ARGS, scratch_env
+from helpers import wait_until
 
 from zdyn.bench.procs import ProcessGroup, free_ports, wait_for_workers
 

@@ -13,11 +13,13 @@ import threading
 import httpx
 import openai
 import pytest
-from e2e import wait_until
+from helpers import wait_until
 
 from zdyn.bench.procs import ProcessGroup, free_ports, wait_for_workers
 
 MOCKER = ["--engine", "mocker", "--speedup", "0.1", "--block-size", "32", "--max-model-len", "2048"]
+pytestmark = pytest.mark.slow  # real processes; tests/test_inprocess_topology.py is the quick loop's disagg
+
 LONG = [(i * 37) % 800 + 20 for i in range(1500)]
 
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from e2e import eventually
+from helpers import eventually
 from test_disagg_service import FAST, PrefillWorker, request
 
 from zdyn.bench.procs import free_ports
@@ -51,6 +51,8 @@ class Queue:
         await self.client.close()
         if not self.task.done():
             await self.kill()
+        await self.hub.close()  # also when the queue's task had ended by itself
+        assert self.task.exception() is None
 
 
 @pytest.fixture

@@ -7,16 +7,13 @@ import asyncio
 import pytest
 import zmq
 import zmq.asyncio
-from e2e import eventually
+from helpers import FAST, eventually
 
 from zdyn.bench.procs import free_ports
 from zdyn.disagg.decode import PrefillClient, PrefillUnavailable
 from zdyn.disagg.queue_service import PrefillQueueService
 from zdyn.protocol import Cancel, Delta, Finish, Generate, PrefillDone, Ready, encode
 from zdyn.rpc import Hub, Spoke
-from zdyn.transport import Liveness
-
-FAST = Liveness(0.1, 3)
 
 
 class PrefillWorker:

@@ -5,6 +5,7 @@ import msgspec
 import pytest
 from frontend_fake import CHAT, COMPLETION, SyncClient, client, count
 from frontend_fake import make_frontend as frontend
+from helpers import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -265,14 +266,16 @@ def _path(endpoint):
     return "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
 
 
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def fuzz_settings(budget: int) -> settings:
+    return settings(max_examples=budget, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.mark.parametrize("budget", examples(20, 100))
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
-def test_fuzz_random_json_is_never_a_500(endpoint, fuzz):
+def test_fuzz_random_json_is_never_a_500(endpoint, fuzz, budget):
     f, sync = fuzz
 
-    @FUZZ
+    @fuzz_settings(budget)
     @given(body=JSON)
     def check(body):
         assert sync.post(_path(endpoint), msgspec.json.encode(body)) in (200, 400, 404)
@@ -281,12 +284,13 @@ def test_fuzz_random_json_is_never_a_500(endpoint, fuzz):
     assert count(f, "zdyn_internal_errors_total") == 0
 
 
+@pytest.mark.parametrize("budget", examples(20, 100))
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
-def test_fuzz_valid_bodies_with_random_fields_are_never_a_500(endpoint, fuzz):
+def test_fuzz_valid_bodies_with_random_fields_are_never_a_500(endpoint, fuzz, budget):
     f, sync = fuzz
     base = CHAT if endpoint == "chat" else COMPLETION
 
-    @FUZZ
+    @fuzz_settings(budget)
     @given(fields=st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=4), messages=st.lists(MESSAGE, max_size=3))
     def check(fields, messages):
         body = {**base, **fields}
@@ -299,10 +303,11 @@ def test_fuzz_valid_bodies_with_random_fields_are_never_a_500(endpoint, fuzz):
     assert count(f, "zdyn_requests_total", endpoint=endpoint, status="success") > 0
 
 
-def test_fuzz_bytes_are_never_a_500(fuzz):
+@pytest.mark.parametrize("budget", examples(20, 100))
+def test_fuzz_bytes_are_never_a_500(fuzz, budget):
     f, sync = fuzz
 
-    @FUZZ
+    @fuzz_settings(budget)
     @given(body=st.binary(max_size=64))
     def check(body):
         assert sync.post("/v1/chat/completions", body) == 400

@@ -229,8 +229,7 @@ async def receive(sub: zmq.asyncio.Socket, timeout_s: float = 2.0) -> list[bytes
     return list(await sub.recv_multipart())
 
 
-async def test_publisher_binds_and_counts_batches(tmp_path: Path) -> None:
-    ctx = zmq.asyncio.Context()
+async def test_publisher_binds_and_counts_batches(tmp_path: Path, ctx: zmq.asyncio.Context) -> None:
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     endpoint = f"ipc://{tmp_path}/kv.sock"
@@ -245,11 +244,9 @@ async def test_publisher_binds_and_counts_batches(tmp_path: Path) -> None:
             assert decode_frames(frames).events == [KvBlockRemoved([i])]
         assert pub.next_seq == 3
     sub.close(0)
-    ctx.term()
 
 
-async def test_publisher_connects_to_a_bound_subscriber() -> None:
-    ctx = zmq.asyncio.Context()
+async def test_publisher_connects_to_a_bound_subscriber(ctx: zmq.asyncio.Context) -> None:
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.bind("tcp://127.0.0.1:*")
@@ -265,7 +262,6 @@ async def test_publisher_connects_to_a_bound_subscriber() -> None:
     assert got is not None and decode_frames(got).events == [KvAllCleared()]
     await pub.close()
     sub.close(0)
-    ctx.term()
 
 
 async def replay(ctx: zmq.asyncio.Context, endpoint: str, start: int) -> list[tuple[int, bytes]]:
@@ -287,8 +283,7 @@ async def replay(ctx: zmq.asyncio.Context, endpoint: str, start: int) -> list[tu
     return replies
 
 
-async def test_replay_serves_buffered_batches() -> None:
-    ctx = zmq.asyncio.Context()
+async def test_replay_serves_buffered_batches(ctx: zmq.asyncio.Context) -> None:
     async with KvEventPublisher(
         "inproc://kv-replay-test", replay_endpoint="tcp://127.0.0.1:*", topic="kv", buffer_steps=3, ctx=ctx
     ) as pub:
@@ -305,7 +300,6 @@ async def test_replay_serves_buffered_batches() -> None:
         await junk.send_multipart([b"", b"bad"])  # ignored, and the server keeps working
         junk.close(0)
         assert [s for s, _ in await replay(ctx, pub.replay_endpoint, 4)] == [4]
-    ctx.term()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -249,9 +249,8 @@ async def test_shutdown_fails_pending_requests() -> None:
         await anext(eng.generate(request("b", [1, 2, 3])))
 
 
-async def test_kv_events_are_published_per_step(tmp_path: Path) -> None:
+async def test_kv_events_are_published_per_step(tmp_path: Path, ctx: zmq.asyncio.Context) -> None:
     endpoint = f"ipc://{tmp_path}/kv.sock"
-    ctx = zmq.asyncio.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"kv")
     sub.connect(endpoint)
@@ -275,7 +274,6 @@ async def test_kv_events_are_published_per_step(tmp_path: Path) -> None:
     finally:
         await eng.shutdown()
         sub.close(0)
-        ctx.term()
 
 
 @pytest.mark.parametrize(

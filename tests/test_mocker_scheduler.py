@@ -6,7 +6,8 @@ import pytest
 
 from zdyn.engines.base import RequestError
 from zdyn.engines.mocker.config import MockerConfig
-from zdyn.engines.mocker.scheduler import Scheduler, new_sequence
+from zdyn.engines.mocker.scheduler import Scheduler
+from zdyn.engines.mocker.sequence import new_sequence
 from zdyn.protocol import Finish, Generate, SamplingParams
 
 VOCAB = 1000

@@ -159,6 +159,7 @@ def test_tiny_build_is_cached(tiny_model: Path) -> None:
     assert {path.name: path.stat().st_mtime_ns for path in tiny_model.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_tiny_build_is_deterministic_across_concurrent_processes(tiny_model: Path, tmp_path: Path) -> None:
     dest = tmp_path / "again"
     command = [sys.executable, "-m", "zdyn.models", "tiny", str(dest)]
@@ -196,6 +197,7 @@ def _without_torch(code: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.slow
 def test_tiny_build_without_torch_has_the_same_tokenizer_and_config(tiny_model: Path, tmp_path: Path) -> None:
     dest = tmp_path / "no-weights"
     run = _without_torch(WITHOUT_TORCH, "tiny", str(dest))
@@ -240,6 +242,7 @@ def test_a_build_from_before_optional_weights_is_still_complete(tiny_model: Path
     assert {path.name: path.stat().st_mtime_ns for path in dest.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_tiny_build_replaces_a_build_with_other_parameters(tiny_model: Path, tmp_path: Path) -> None:
     dest = tmp_path / "model"
     shutil.copytree(tiny_model, dest)

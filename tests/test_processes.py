@@ -8,10 +8,10 @@ import time
 
 import openai
 import pytest
-from e2e import wait_until
+from helpers import wait_until
 
 from zdyn.bench.procs import ProcessGroup, free_port, get_json, wait_for_workers
-from zdyn.config import config_argv, to_argv
+from zdyn.roles.config import config_argv, to_argv
 from zdyn.roles.worker import build_parser
 
 MOCKER = ["--engine", "mocker", "--speedup", "100", "--max-model-len", "2048", "--block-size", "32"]
@@ -28,6 +28,7 @@ def assert_clean_exits(group: ProcessGroup) -> None:
         assert "Traceback" not in group.log(name), group.log(name)
 
 
+@pytest.mark.slow
 def test_separate_processors_share_the_load(tiny_model, tmp_path):
     port, fe_port = free_port(), free_port()
     proc_ports = [free_port(), free_port()]
@@ -67,6 +68,7 @@ def test_separate_processors_share_the_load(tiny_model, tmp_path):
         assert_clean_exits(group)
 
 
+@pytest.mark.slow
 def test_yaml_config_common_and_role_sections(tiny_model, tmp_path):
     port = free_port()
     workers = f"tcp://127.0.0.1:{free_port()}"
@@ -115,6 +117,7 @@ def test_config_flags_and_precedence(tmp_path):
     assert args.num_blocks == 256 and args.speedup == 7.0
 
 
+@pytest.mark.slow
 def test_roles_exit_cleanly_on_sigterm(tiny_model, tmp_path):
     port = free_port()
     workers = f"tcp://127.0.0.1:{free_port()}"
@@ -139,6 +142,7 @@ def test_impossible_mocker_settings_are_refused_at_start(tiny_model, tmp_path):
         assert "cannot start:" in group.log("worker") and "Traceback" not in group.log("worker")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["mocker"])
 def test_worker_started_before_the_frontend_registers_later(tiny_model, tmp_path, engine):
     port = free_port()

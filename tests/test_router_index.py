@@ -7,6 +7,7 @@ from array import array
 import msgpack
 import pytest
 import xxhash
+from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -286,9 +287,12 @@ def check(idx: KvIndexer, model: Model, rng: random.Random) -> None:
     assert idx.stats["unknown_block_removed"] == model.unknown_removed
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.data())
-def test_indexer_agrees_with_brute_force_model(data: st.DataObject) -> None:
+@pytest.mark.parametrize("budget", examples(25, 150))
+def test_indexer_agrees_with_brute_force_model(budget: int) -> None:
+    settings(max_examples=budget, deadline=None)(given(st.data())(agree_with_brute_force_model))()
+
+
+def agree_with_brute_force_model(data: st.DataObject) -> None:
     idx, model = KvIndexer(BS), Model()
     rng = random.Random(data.draw(st.integers(0, 2**32)))
     small_tokens = st.lists(st.integers(0, 2), min_size=BS, max_size=BS)

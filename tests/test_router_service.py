@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import zmq
 import zmq.asyncio
-from e2e import eventually
+from helpers import FAST, eventually
 
 from zdyn.bench.procs import free_ports
 from zdyn.kv_events import KvBlockStored
@@ -17,10 +17,8 @@ from zdyn.router.client import RemoteSelector, RouterClient
 from zdyn.router.core import KvRouter
 from zdyn.router.service import RouterService
 from zdyn.rpc import Hub, Peer, Spoke
-from zdyn.transport import Liveness
 
 BS = 4
-FAST = Liveness(0.1, 3)
 
 
 async def never(request):

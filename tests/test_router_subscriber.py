@@ -10,7 +10,7 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
-from e2e import eventually
+from helpers import eventually
 
 from zdyn.kv_events import KvBlockRemoved, KvBlockStored, encode_payload
 from zdyn.kv_publisher import KvEventPublisher

@@ -10,6 +10,7 @@ import time
 import pytest
 import zmq
 import zmq.asyncio
+from helpers import FAST
 
 from zdyn.errors import RequestError
 from zdyn.protocol import (
@@ -26,19 +27,10 @@ from zdyn.protocol import (
 from zdyn.rpc import Hub, RefusedError, Spoke
 from zdyn.transport import Liveness, TransportError, make_socket, send
 
-FAST = Liveness(interval_s=0.1, misses=3)
-
 
 @pytest.fixture
-def endpoint(unused_tcp_port):
-    return f"tcp://127.0.0.1:{unused_tcp_port}"
-
-
-@pytest.fixture
-async def ctx():
-    context = zmq.asyncio.Context()
-    yield context
-    context.destroy(linger=0)
+def endpoint(tcp_endpoint):
+    return tcp_endpoint()
 
 
 def ready(peer_id="w1", **kw):

@@ -39,6 +39,7 @@ def alive(pid: int) -> bool:
     return stat[stat.rfind(")") + 2] != "Z"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(RUN_TIMEOUT_S + 30)
 def test_agg_one_worker_one_rate(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "topology"

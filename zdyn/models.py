@@ -9,7 +9,6 @@ serialised across processes by a file lock.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import fcntl
 import importlib.util
@@ -166,7 +165,7 @@ def _is_complete(dest: Path, recipe: dict[str, Any]) -> bool:
         built.setdefault("weights", True)  # builds before weights were optional always had them
         if built["weights"] is True and recipe["weights"] is False:
             built["weights"] = False  # more than asked for
-    return built == recipe  # type: ignore[no-any-return]
+    return bool(built == recipe)
 
 
 def _check_replaceable(dest: Path) -> None:
@@ -356,38 +355,7 @@ def _save_tiny_weights(out: Path, config: LlamaConfig, generation: GenerationCon
     model.save_pretrained(out, safe_serialization=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: build a model folder and print its path on stdout."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        path = _build(args)
-    except (ImportError, OSError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+if __name__ == "__main__":  # `python -m zdyn.models`: the command line lives in the role layer
+    from zdyn.roles.models import main
 
-
-def _build(args: argparse.Namespace) -> Path:
-    if args.command == "smollm2":
-        return ensure_smollm2(args.dest)
-    hidden, layers, seed = args.hidden_size, args.num_layers, args.seed
-    return build_tiny_llama(args.dest, hidden_size=hidden, num_layers=layers, seed=seed)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m zdyn.models", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    smollm2 = commands.add_parser("smollm2", help="convert the packaged SmolLM2-135M-Instruct GGUF (default)")
-    smollm2.add_argument("--dest", type=Path, help=f"model folder (default: <cache>/models/{SMOLLM2_NAME})")
-    tiny = commands.add_parser("tiny", help="build a tiny random-weight Llama for tests (weights only with torch)")
-    tiny.add_argument("dest", type=Path, help="model folder")
-    tiny.add_argument("--hidden-size", type=int, default=128, help="a multiple of 32 (default: 128)")
-    tiny.add_argument("--num-layers", type=int, default=2, help="decoder layers (default: 2)")
-    tiny.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default: 0)")
-    return parser
-
-
-if __name__ == "__main__":
     sys.exit(main())

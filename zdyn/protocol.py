@@ -394,6 +394,6 @@ def decode(frames: list[bytes]) -> Message:
     if decoder is None:
         raise ProtocolError(f"unknown message type 0x{frames[0][0]:02x}")
     try:
-        return decoder.decode(frames[1])  # type: ignore[no-any-return]
+        return decoder.decode(frames[1])
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise ProtocolError(f"bad {CLASS_OF[frames[0][0]].__name__} payload: {e}") from e

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from array import array
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 
 class TokenIds(array):  # type: ignore[type-arg]
@@ -20,7 +20,7 @@ class TokenIds(array):  # type: ignore[type-arg]
     __slots__ = ()
 
     def __new__(cls, ids: Iterable[int] | bytes | bytearray | memoryview = ()) -> TokenIds:
-        self = super().__new__(cls, "I")
+        self = cast(TokenIds, super().__new__(cls, "I"))
         if isinstance(ids, bytes | bytearray | memoryview):
             self.frombytes(ids)
             if _BIG_ENDIAN:
@@ -54,13 +54,13 @@ class TokenIds(array):  # type: ignore[type-arg]
             return len(self) == len(other) and self.tolist() == list(other)
         return super().__eq__(other)
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None
 
     def __getitem__(self, key: Any) -> Any:  # a slice stays TokenIds (array's own would be a plain array)
         item = super().__getitem__(key)
         return TokenIds(item) if isinstance(key, slice) else item
 
-    def __add__(self, other: Iterable[int]) -> TokenIds:  # type: ignore[override]
+    def __add__(self, other: Iterable[int]) -> TokenIds:
         out = TokenIds(self)
         out.extend(other)
         return out

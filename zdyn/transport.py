@@ -251,7 +251,7 @@ async def read_messages(
         handler(identity, msg)
 
 
-def send(sock: zmq.asyncio.Socket, msg: Message, identity: bytes | None = None) -> zmq.asyncio.Future:
+def send(sock: zmq.asyncio.Socket, msg: Message, identity: bytes | None = None) -> zmq.asyncio.Future[Any]:
     """Queue a message for sending; the returned future fails if the peer is unknown (ROUTER)."""
     frames = encode(msg)
     if identity is not None:

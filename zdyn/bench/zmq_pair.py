@@ -42,7 +42,7 @@ from zdyn.bench.zmq_servers import (
     serve_bare,
     serve_zdyn,
 )
-from zdyn.protocol import Generate, Role, SamplingParams
+from zdyn.protocol import Generate, Role, SamplingParams, TokenIds
 from zdyn.rpc import Hub
 
 CPUS_ENV = "ZDYN_BENCH_CPUS"  # a child pins itself to these CPUs ("0", "0,1"); empty or unset: no pinning
@@ -188,7 +188,7 @@ class ZdynClient:
     async def server_stats(self) -> ServerStats:
         total = ServerStats()
         for i, peer in enumerate(self.hub.live_peers()):
-            request = Generate(request_id=f"ctl-{time.monotonic_ns()}-{i}", token_ids=[])
+            request = Generate(request_id=f"ctl-{time.monotonic_ns()}-{i}", token_ids=TokenIds())
             async for delta in self.hub.stream(peer, request):
                 stats = json.loads(delta.text or "{}")
                 total.cpu_s += stats["cpu_s"]
@@ -201,7 +201,7 @@ class ZdynClient:
         sampling = SamplingParams(max_tokens=1)
         samples = []
         for i in range(spec.warmup + spec.count):
-            request = Generate(request_id=f"rtt-{i}", token_ids=prompt, sampling=sampling)
+            request = Generate(request_id=f"rtt-{i}", token_ids=TokenIds(prompt), sampling=sampling)
             t0 = time.perf_counter()
             async for delta in self.hub.stream(peer, request):
                 assert delta.finish is not None
@@ -222,7 +222,7 @@ class ZdynClient:
         async def user() -> None:
             nonlocal tokens
             for i in counter:
-                request = Generate(request_id=f"{tag}-{i}", token_ids=prompt, sampling=sampling)
+                request = Generate(request_id=f"{tag}-{i}", token_ids=TokenIds(prompt), sampling=sampling)
                 start = time.perf_counter()
                 first = True
                 async for delta in self.hub.stream(peers[i % len(peers)], request):

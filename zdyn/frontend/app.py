@@ -245,8 +245,8 @@ class Frontend:
     async def health(self, request: Request) -> Response:
         workers = self.backend.workers()
         self.metrics.live_workers.set(len(workers))
-        processors = getattr(self.backend, "processors_view", list)()
-        routers = getattr(self.backend, "routers", list)()
+        processors: list[dict[str, Any]] = getattr(self.backend, "processors_view", list)()
+        routers: list[dict[str, Any]] = getattr(self.backend, "routers", list)()
         more = topology(workers, processors, routers)
         if workers:
             return json_response({"status": "healthy", "workers": workers, **more})

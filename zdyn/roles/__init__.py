@@ -13,4 +13,5 @@ ROLES = {
     "prefill-queue": "zdyn.roles.prefill_queue",
     "keys": "zdyn.roles.keys",
     "bench": "zdyn.bench.cli",
+    "models": "zdyn.roles.models",
 }

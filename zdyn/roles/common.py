@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 import zmq.asyncio
 
-from zdyn.config import config_argv
+from zdyn.roles.config import config_argv
 from zdyn.rpc.hub import DEFAULT_MAX_PEERS
 from zdyn.security import DEFAULT_KEYS_DIR, INSECURE_ENV, KEYS_DIR_ENV, SecuritySettings
 from zdyn.transport import Liveness

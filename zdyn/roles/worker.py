@@ -367,7 +367,7 @@ def sections(argv: list[str], engine: str = "mocker") -> tuple[str, ...]:
 def _engine_from_config(path: str | None) -> Any:
     if not path:
         return None
-    from zdyn.config import load_sections
+    from zdyn.roles.config import load_sections
 
     sections = load_sections(path)
     return sections.get("Worker", {}).get("engine") or sections.get("Common", {}).get("engine")

@@ -7,7 +7,8 @@ requests in flight end at once with a 503 error, and a spoke that loses its hub 
 and announces itself again with a fresh socket (zguide's Paranoid Pirate).
 """
 
+from zdyn.protocol import Request
 from zdyn.rpc.hub import Hub, Peer, PeerEvent, PeerListener, merge_into
-from zdyn.rpc.spoke import Handler, RefusedError, Request, Spoke
+from zdyn.rpc.spoke import Handler, RefusedError, Spoke
 
 __all__ = ["Handler", "Hub", "Peer", "PeerEvent", "PeerListener", "RefusedError", "Request", "Spoke", "merge_into"]

@@ -3,7 +3,8 @@
 from zdyn.engines.mocker.config import MockerConfig
 from zdyn.engines.mocker.engine import MockerEngine
 from zdyn.engines.mocker.kv_manager import KvBlockManager, hash_block
-from zdyn.engines.mocker.scheduler import MockSequence, Scheduler, new_sequence, sample_token
+from zdyn.engines.mocker.scheduler import Scheduler
+from zdyn.engines.mocker.sequence import MockSequence, new_sequence, sample_token
 from zdyn.engines.mocker.timing import InterpolatedTiming, PolynomialTiming, StepComposition, TimingModel
 
 __all__ = [

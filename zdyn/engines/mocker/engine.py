@@ -14,7 +14,8 @@ from tokenizers import Tokenizer
 
 from zdyn.engines.base import EngineDeadError, EngineInfo
 from zdyn.engines.mocker.config import MockerConfig
-from zdyn.engines.mocker.scheduler import MockSequence, Scheduler, new_sequence
+from zdyn.engines.mocker.scheduler import Scheduler
+from zdyn.engines.mocker.sequence import MockSequence, new_sequence
 from zdyn.engines.mocker.structured import valid_text
 from zdyn.engines.mocker.timing import InterpolatedTiming, PolynomialTiming, StepComposition, TimingModel
 from zdyn.kv_publisher import KvEventPublisher

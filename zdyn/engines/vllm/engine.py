@@ -12,7 +12,17 @@ from typing import Any
 from zdyn.engines.base import EngineDeadError, EngineInfo, RequestError
 from zdyn.engines.vllm.host import NIXL_KV_LEASE_S
 from zdyn.engines.vllm.plugin import WORKER_PID_ENV
-from zdyn.protocol import Delta, Finish, FinishReason, Generate, Heartbeat, SamplingParams, TokenLogprob, TopLogprob
+from zdyn.protocol import (
+    Delta,
+    Finish,
+    FinishReason,
+    Generate,
+    Heartbeat,
+    SamplingParams,
+    TokenIds,
+    TokenLogprob,
+    TopLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +95,7 @@ class VllmEngine:
         """One tiny request before serving: vLLM initialises parts of its client lazily, blocking the event
         loop (and so the worker's heartbeats) for a second or more on the first real request."""
         started = time.perf_counter()
-        warm_up = Generate(request_id=f"zdyn-warm-up-{os.getpid()}", token_ids=[0, 1, 2])
+        warm_up = Generate(request_id=f"zdyn-warm-up-{os.getpid()}", token_ids=TokenIds([0, 1, 2]))
         warm_up.sampling.max_tokens = 2
         async for _ in self.generate(warm_up):
             pass
@@ -207,7 +217,7 @@ def _validation_error() -> type[Exception]:
         from vllm.exceptions import VLLMValidationError
     except ImportError:
         return ValueError
-    return VLLMValidationError  # type: ignore[no-any-return]
+    return VLLMValidationError
 
 
 def _stat_logger_base() -> type:
