@@ -1,6 +1,7 @@
 """A real keyed deployment (mocker workers, as run.sh starts it): it serves, and a stranger without keys gets
 nothing from any of its ZeroMQ ports, not even KV events."""
 
+import json
 import re
 import time
 from pathlib import Path
@@ -83,3 +84,43 @@ def test_a_keyed_deployment_serves_and_strangers_get_nothing(tiny_model: Path, t
         finally:
             sub.close()
             ctx.term()
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_10_mb_prompt_is_refused_fast_without_hurting_other_streams(tiny_model: Path, tmp_path: Path) -> None:
+    spec = ZdynSpec("agg", workers=1, model=str(tiny_model), worker_args=("--speedup", "20", "--max-model-len", "2048"))
+    with start(spec, tmp_path / "logs", timeout_s=90) as dep:
+        frontend_pid = dep.group.procs["frontend"].pid
+        body = {"model": dep.model, "prompt": "hello there", "max_tokens": 64, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        with httpx.Client(base_url=dep.base_url, timeout=30) as client:  # warm up: first requests allocate
+            client.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2})
+        rss_before = _rss_mib(frontend_pid)
+        import concurrent.futures
+
+        def stream() -> int:  # the tokens a streamed completion reports
+            tokens = 0
+            with httpx.stream("POST", f"{dep.base_url}/v1/completions", json=body, timeout=30) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data: {") and (usage := json.loads(line[6:]).get("usage")):
+                        tokens = usage["completion_tokens"]
+            return tokens
+
+        huge = {"model": dep.model, "prompt": "a " * (5 << 20), "max_tokens": 4}  # 10 MiB of prompt
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            streams = [pool.submit(stream) for _ in range(6)]
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            r = httpx.post(f"{dep.base_url}/v1/completions", json=huge, timeout=30)
+            refused_s = time.monotonic() - t0
+            assert all(s.result(60) == 64 for s in streams)  # every other stream got all its tokens
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        assert refused_s < 1.0, refused_s
+        assert _rss_mib(frontend_pid) - rss_before < 100

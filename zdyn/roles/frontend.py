@@ -28,6 +28,7 @@ from zdyn.roles.resilience import add_admission_args, add_resilience_args, admis
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
 from zdyn.router.selector import RoundRobin
 from zdyn.rpc import Hub
+from zdyn.security import is_local
 from zdyn.transport import check_endpoint
 
 log = logging.getLogger("zdyn.frontend")
@@ -191,6 +192,9 @@ async def serve(config: FrontendConfig) -> int:
         freeze_startup_objects()
         auth = f"{len(config.http.api_keys)} API key(s)" if config.http.api_keys else "no API key"
         log.info("frontend serving on http://%s:%d (%s): %s", config.host, sock.getsockname()[1], auth, where)
+        if not config.http.api_keys and not is_local(f"tcp://{config.host}:0"):
+            log.warning("HTTP on %s without an API key: anyone who reaches it can use the model (--api-key)",
+                        config.host)  # fmt: skip
         try:
             yield
         finally:

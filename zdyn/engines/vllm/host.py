@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
 from zdyn.transport import free_tcp_ports
 
+UCX_DEVICES_ENV = "UCX_NET_DEVICES"
 log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 512 * 2**20  # vLLM on CPU needs an explicit KV cache size
@@ -73,6 +75,7 @@ def engine_args(parsed: Any, host: HostSettings) -> Any:
         if args.kv_transfer_config is None:
             args.kv_transfer_config = nixl_transfer_config(cpu, host.kv_lease_s)
         _nixl_side_channel(host.advertise_host, host.nixl_side_channel_port)
+        _ucx_devices(host.advertise_host)
         if cpu and IN_PROCESS_ENV not in os.environ:
             # With NIXL loaded, vLLM's separate model-worker process made every prefill 10-40x slower on CPU
             # (benchmarks/nixl_spike/NOTES.md, gotcha 2); inside EngineCore it runs at full speed.
@@ -118,3 +121,23 @@ def _nixl_side_channel(host: str, port: int = 0) -> None:
         os.environ[SIDE_CHANNEL_PORT_ENV] = str(port)
     os.environ.setdefault(SIDE_CHANNEL_PORT_ENV, str(free_tcp_ports(1)[0]))
     log.info("NIXL side channel at %s:%s", os.environ[SIDE_CHANNEL_HOST_ENV], os.environ[SIDE_CHANNEL_PORT_ENV])
+
+
+def _ucx_devices(host: str) -> None:
+    """UCX (NIXL's KV transfers) uses every network device unless told: on a worker reached over the network,
+    only the interface of the advertised address. Loopback-only deployments leave UCX as it is (shared memory)."""
+    if UCX_DEVICES_ENV in os.environ:
+        return
+    try:
+        address = socket.gethostbyname(host)
+    except OSError:
+        return
+    if address.startswith("127."):
+        return
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == address for a in addresses):
+            os.environ[UCX_DEVICES_ENV] = name
+            log.info("UCX (NIXL KV transfers) on %s only, the interface of %s (%s)", name, host, UCX_DEVICES_ENV)
+            return
