@@ -29,6 +29,8 @@ from zdyn.worker import Worker
 LIVENESS = Liveness(interval_s=0.2, misses=10)  # one loop runs every role: a busy moment is no dead peer
 MODEL = "tiny-llama"
 
+pytestmark = pytest.mark.slow  # starts a deployment's processes; tests/test_inprocess_topology.py is the quick loop's
+
 
 class InProcess:
     """examples/agg in this event loop: the frontend's ASGI app (with its processor) and one mocker worker."""
