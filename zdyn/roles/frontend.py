@@ -153,6 +153,8 @@ def listen(host: str, port: int) -> socket.socket:
 def build_backend(config: FrontendConfig) -> tuple[Backend, Hub, str]:
     """The backend the frontend serves through, the hub it needs started, and a line saying what it is."""
     if config.processors_endpoint:
+        if config.output_parsing.tool_call_parser or config.output_parsing.reasoning_parser:
+            log.warning("output parsers run in the processors: give --tool-call-parser/--reasoning-parser to them")
         hub = Hub(
             config.processors_endpoint, role=Role.PROCESSOR, liveness=config.common.liveness,
             max_peers=config.common.max_peers,
