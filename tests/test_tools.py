@@ -216,6 +216,7 @@ OUTPUTS = {
 }
 
 
+@pytest.mark.slow  # imports vLLM (seconds)
 @pytest.mark.parametrize("name", sorted(OUTPUTS))
 @pytest.mark.parametrize("stream", [False, True])
 def test_vllm_tool_parsers_find_the_call_streamed_or_not(tokenizer, name, stream):
@@ -230,6 +231,7 @@ def test_vllm_tool_parsers_find_the_call_streamed_or_not(tokenizer, name, stream
     assert deltas[-1].finish.reason == "tool_calls"
 
 
+@pytest.mark.slow  # imports vLLM (seconds)
 @pytest.mark.parametrize("stream", [False, True])
 def test_text_without_a_call_stays_content(tokenizer, stream):
     parsing = vllm_parsing(tokenizer, "hermes")
@@ -239,6 +241,7 @@ def test_text_without_a_call_stays_content(tokenizer, stream):
     assert deltas[-1].finish.reason == "stop"
 
 
+@pytest.mark.slow  # imports vLLM (seconds)
 @pytest.mark.parametrize("stream", [False, True])
 def test_reasoning_is_split_off(tokenizer, stream):
     parsing = vllm_parsing(tokenizer, reasoning_parser="deepseek_r1")
@@ -248,6 +251,7 @@ def test_reasoning_is_split_off(tokenizer, stream):
     assert "".join(d.text or "" for d in deltas) == "Sunny."
 
 
+@pytest.mark.slow  # imports vLLM (seconds)
 def test_unknown_parsers_and_unfit_tokenizers_are_refused_at_start(tokenizer, tiny_model):
     from transformers import AutoTokenizer
 

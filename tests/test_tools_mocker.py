@@ -11,6 +11,8 @@ from tool_cases import ASK, WEATHER
 
 from zdyn.bench.deploy import ZdynSpec, start
 
+pytestmark = pytest.mark.slow  # starts a deployment's processes; tests/test_inprocess_topology.py is the quick loop's
+
 
 @pytest.fixture(scope="module")
 def mocker(tiny_model, tmp_path_factory):

@@ -82,12 +82,21 @@ class Processor:
         self.outputs = outputs or OutputParsing()  # tool calls and reasoning in the output (zdyn.tools)
 
     async def tokenize_async(self, request: TextRequest) -> TokenIds:
-        """``tokenize``, on a thread for a long prompt; a 400 at once for one that cannot fit the context."""
+        """``tokenize``, a long prompt's text encoded on a thread; a 400 at once for one that cannot fit the context.
+
+        Only the Rust call runs there (it releases the GIL throughout); the template (jinja, cheap) and the
+        conversion of the ids (Python objects) stay on the loop, so that a tokenizing thread never holds the GIL
+        the event loop waits for (a thread holding it would stall every send and receive by up to the switch
+        interval)."""
         self.check_length(request)
-        if prompt_chars(request) <= LONG_PROMPT_CHARS:
+        if text_chars(request) <= LONG_PROMPT_CHARS:
             return self.tokenize(request)
+        prompt = self.prompt_text(request)
+        if isinstance(prompt, TokenIds):
+            return prompt
         self.num_tokenized_on_threads += 1
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self.tokenize, request)
+        encoding = await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._encode_one, *prompt)
+        return TokenIds(encoding.ids)
 
     def check_length(self, request: TextRequest) -> None:
         """Refuse a prompt whose text alone is too long for any live worker's context, by its length in characters
@@ -100,14 +109,18 @@ class Processor:
             raise RequestError(f"the prompt has {chars} characters: more than a {limit}-token context holds", 400,
                                param=param)  # fmt: skip
 
-    def encode(self, text: str, add_special_tokens: bool) -> TokenIds:
-        """Token ids of ``text`` from the Rust tokenizer directly: its batch call without offsets is the fastest,
-        and it releases the GIL."""
+    def _encode_one(self, text: str, add_special_tokens: bool) -> Any:
+        """The Rust tokenizer directly: its batch call without offsets is the fastest, and it releases the GIL."""
         [encoding] = self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)
-        return TokenIds(encoding.ids)
+        return encoding
 
     def tokenize(self, request: TextRequest) -> TokenIds:
         """Prompt token ids: the chat template applied to the messages, or the completion prompt."""
+        prompt = self.prompt_text(request)
+        return prompt if isinstance(prompt, TokenIds) else TokenIds(self._encode_one(*prompt).ids)
+
+    def prompt_text(self, request: TextRequest) -> tuple[str, bool] | TokenIds:
+        """The text to encode and whether to add special tokens; or the ids of a token-id prompt, checked."""
         if request.messages is not None:
             tools = request.tools if request.tool_choice != "none" else None
             messages, extra = chat_template_inputs(request.messages, tools, self.tokenizer.chat_template)
@@ -121,13 +134,13 @@ class Processor:
                 )
             except Exception as e:  # jinja errors: the template rejected these messages
                 raise RequestError(f"cannot apply the chat template: {e}") from e
-            return self.encode(text, add_special_tokens=False)
+            return text, False
         if isinstance(request.prompt, list):
             vocab = len(self.tokenizer)
             if request.prompt and not 0 <= min(request.prompt) <= max(request.prompt) < vocab:
                 raise RequestError(f"prompt token ids must be in [0, {vocab})")
             return TokenIds(request.prompt)
-        return self.encode(request.prompt or "", add_special_tokens=True)
+        return request.prompt or "", True
 
     def models(self) -> list[str]:
         return [self.model]
@@ -283,17 +296,6 @@ class Processor:
         if text is None:
             text = self._token_text[token_id] = self.backend.decode([token_id], skip_special_tokens=False)
         return text
-
-
-def prompt_chars(request: TextRequest) -> int:
-    """About how long a request's prompt text is (message parts that are not text count as long)."""
-    if request.messages is None:
-        return len(request.prompt) if isinstance(request.prompt, str) else 0
-    total = 0
-    for message in request.messages:
-        content = message.get("content")
-        total += len(content) if isinstance(content, str) else LONG_PROMPT_CHARS if content else 0
-    return total
 
 
 def text_chars(request: TextRequest) -> int:
