@@ -28,6 +28,7 @@ from zdyn.roles.resilience import add_admission_args, add_resilience_args, admis
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
 from zdyn.router.selector import RoundRobin
 from zdyn.rpc import Hub
+from zdyn.rpc.metrics import RefusalCollector
 from zdyn.security import is_local
 from zdyn.transport import check_endpoint
 
@@ -205,6 +206,7 @@ async def serve(config: FrontendConfig) -> int:
             await hub.close()
 
     frontend = Frontend(backend, config.http)
+    frontend.metrics.registry.register(RefusalCollector([hub]))  # READYs and CURVE keys kept out
     if isinstance(backend, Processor | RemoteBackend):  # requests re-issued after a peer failed
         frontend.metrics.registry.register(ReissueCollector(backend.reissues, "frontend"))
     if isinstance(backend, Processor):
