@@ -124,6 +124,11 @@ def cpu_ms_per_req(rows: Sequence[dict[str, Any]], kind: str) -> float:
     return med([{"v": cpu_by_kind(r).get(kind, 0.0) * r["window_s"] * 10.0 / r["completed"]} for r in rows], "v")
 
 
+def serving_ms(rows: Sequence[dict[str, Any]]) -> float:
+    """CPU ms per request of the serving processes (frontend, processors, workers; not the load generator)."""
+    return sum(cpu_ms_per_req(rows, kind) for kind in ("frontend", "processor", "worker"))
+
+
 def report(doc: dict[str, Any]) -> str:
     rows, s = doc["rows"], doc["settings"]
     systems, routers, lengths = s["systems"], s["routers"], s["lengths"]
@@ -146,7 +151,8 @@ def report(doc: dict[str, Any]) -> str:
                       "KiB/in-flight"], body))  # fmt: skip
     if "dynamo" in systems:
         out.append("\nzdyn / Dynamo, ratios of medians (targets: req/s >= 1.5 at 200, >= 1.3 at 4k and 16k; "
-                   "TTFT p50 <= 0.8)")  # fmt: skip
+                   "TTFT p50 <= 0.8); CPU efficiency = Dynamo's serving CPU ms per request / zdyn's (the req/s "
+                   "ratio both would reach on cores of their own)")  # fmt: skip
         body = []
         for length in lengths:
             for router in routers:
@@ -156,8 +162,10 @@ def report(doc: dict[str, Any]) -> str:
                         per = [round(a["req_s"] / b["req_s"], 2) for a in z for b in d if a["rep"] == b["rep"]]
                         body.append([str(length), router, system, fmt(ratio(med(z, "req_s"), med(d, "req_s"))),
                                      fmt(ratio(med(z, "ttft_p50"), med(d, "ttft_p50"))),
-                                     ", ".join(f"{x:.2f}" for x in per)])  # fmt: skip
-        out.append(table(["prompt", "router", "system", "req/s", "TTFT p50", "req/s per repetition"], body))
+                                     ", ".join(f"{x:.2f}" for x in per),
+                                     fmt(ratio(serving_ms(d), serving_ms(z)))])  # fmt: skip
+        out.append(table(["prompt", "router", "system", "req/s", "TTFT p50", "req/s per repetition",
+                          "CPU efficiency"], body))  # fmt: skip
     return "\n".join(out)
 
 

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from zdyn.errors import RequestError
-from zdyn.processor import LONG_PROMPT_CHARS, Processor, prompt_chars
+from zdyn.processor import LONG_PROMPT_CHARS, Processor, text_chars
 from zdyn.protocol import TextRequest, TokenIds
 from zdyn.router.selector import RoundRobin
 from zdyn.rpc import Hub
@@ -34,7 +34,7 @@ def test_ids_match_the_transformers_tokenizer(processor, tiny_model, text):
 def test_long_prompts_go_to_threads_and_give_the_same_ids(processor):
     short = TextRequest(messages=[{"role": "user", "content": "word " * 10}])
     long = TextRequest(messages=[{"role": "user", "content": "word " * LONG_PROMPT_CHARS}])
-    assert prompt_chars(short) <= LONG_PROMPT_CHARS < prompt_chars(long)
+    assert text_chars(short) <= LONG_PROMPT_CHARS < text_chars(long)
 
     async def both() -> tuple[TokenIds, TokenIds]:
         before = processor.num_tokenized_on_threads

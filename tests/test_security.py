@@ -13,6 +13,7 @@ from zdyn import security
 from zdyn.protocol import Delta, Finish, Generate, Ready, Refused, decode, encode
 from zdyn.roles import keys as keys_cli
 from zdyn.rpc import Hub, RefusedError, Spoke
+from zdyn.rpc.metrics import RefusalCollector
 from zdyn.transport import Liveness, make_socket
 
 FAST = Liveness(interval_s=0.1, misses=3)
@@ -186,6 +187,8 @@ async def test_a_worker_key_cannot_register_as_a_processor(keys_dir, endpoint, c
             await asyncio.sleep(0.05)
         assert security.curve_of(frontend_ctx).refused["processor"] >= 1
         assert hub.live_peers() == []
+        metrics = {m.name: m for m in RefusalCollector([hub], frontend_ctx).collect()}
+        assert [s.value for s in metrics["zdyn_refused_keys"].samples if s.labels["admits"] == "processor"][0] >= 1
     finally:
         spoke.close()
         await asyncio.wait_for(task, 5)
@@ -248,12 +251,15 @@ async def test_registrations_past_max_peers_are_refused_and_counted(endpoint, co
     try:
         for i, sock in enumerate(fakes):
             await sock.send_multipart(encode(ready(f"fake{i}")))
-        refusals = 0
-        for sock in fakes:
-            if await sock.poll(2000):
-                refusals += isinstance(decode(await sock.recv_multipart()), Refused)
+
+        async def refused(sock: zmq.asyncio.Socket) -> bool:  # the 3 accepted hear nothing: wait for all at once
+            return bool(await sock.poll(2000)) and isinstance(decode(await sock.recv_multipart()), Refused)
+
+        refusals = sum(await asyncio.gather(*(refused(sock) for sock in fakes)))
         assert len(hub.live_peers()) == 3
         assert hub.num_refused == 37 and refusals >= 37
+        [family, _] = RefusalCollector([hub], ctx).collect()
+        assert {s.labels["reason"]: s.value for s in family.samples} == {"id_in_use": 0, "other": 37}
     finally:
         for sock in fakes:
             sock.close(linger=0)

@@ -9,6 +9,7 @@ map-shaped batch, so one router can read every vLLM version seen so far.
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,8 +177,14 @@ def normalize_hash(value: object) -> int:
 
 
 def _int_list(value: object, name: str) -> list[int]:
-    if not isinstance(value, list) or not all(type(v) is int for v in value):
+    """``value`` if it is a list of token ids (ints in [0, 2**32)), checked at C speed (an event carries whole
+    prompts: a Python-level check per id cost 0.6 ms for 16k tokens)."""
+    if not isinstance(value, list):
         raise KvEventError(f"{name} must be a list of ints")
+    try:
+        array("I").fromlist(value)  # (a MessagePack true/false passes as 1/0)
+    except (TypeError, OverflowError):
+        raise KvEventError(f"{name} must be a list of ints in [0, 2**32)") from None
     return value
 
 

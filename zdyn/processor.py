@@ -21,7 +21,7 @@ import msgspec
 from transformers import AutoTokenizer
 
 from zdyn.admission import Admission
-from zdyn.choice import ChoiceRun, ChoiceSpec, Reissues, Resilience, movable
+from zdyn.choice import ChoiceRun, ChoiceSpec, Choose, Reissues, Resilience, movable
 from zdyn.detokenizer import Detokenizer
 from zdyn.errors import RequestError, unavailable
 from zdyn.protocol import (
@@ -82,12 +82,21 @@ class Processor:
         self.outputs = outputs or OutputParsing()  # tool calls and reasoning in the output (zdyn.tools)
 
     async def tokenize_async(self, request: TextRequest) -> TokenIds:
-        """``tokenize``, on a thread for a long prompt; a 400 at once for one that cannot fit the context."""
+        """``tokenize``, a long prompt's text encoded on a thread; a 400 at once for one that cannot fit the context.
+
+        Only the Rust call runs there (it releases the GIL throughout); the template (jinja, cheap) and the
+        conversion of the ids (Python objects) stay on the loop, so that a tokenizing thread never holds the GIL
+        the event loop waits for (a thread holding it would stall every send and receive by up to the switch
+        interval)."""
         self.check_length(request)
-        if prompt_chars(request) <= LONG_PROMPT_CHARS:
+        if text_chars(request) <= LONG_PROMPT_CHARS:
             return self.tokenize(request)
+        prompt = self.prompt_text(request)
+        if isinstance(prompt, TokenIds):
+            return prompt
         self.num_tokenized_on_threads += 1
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self.tokenize, request)
+        encoding = await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._encode_one, *prompt)
+        return TokenIds(encoding.ids)
 
     def check_length(self, request: TextRequest) -> None:
         """Refuse a prompt whose text alone is too long for any live worker's context, by its length in characters
@@ -100,14 +109,18 @@ class Processor:
             raise RequestError(f"the prompt has {chars} characters: more than a {limit}-token context holds", 400,
                                param=param)  # fmt: skip
 
-    def encode(self, text: str, add_special_tokens: bool) -> TokenIds:
-        """Token ids of ``text`` from the Rust tokenizer directly: its batch call without offsets is the fastest,
-        and it releases the GIL."""
+    def _encode_one(self, text: str, add_special_tokens: bool) -> Any:
+        """The Rust tokenizer directly: its batch call without offsets is the fastest, and it releases the GIL."""
         [encoding] = self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)
-        return TokenIds(encoding.ids)
+        return encoding
 
     def tokenize(self, request: TextRequest) -> TokenIds:
         """Prompt token ids: the chat template applied to the messages, or the completion prompt."""
+        prompt = self.prompt_text(request)
+        return prompt if isinstance(prompt, TokenIds) else TokenIds(self._encode_one(*prompt).ids)
+
+    def prompt_text(self, request: TextRequest) -> tuple[str, bool] | TokenIds:
+        """The text to encode and whether to add special tokens; or the ids of a token-id prompt, checked."""
         if request.messages is not None:
             tools = request.tools if request.tool_choice != "none" else None
             messages, extra = chat_template_inputs(request.messages, tools, self.tokenizer.chat_template)
@@ -121,13 +134,13 @@ class Processor:
                 )
             except Exception as e:  # jinja errors: the template rejected these messages
                 raise RequestError(f"cannot apply the chat template: {e}") from e
-            return self.encode(text, add_special_tokens=False)
+            return text, False
         if isinstance(request.prompt, list):
             vocab = len(self.tokenizer)
             if request.prompt and not 0 <= min(request.prompt) <= max(request.prompt) < vocab:
                 raise RequestError(f"prompt token ids must be in [0, {vocab})")
             return TokenIds(request.prompt)
-        return self.encode(request.prompt or "", add_special_tokens=True)
+        return request.prompt or "", True
 
     def models(self) -> list[str]:
         return [self.model]
@@ -176,6 +189,10 @@ class Processor:
         sampling = self._sampling(
             request, len(token_ids), min(p.ready.max_model_len or self.max_model_len for p in peers)
         )
+        if outputs is not None:
+            for progress in resume or []:  # choices another processor started: their parsers catch up
+                text = self.backend.decode(progress.token_ids, skip_special_tokens=request.skip_special_tokens)
+                outputs.prime(progress.index, text, progress.token_ids)
         run = self._run(request_id, token_ids, sampling, request, resume or [])
         async with self.admission.slot(self.capacity()), aclosing(run) as deltas:
             async for delta in deltas:
@@ -196,7 +213,8 @@ class Processor:
             if 0 <= progress.index < len(runs):
                 runs[progress.index].resume(progress.token_ids)
         done = {p.index for p in resume if p.finished}
-        streams = [run.deltas(self._choose, self.hub.stream) for run in runs if run.spec.index not in done]
+        choose = self._choose if request.n == 1 else self._choose_together()
+        streams = [run.deltas(choose, self.hub.stream) for run in runs if run.spec.index not in done]
         prefilled: set[int] = set()
         try:
             async with aclosing(streams[0] if len(streams) == 1 else interleave(streams)) as deltas:
@@ -245,8 +263,24 @@ class Processor:
             limit = min(AVOID_WAIT_S, self.resilience.worker_wait_s) if live else self.resilience.worker_wait_s
             await self.hub.wait_for_change(max(0.01, limit - waited))
 
-    async def _choose(self, rid: str, token_ids: TokenIds, avoid: set[str]) -> Route:
-        peers = await self._workers(avoid)
+    def _choose_together(self) -> Choose:
+        """Routes the choices of one request (n > 1): the first as usual, the others to the same worker while it is
+        live and not to be avoided, so that they share its prefix cache (and, in disagg, one remote prefill)."""
+        first: list[Peer] = []
+        lock = asyncio.Lock()  # the choices start together: the others wait for the first one's route
+
+        async def choose(rid: str, token_ids: TokenIds, avoid: set[str]) -> Route:
+            async with lock:
+                peer = first[0] if first else None
+                same = peer is not None and peer.id not in avoid and peer in self.live_workers()
+                route = await self._choose(rid, token_ids, avoid, [peer] if same and peer else None)
+                first[:] = first or [route.peer]
+                return route
+
+        return choose
+
+    async def _choose(self, rid: str, token_ids: TokenIds, avoid: set[str], only: list[Peer] | None = None) -> Route:
+        peers = only or await self._workers(avoid)
         if self._routed.pop(rid, None):  # routed before, to a worker that failed: the router forgets that
             self.selector.update(rid, RouteEvent.FINISHED)
         route = await self.selector.select(rid, token_ids, peers)
@@ -283,17 +317,6 @@ class Processor:
         if text is None:
             text = self._token_text[token_id] = self.backend.decode([token_id], skip_special_tokens=False)
         return text
-
-
-def prompt_chars(request: TextRequest) -> int:
-    """About how long a request's prompt text is (message parts that are not text count as long)."""
-    if request.messages is None:
-        return len(request.prompt) if isinstance(request.prompt, str) else 0
-    total = 0
-    for message in request.messages:
-        content = message.get("content")
-        total += len(content) if isinstance(content, str) else LONG_PROMPT_CHARS if content else 0
-    return total
 
 
 def text_chars(request: TextRequest) -> int:

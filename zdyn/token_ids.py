@@ -31,6 +31,16 @@ class TokenIds(array):  # type: ignore[type-arg]
             self.extend(ids)
         return self
 
+    def max_id(self) -> int:
+        """The largest id (-1 when empty), at C speed (``max()`` would make an int object per id)."""
+        if not self:
+            return -1
+        try:
+            import numpy as np
+        except ImportError:  # numpy comes with transformers; without it, the slow way
+            return int(max(self))
+        return int(np.frombuffer(self, dtype=np.uint32).max())
+
     def packed(self) -> bytes:
         """The wire form: little-endian uint32, 4 bytes per id."""
         if not _BIG_ENDIAN:

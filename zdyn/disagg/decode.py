@@ -282,7 +282,7 @@ class DisaggEngine:
         decision = self.policy.decide(len(request.token_ids), cached, status.queued, status.prefill_workers)
         rid = request.request_id
         key = prompt_key(request.token_ids)
-        leader = self._prefilling.get(key) if decision.remote else None
+        leader = self._prefilling.get(key)  # whatever the policy says: this prompt's KV is on its way here
         leading = decision.remote and leader is None
         if leading:  # the choices of an n > 1 request that come while this one prefills remotely wait for it
             self._prefilling[key] = asyncio.get_running_loop().create_future()

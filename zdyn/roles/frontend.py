@@ -29,6 +29,7 @@ from zdyn.roles.resilience import add_admission_args, add_resilience_args, admis
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
 from zdyn.router.selector import RoundRobin
 from zdyn.rpc import Hub
+from zdyn.rpc.metrics import RefusalCollector
 from zdyn.security import is_local
 from zdyn.transport import check_endpoint
 
@@ -157,6 +158,8 @@ def listen(host: str, port: int) -> socket.socket:
 def build_backend(config: FrontendConfig) -> tuple[Backend, Hub, str]:
     """The backend the frontend serves through, the hub it needs started, and a line saying what it is."""
     if config.processors_endpoint:
+        if config.output_parsing.tool_call_parser or config.output_parsing.reasoning_parser:
+            log.warning("output parsers run in the processors: give --tool-call-parser/--reasoning-parser to them")
         hub = Hub(
             config.processors_endpoint, role=Role.PROCESSOR, liveness=config.common.liveness,
             max_peers=config.common.max_peers,
@@ -216,6 +219,7 @@ async def serve(config: FrontendConfig) -> int:
             await hub.close()
 
     frontend = Frontend(backend, config.http)
+    frontend.metrics.registry.register(RefusalCollector([hub]))  # READYs and CURVE keys kept out
     if isinstance(backend, Processor | RemoteBackend):  # requests re-issued after a peer failed
         frontend.metrics.registry.register(ReissueCollector(backend.reissues, "frontend"))
     if isinstance(backend, Processor):

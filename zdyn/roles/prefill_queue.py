@@ -20,6 +20,7 @@ from zdyn.roles.common import CommonConfig, add_common_args, role_main, serve_be
 from zdyn.roles.discovery import DiscoveryConfig, add_discovery_args
 from zdyn.roles.ports import QUEUE_BASE, add_port_base_arg, endpoint_or_base
 from zdyn.rpc import Hub
+from zdyn.rpc.metrics import RefusalCollector
 from zdyn.transport import check_endpoint
 
 
@@ -94,7 +95,7 @@ async def serve(config: PrefillQueueConfig) -> int:
         max_jobs_per_worker=config.max_jobs_per_worker,
     )  # fmt: skip
     if config.metrics_port:
-        serve_metrics(config.metrics_port, DisaggCollector(service=service))
+        serve_metrics(config.metrics_port, DisaggCollector(service=service), RefusalCollector([workers]))
     banner = (
         f"prefill queue: jobs at {config.jobs_endpoint}, prefill workers at {config.prefill_workers_endpoint}, "
         f"status at {config.status_endpoint}"

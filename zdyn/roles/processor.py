@@ -28,6 +28,7 @@ from zdyn.roles.ports import PROCESSOR_BASE, add_port_base_arg, endpoint_or_base
 from zdyn.roles.resilience import add_admission_args, add_resilience_args, admission_from_args, resilience_from_args
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
 from zdyn.rpc import Hub, RefusedError, Request, Spoke
+from zdyn.rpc.metrics import RefusalCollector
 from zdyn.transport import check_endpoint, host_towards
 
 log = logging.getLogger("zdyn.processor")
@@ -124,6 +125,7 @@ async def serve(config: ProcessorConfig) -> int:
             config.metrics_port,
             ReissueCollector(processor.reissues, "processor"),
             AdmissionCollector(admission, "processor"),
+            RefusalCollector([workers]),
         )
 
     def handle(request: Request) -> AsyncIterator[Delta]:

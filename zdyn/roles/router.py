@@ -18,6 +18,7 @@ from zdyn.roles.routing import RoutingConfig, add_policy_args
 from zdyn.router.policy import MODES
 from zdyn.router.service import RouterService
 from zdyn.rpc import Hub
+from zdyn.rpc.metrics import RefusalCollector
 from zdyn.transport import check_endpoint
 
 
@@ -74,7 +75,7 @@ async def serve(config: RouterConfig) -> int:
     if config.metrics_port:
         from zdyn.router.metrics import RouterCollector
 
-        serve_metrics(config.metrics_port, RouterCollector(service=service))
+        serve_metrics(config.metrics_port, RouterCollector(service=service), RefusalCollector([workers]))
     banner = (
         f"router ({config.routing.mode}) answering at {config.endpoint}; workers register at {config.workers_endpoint}"
     )

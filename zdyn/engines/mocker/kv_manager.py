@@ -206,11 +206,13 @@ class KvBlockManager:
         if not run:
             return
         first, size = run[0], self.block_size
+        tokens = token_ids[first * size : (run[-1] + 1) * size]
         self._events.append(
             KvBlockStored(
-                block_hashes=[table.hashes[i] for i in run],
+                # a run is consecutive block indices: one slice, not a lookup per block
+                block_hashes=table.hashes[first : run[-1] + 1],
                 parent_hash=table.hashes[first - 1] if first > 0 else None,
-                token_ids=list(token_ids[first * size : (run[-1] + 1) * size]),
+                token_ids=tokens.tolist() if isinstance(tokens, array) else list(tokens),
                 block_size=size,
                 extra_keys=[None] * len(run),
                 group_idx=0,

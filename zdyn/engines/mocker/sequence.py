@@ -90,7 +90,7 @@ def new_sequence(request: Generate, config: MockerConfig) -> MockSequence:
             f"the prompt has {len(prompt)} tokens, more than the maximum model length of {config.max_model_len}"
         )
     packed = isinstance(prompt, TokenIds)  # unsigned: only the top needs checking, at C speed
-    if max(prompt) >= config.vocab_size or (not packed and min(prompt) < 0):
+    if (prompt.max_id() if packed else max(prompt)) >= config.vocab_size or (not packed and min(prompt) < 0):
         bad = next(t for t in prompt if not 0 <= t < config.vocab_size)
         raise RequestError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
     if sampling.max_tokens < 1:
