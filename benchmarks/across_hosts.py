@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                         time.sleep(1.5)  # the shim re-reads it once a second
                         closed = measure(base_url, model, out, f"{scenario}-{rtt:g}ms-{rep}", loads["closed"])
                         opened = measure(base_url, model, out, f"{scenario}-{rtt:g}ms-{rep}-open", loads["open"])
+                        failed = closed["failed"] + opened["failed"]
                         result = {"req_s": closed["req_s"], "ttft_p50": opened["ttft_p50"],
-                                  "ttft_p99": opened["ttft_p99"], "failed": closed["failed"] + opened["failed"]}  # fmt: skip
+                                  "ttft_p99": opened["ttft_p99"], "failed": failed}  # fmt: skip
                         rows.setdefault((scenario, rtt), []).append(result)
                         print(f"{scenario} +{rtt:g} ms RTT rep {rep}: {result}", flush=True)
     summary = []
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             "ttft_added": ttft - statistics.median(r["ttft_p50"] for r in base),
             "failed": sum(r["failed"] for r in runs),
         })  # fmt: skip
-    print(table(["scenario", "added RTT", "req/s (closed)", "vs 0 ms", "TTFT p50 (open)", "added", "TTFT p99", "failed"], [
+    headers = ["scenario", "added RTT", "req/s (closed)", "vs 0 ms", "TTFT p50 (open)", "added", "TTFT p99", "failed"]
+    print(table(headers, [
         [s["scenario"], f"{s['rtt_ms']:g} ms", fmt(s["req_s"], 2), f"{100 * s['req_s_change']:+.1f} %",
          fmt(s["ttft_p50"], 1), f"{s['ttft_added']:+.1f} ms", fmt(s["ttft_p99"], 1), str(s["failed"])]
         for s in summary
