@@ -97,6 +97,14 @@ def is_remote(endpoint: str) -> bool:
     return endpoint.startswith("tcp://") and not is_loopback(host) and host not in WILDCARD_HOSTS
 
 
+def unreachable_hint(endpoint: str, flag: str) -> str:
+    """What to check when nothing answers at ``endpoint``: a loopback address that names this host while the
+    peer runs on another, or a peer that is down or firewalled."""
+    if is_remote(endpoint):
+        return "is it running, and does this host reach that address (firewall, host name)?"
+    return f"{endpoint} is this host: if that role runs on another host, give its address ({flag} tcp://HOST:PORT)"
+
+
 def host_towards(endpoint: str) -> str:
     """This host's address as seen from ``endpoint``'s host: loopback for local endpoints, else the address
     of the interface that routes there (found without sending anything)."""

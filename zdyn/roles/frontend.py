@@ -22,6 +22,7 @@ from zdyn.frontend.remote import RemoteBackend
 from zdyn.processor import Processor, accept_model
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, freeze_startup_objects, role_main
+from zdyn.roles.discovery import DiscoveryConfig, add_discovery_args
 from zdyn.roles.output_parsing import OutputParsingConfig, add_output_parsing_args
 from zdyn.roles.ports import FRONTEND_BASE, add_port_base_arg, endpoint_or_base
 from zdyn.roles.resilience import add_admission_args, add_resilience_args, admission_from_args, resilience_from_args
@@ -51,6 +52,7 @@ class FrontendConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     resilience: Resilience = field(default_factory=Resilience)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
     output_parsing: OutputParsingConfig = field(default_factory=OutputParsingConfig)
 
@@ -86,6 +88,7 @@ class FrontendConfig:
             routing=RoutingConfig.from_args(args),
             resilience=resilience_from_args(args),
             admission=admission_from_args(args),
+            discovery=DiscoveryConfig.from_args(args),
             common=CommonConfig.from_args(args),
             output_parsing=OutputParsingConfig.from_args(args),
         )
@@ -121,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_args(parser)
     add_resilience_args(parser)
     add_admission_args(parser)
+    add_discovery_args(parser, hub=True)
     add_output_parsing_args(parser)
     add_common_args(parser)
     return parser
@@ -160,7 +164,8 @@ def build_backend(config: FrontendConfig) -> tuple[Backend, Hub, str]:
             config.processors_endpoint, role=Role.PROCESSOR, liveness=config.common.liveness,
             max_peers=config.common.max_peers,
         )  # fmt: skip
-        return RemoteBackend(hub, config.resilience), hub, f"processors register at {config.processors_endpoint}"
+        where = f"processors register at {config.processors_endpoint}"
+        return RemoteBackend(hub, config.resilience), hub, where
     from zdyn.models import resolve_model, served_model_name
 
     model = resolve_model(config.model)
@@ -188,10 +193,16 @@ async def serve(config: FrontendConfig) -> int:
         log.error("cannot start: %s", e)
         sock.close()
         return 2
+    # the embedded processor's workers hub tells its workers of the deployment's other hubs (discovery)
+    directory = (
+        config.discovery.hub_directory(hub, "frontend", backend.model) if isinstance(backend, Processor) else None
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await hub.start()
+        if directory is not None:
+            directory.start()
         freeze_startup_objects()
         auth = f"{len(config.http.api_keys)} API key(s)" if config.http.api_keys else "no API key"
         log.info("frontend serving on http://%s:%d (%s): %s", config.host, sock.getsockname()[1], auth, where)
@@ -203,6 +214,8 @@ async def serve(config: FrontendConfig) -> int:
         finally:
             if isinstance(backend, Processor):
                 await backend.selector.aclose()
+            if directory is not None:
+                await directory.close()
             await hub.close()
 
     frontend = Frontend(backend, config.http)

@@ -121,6 +121,8 @@ class Hub:
     ``listeners`` hear every peer that joins or leaves (``PeerEvent``), in order, from the hub's own task.
     """
 
+    also_allow: tuple[str, ...] = ()  # more roles' keys admitted (a HubDirectory's: other hubs announcing)
+
     def __init__(
         self,
         endpoint: str,
@@ -156,9 +158,8 @@ class Hub:
 
     async def start(self) -> None:
         # Only keys of this hub's role may connect (when the context has keys): see zdyn.security.
-        self._sock = make_socket(
-            self.ctx, zmq.ROUTER, self.endpoint, bind=True, heartbeat=self.liveness, allow=(str(self.role),)
-        )
+        allow = (str(self.role), *self.also_allow)
+        self._sock = make_socket(self.ctx, zmq.ROUTER, self.endpoint, bind=True, heartbeat=self.liveness, allow=allow)
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         handlers: dict[type[Message], MessageHandler] = {
             Outputs: self._on_outputs,
