@@ -7,6 +7,9 @@ cores, alternating, ``--reps`` times; each repetition of all systems holds the b
 
 * ``zdyn``: examples/agg (frontend with its embedded processor) + 2 mocker workers, started as its run.sh does.
 * ``dynamo``: Dynamo's frontend with its round-robin router + 2 ``dynamo.mocker`` processes (``benchmarks/peers``).
+* ``zdyn-plain``: ``zdyn`` without CURVE keys (``ZDYN_INSECURE=1``), as every zdyn ran before the security work.
+* ``zdyn-tree``: ``zdyn`` with the code of another checkout (``--zdyn-tree DIR``, e.g. a ``git worktree`` of an older
+  commit) on ``PYTHONPATH``: the same deployment before and after a change, alternating in one run.
 
 Both mockers run with Dynamo's defaults (block 64, 16384 blocks, 256 seqs, 8192 batched tokens) at speedup 1e6: no
 engine time, only the pipeline. CPU per role is read from /proc over the measured window. Later phases, once each:
@@ -16,6 +19,7 @@ with engine time, then zdyn with its clock scaled so that its decode step takes 
     python -m benchmarks.ceiling --reps 7                                   # ~6 min
     python -m benchmarks.ceiling --phases main --reps 1 --requests 100      # a quick look
     python -m benchmarks.ceiling --report benchmarks/results/ceiling.json   # re-print a run's tables
+    python -m benchmarks.ceiling --phases main --systems zdyn,zdyn-plain,zdyn-tree --zdyn-tree /tmp/old --reps 3
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +62,9 @@ from zdyn.bench.runs import Load, bench_argv, cpu_pct, idle_workers, measure
 FAST = 1e6  # "no engine time" (Dynamo's 0 behaves like 1)
 PHASES = ("main", "kv", "rate", "speedup1")
 SYSTEMS = ("zdyn", "dynamo")
+EXTRA_SYSTEMS = ("zdyn-plain", "zdyn-tree")
 LABELS = {"zdyn": "zdyn (frontend + 2 mocker procs)", "dynamo": f"Dynamo {DYNAMO_VERSION} round-robin",
+          "zdyn-plain": "zdyn without CURVE keys", "zdyn-tree": "zdyn of --zdyn-tree, without CURVE keys",
           "dynamo-kv": f"Dynamo {DYNAMO_VERSION} kv router (info)", "zdyn-rate": "zdyn, open loop",
           "dynamo-rate": f"Dynamo {DYNAMO_VERSION} round-robin, open loop"}  # fmt: skip
 COLUMNS = [("req/s", lambda r: r["req_s"], None), ("output tok/s", lambda r: r["out_tok_s"], 0),
@@ -81,11 +88,22 @@ class Context:
     load: Load
     work: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
+    zdyn_tree: Path | None = None
 
 
-def deployment(system: str, model: Path, speedup: float, logs: Path) -> contextlib.AbstractContextManager[Deployment]:
+INSECURE = {"ZDYN_KEYS_DIR": "", "ZDYN_INSECURE": "1"}
+
+
+def deployment(ctx: Context, system: str, speedup: float, logs: Path) -> contextlib.AbstractContextManager[Deployment]:
+    model = ctx.model
     if system.startswith("zdyn"):
-        return start(ZdynSpec("agg", workers=2, model=str(model), worker_args=("--speedup", f"{speedup:g}")), logs)
+        env = {} if system in ("zdyn", "zdyn-rate") else INSECURE
+        if system == "zdyn-tree":
+            assert ctx.zdyn_tree is not None, "zdyn-tree needs --zdyn-tree"
+            # PYTHONSAFEPATH: `python -m zdyn.cli` must not import zdyn from the working directory (this checkout)
+            env = {**env, "PYTHONPATH": str(ctx.zdyn_tree), "PYTHONSAFEPATH": "1"}
+        spec = ZdynSpec("agg", workers=2, model=str(model), worker_args=("--speedup", f"{speedup:g}"), env=env)
+        return start(spec, logs)
     router = "kv" if system == "dynamo-kv" else "round-robin"
     return start_dynamo(DynamoSpec(model, workers=2, router_mode=router, speedup=speedup), logs)
 
@@ -93,7 +111,7 @@ def deployment(system: str, model: Path, speedup: float, logs: Path) -> contextl
 def run(ctx: Context, system: str, rep: int, speedup: float = FAST, load: Load | None = None) -> dict[str, Any]:
     """Start ``system``, drive it with ``zdyn bench``, stop it. The caller holds the lock."""
     logs = ctx.work / f"{system}-{rep}-{speedup:g}"
-    with deployment(system, ctx.model, speedup, logs) as dep:
+    with deployment(ctx, system, speedup, logs) as dep:
         argv = bench_argv(dep.base_url, ctx.model, logs / "bench.json", f"{system} #{rep}", "--model", dep.model,
                           *(load or ctx.load).flags())  # fmt: skip
         row = measure(dep, argv, logs / "bench.log", interval_s=0.02) | {
@@ -125,7 +143,7 @@ def ratios(rows: Sequence[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
 def report(doc: dict[str, Any]) -> str:
     rows, load = doc["rows"], doc["settings"]["load"]
     out = [f"{r['system']} rep {r['rep']} left out: {r['invalid']}" for r in rows if "invalid" in r]
-    main = {LABELS[s]: valid(rows, s) for s in (*SYSTEMS, "dynamo-kv")}
+    main = {LABELS[s]: valid(rows, s) for s in (*SYSTEMS, *EXTRA_SYSTEMS, "dynamo-kv") if valid(rows, s)}
     out += [f"speedup 1e6: concurrency {load['concurrency']}, {load['requests']} requests after {load['warmups']} "
             f"warm-ups, {load['input_len']} in / {load['output_len']} out; median (range) over repetitions",
             summary_table(main, COLUMNS, "system"), "\nCPU over the measured window (% of one core; 2 cores = 200 %)",
@@ -136,6 +154,13 @@ def report(doc: dict[str, Any]) -> str:
                 table(["req/s", "output tok/s", "TTFT p50", "TTFT p99", "E2E p50", "req/s per repetition"],
                       [[*(fmt(r[k]) for k in ("req_s", "out_tok_s", "ttft_p50", "ttft_p99", "e2e_p50")),
                         ", ".join(f"{x:.2f}" for x in r["req_s_per_rep"])]])]  # fmt: skip
+    for a, b in (("zdyn", "zdyn-tree"), ("zdyn-plain", "zdyn-tree")):
+        if valid(rows, a) and valid(rows, b):
+            r = ratios(rows, a, b)
+            out += [f"\n{a} / {b} (ratios of medians; {b}: {doc['settings'].get('zdyn_tree')})",
+                    table(["req/s", "output tok/s", "TTFT p50", "TTFT p99", "E2E p50", "req/s per repetition"],
+                          [[*(fmt(r[k]) for k in ("req_s", "out_tok_s", "ttft_p50", "ttft_p99", "e2e_p50")),
+                            ", ".join(f"{x:.2f}" for x in r["req_s_per_rep"])]])]  # fmt: skip
     if rate := {LABELS[s]: valid(rows, s) for s in ("zdyn-rate", "dynamo-rate") if valid(rows, s)}:
         rl = doc["settings"]["rate_load"]
         out += [f"\nsame offered load: {rl['request_rate']:g} req/s Poisson (at most {rl['concurrency']} in flight), "
@@ -158,7 +183,7 @@ def report(doc: dict[str, Any]) -> str:
 
 def plot(doc: dict[str, Any], path: Path) -> Path:
     rows, plt = doc["rows"], pyplot()
-    systems = [s for s in (*SYSTEMS, "dynamo-kv") if valid(rows, s)]
+    systems = [s for s in (*SYSTEMS, *EXTRA_SYSTEMS, "dynamo-kv") if valid(rows, s)]
     x, colors = np.arange(len(systems)), ["C0" if s.startswith("zdyn") else "C1" for s in systems]
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
     req = [[r["req_s"] for r in valid(rows, s)] for s in systems]
@@ -184,11 +209,22 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path, title)
 
 
+def tree_label(tree: Path | None) -> str | None:
+    """``DIR (commit)`` of a --zdyn-tree checkout."""
+    if tree is None:
+        return None
+    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return f"{tree} ({head.stdout.strip() or 'not a git checkout'})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ceiling", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="config + tokenizer (default: the tiny Llama)")
     p.add_argument("--reps", type=int, default=3, help="repetitions of the main systems, alternating")
     p.add_argument("--phases", default=",".join(PHASES), help=f"of {', '.join(PHASES)} (default: all)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="of the main phase, in the order of even reps, "
+                   f"of {', '.join((*SYSTEMS, *EXTRA_SYSTEMS))} (default: %(default)s)")  # fmt: skip
+    p.add_argument("--zdyn-tree", type=Path, help="a zdyn checkout, for the zdyn-tree system")
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--warmups", type=int, default=32)
@@ -207,15 +243,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     cmd, phases = command("benchmarks.ceiling", argv), [p for p in args.phases.split(",") if p]
     load = Load(concurrency=args.concurrency, requests=args.requests, warmups=args.warmups)
-    ctx = Context(model_or_tiny(args.model), load, Path(tempfile.mkdtemp(prefix="zdyn-ceiling-")))
+    systems = tuple(s for s in args.systems.split(",") if s)
+    if unknown := set(systems) - {*SYSTEMS, *EXTRA_SYSTEMS}:
+        raise SystemExit(f"unknown systems: {', '.join(sorted(unknown))}")
+    tree = args.zdyn_tree.resolve() if args.zdyn_tree else None
+    ctx = Context(model_or_tiny(args.model), load, Path(tempfile.mkdtemp(prefix="zdyn-ceiling-")), zdyn_tree=tree)
     doc: dict[str, Any] = {"benchmark": "ceiling", "command": cmd, **provenance(), "rows": ctx.rows,
                            "settings": {"load": asdict(load), "speedup": FAST, "reps": args.reps,
-                                        "dynamo_version": DYNAMO_VERSION, "work_dir": str(ctx.work)}}  # fmt: skip
+                                        "dynamo_version": DYNAMO_VERSION, "work_dir": str(ctx.work),
+                                        "systems": systems, "zdyn_tree": tree_label(tree)}}  # fmt: skip
     t0 = time.monotonic()
     if "main" in phases:
         for rep in range(args.reps):
             with bench_lock():  # one repetition of every system back to back
-                for system in SYSTEMS if rep % 2 == 0 else SYSTEMS[::-1]:
+                for system in systems if rep % 2 == 0 else systems[::-1]:
                     run(ctx, system, rep)
     if "kv" in phases:
         with bench_lock():

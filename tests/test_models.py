@@ -59,9 +59,7 @@ def _digests(folder: Path) -> dict[str, str]:
     return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+# ``tiny_model`` is conftest's: the build every test shares (fresh builds are the slow tests below).
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,14 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import zmq
 
 from zdyn.bench.deploy import ZdynSpec, start
 from zdyn.bench.procs import scrape
 from zdyn.protocol import Generate, PrefillJob, Ready, RouteQuery, encode
+
+pytestmark = pytest.mark.slow  # starts a deployment's processes; tests/test_inprocess_topology.py is the quick loop's
 
 
 def _stranger_gets_nothing(endpoint: str, frames: list[bytes], ctx: zmq.Context) -> bool:

@@ -38,7 +38,7 @@ class TokenIds(array):  # type: ignore[type-arg]
         try:
             import numpy as np
         except ImportError:  # numpy comes with transformers; without it, the slow way
-            return max(self)
+            return int(max(self))
         return int(np.frombuffer(self, dtype=np.uint32).max())
 
     def packed(self) -> bytes:
