@@ -336,3 +336,41 @@ async def test_kv_events_cannot_be_read_without_a_reader_key(keys_dir, tmp_path,
             sock.close(linger=0)
         await relay.close()
         await engine.close()
+
+
+async def test_an_id_belongs_to_the_key_that_took_it_or_the_one_listed_for_it(tmp_path, endpoint, contexts):
+    import shutil
+
+    main, other = tmp_path / "main", tmp_path / "other"
+    security.generate(main)
+    security.generate(other, ["worker"])  # a second host's own worker keypair, its public key added as "hostb"
+    for name in ("server.key", "server.key_secret"):
+        shutil.copy(main / name, other / name)
+    security.add_public_key(main, "worker", "hostb", str(other / "worker.key"))
+    security.add_public_key(main, "worker", "w9", str(other / "worker.key"))  # id w9 is listed for hostb's key
+    hub = Hub(endpoint, role="worker", liveness=FAST, ctx=contexts("frontend", main))
+    await hub.start()
+
+    def spoke(peer_id, folder):
+        return Spoke([endpoint], ready(peer_id), echo, liveness=FAST, ctx=contexts("worker", folder))
+
+    try:
+        first = spoke("w1", main)
+        task = asyncio.create_task(first.run())
+        await hub.wait_for_peers(1, timeout_s=5)
+        first.close()
+        await asyncio.wait_for(task, 5)
+        for _ in range(50):  # its connection closed: the id is free, but stays its key's
+            if not hub.live_peers():
+                break
+            await asyncio.sleep(0.05)
+        assert "another key" in await run_until_refused(spoke("w1", other))
+        assert "listed" in await run_until_refused(spoke("w9", main))
+        listed = spoke("w9", other)
+        task = asyncio.create_task(listed.run())
+        await hub.wait_for_peers(1, timeout_s=5)
+        assert [p.id for p in hub.live_peers()] == ["w9"] and hub.num_refused == 2
+        listed.close()
+        await asyncio.wait_for(task, 5)
+    finally:
+        await hub.close()

@@ -155,6 +155,13 @@ def test_required_calls_are_parsed_when_the_choice_ends():
     assert len({c.id for c in calls}) == 2 and deltas[-1].finish.reason == "tool_calls"
 
 
+def test_without_parallel_calls_only_the_first_is_handed_out():
+    request = TextRequest(messages=[], tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
+    text = '[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    calls = calls_of(run(OutputParsing(), request, [text]))
+    assert [(c.index, c.name) for c in calls] == [(0, "get_time")]
+
+
 def test_required_output_cut_short_is_content():
     parser = RequiredCalls()
     assert parser.feed('[{"name": "get_we', [1], False).calls == []

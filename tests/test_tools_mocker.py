@@ -6,6 +6,8 @@ checks hold as on SmolLM2 (``test_tools_smollm2_e2e``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from zdyn.processor import Processor
 from zdyn.roles import worker as worker_role
 from zdyn.roles.common import CommonConfig
 from zdyn.roles.frontend import FrontendConfig, build_backend
+from zdyn.roles.output_parsing import OutputParsingConfig
 from zdyn.transport import Liveness
 from zdyn.worker import Worker
 
@@ -41,14 +44,13 @@ class InProcess:
         self.client = openai.AsyncOpenAI(base_url="http://zdyn/v1", api_key="none", http_client=http, max_retries=0)
 
 
-@pytest.fixture
-async def agg(tiny_model: Path, tcp_endpoint: Callable[[], str]) -> AsyncIterator[InProcess]:
-    config = FrontendConfig(model=str(tiny_model), workers_endpoint=tcp_endpoint(),
-                            common=CommonConfig(liveness=LIVENESS))  # fmt: skip
+@contextlib.asynccontextmanager
+async def in_process(config: FrontendConfig, model: Path) -> AsyncIterator[InProcess]:
+    """The frontend of ``config`` with its processor, and one mocker worker of ``model``, in this event loop."""
     backend, hub, _ = build_backend(config)
     assert isinstance(backend, Processor)
     await hub.start()
-    argv = ["--engine", "mocker", "--model", str(tiny_model), "--speedup", "50", "--connect", hub.endpoint,
+    argv = ["--engine", "mocker", "--model", str(model), "--speedup", "50", "--connect", hub.endpoint,
             "--worker-id", "w0"]  # fmt: skip
     worker_config = worker_role.WorkerConfig.from_args(worker_role.build_parser("mocker").parse_args(argv))
     worker = Worker(worker_role.make_engine(worker_config, 0), worker_config.hubs, "w0", advertise_host="127.0.0.1",
@@ -65,6 +67,14 @@ async def agg(tiny_model: Path, tcp_endpoint: Callable[[], str]) -> AsyncIterato
         assert await asyncio.wait_for(task, 20) == 0
         await backend.selector.aclose()
         await hub.close()
+
+
+@pytest.fixture
+async def agg(tiny_model: Path, tcp_endpoint: Callable[[], str]) -> AsyncIterator[InProcess]:
+    config = FrontendConfig(model=str(tiny_model), workers_endpoint=tcp_endpoint(),
+                            common=CommonConfig(liveness=LIVENESS))  # fmt: skip
+    async with in_process(config, tiny_model) as agg:
+        yield agg
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -120,3 +130,35 @@ async def test_calls_cross_a_separate_processor(tiny_model: Path, tmp_path: Path
         await tool_cases.required_calls(client, dep.model, stream=True)
         await tool_cases.named_call(client, dep.model, stream=False)
         await client.close()
+
+
+@pytest.mark.slow  # imports vLLM (its reasoning parser), and so torch, whose jit module warns about itself
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+async def test_reasoning_content_through_the_pipeline(tiny_model: Path, tmp_path: Path, tcp_endpoint: Any) -> None:
+    """A model with thinking tags (the tiny model's tokenizer plus <think> and </think>), the frontend started with
+    --reasoning-parser deepseek_r1, and a mocker that answers a guided choice with thinking text: the thinking ends
+    up in reasoning_content, the rest in content, streamed or not."""
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "thinking" / MODEL  # served under the same name
+    shutil.copytree(tiny_model, model)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    tokenizer.add_tokens(["<think>", "</think>"], special_tokens=True)
+    tokenizer.save_pretrained(str(model))
+    config = FrontendConfig(model=str(model), workers_endpoint=tcp_endpoint(),
+                            common=CommonConfig(liveness=LIVENESS),
+                            output_parsing=OutputParsingConfig(reasoning_parser="deepseek_r1"))  # fmt: skip
+    answer = {"guided_choice": ["<think>Paris is in France.</think>Sunny."]}
+    async with in_process(config, model) as agg:
+        whole = await agg.client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=40, extra_body=answer)
+        message = whole.choices[0].message
+        assert message.content == "Sunny." and message.model_extra["reasoning_content"] == "Paris is in France."
+        reasoning, content = "", ""
+        stream = await agg.client.chat.completions.create(
+            model=MODEL, messages=ASK, max_tokens=40, extra_body=answer, stream=True
+        )
+        async for chunk in stream:
+            delta = chunk.choices[0].delta
+            reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+            content += delta.content or ""
+        assert (reasoning, content) == ("Paris is in France.", "Sunny.")

@@ -179,6 +179,7 @@ class RequestOutputs:
     def __init__(self, make: Callable[[], ChoiceParser], request: TextRequest, end_texts: tuple[str, ...] = ()) -> None:
         self.make = make
         self.tool_choice = request.tool_choice if request.tools else "none"
+        self.parallel = request.parallel_tool_calls  # False: one call at most, as OpenAI
         self.end_texts = end_texts  # special tokens' text to drop from the end of an output (EOS kept in the text)
         self.choices: dict[int, ChoiceState] = {}
 
@@ -202,8 +203,8 @@ class RequestOutputs:
         pieces = state.parser.feed(text, delta.token_ids, delta.finish is not None)
         delta.text = pieces.content
         delta.reasoning = pieces.reasoning or None
-        delta.tool_calls = pieces.calls or None
-        state.calls += len(pieces.calls)
+        delta.tool_calls = [c for c in pieces.calls if self.parallel or c.index == 0] or None
+        state.calls += len(delta.tool_calls or ())
         finish = delta.finish
         if finish is not None and state.calls and finish.reason == "stop" and self.tool_choice in ("auto", "required"):
             finish.reason = "tool_calls"  # as OpenAI; a forced (named) call ends with "stop"

@@ -6,6 +6,7 @@ Read at scrape time from the hubs' and the context's own counters.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -17,7 +18,7 @@ from zdyn.security import curve_of
 
 
 class RefusalCollector(Collector):
-    def __init__(self, hubs: Sequence[Hub], ctx: zmq.Context | None = None) -> None:
+    def __init__(self, hubs: Sequence[Hub], ctx: zmq.Context[Any] | None = None) -> None:
         self.hubs = hubs
         self.ctx = ctx or zmq.asyncio.Context.instance()
 
