@@ -14,6 +14,7 @@ alternating, ``--reps`` times; each repetition of both holds the benchmark lock.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -43,10 +44,15 @@ FAST = 1e6
 SYSTEMS = ("curve", "plain")
 ENV = {"curve": {}, "plain": {"ZDYN_KEYS_DIR": "", "ZDYN_INSECURE": "1"}}
 COLUMNS = [("req/s", lambda r: r["req_s"], None), ("TTFT p50 ms", lambda r: r["ttft_p50"], None),
-           ("TTFT p99 ms", lambda r: r["ttft_p99"], None), ("E2E p50 ms", lambda r: r["e2e_p50"], None),
+           ("TTFT p99 ms", lambda r: r["ttft_p99"], None), ("frontend ms/req", lambda r: cpu_ms(r, "frontend"), 2),
+           ("workers ms/req", lambda r: cpu_ms(r, "worker"), 2),
            ("frontend CPU %", lambda r: cpu_pct(r, "frontend"), 0),
-           ("workers CPU %", lambda r: cpu_pct(r, "worker"), 0),
-           ("failed", lambda r: r["failed"], 0)]  # fmt: skip
+           ("other processes %", lambda r: cpu_pct(r, "other"), 0), ("failed", lambda r: r["failed"], 0)]  # fmt: skip
+
+
+def cpu_ms(row: dict[str, Any], prefix: str) -> float:
+    """CPU milliseconds per request of the roles named ``prefix``: less sensitive than req/s to a busy machine."""
+    return cpu_pct(row, prefix) * row["window_s"] * 10.0 / row["completed"] if row["completed"] else math.nan
 
 
 def run(system: str, rep: int, model: Path, load: Load, work: Path) -> dict[str, Any]:
@@ -70,11 +76,14 @@ def report(doc: dict[str, Any]) -> str:
         round(c["req_s"] / p["req_s"], 3) for c in groups["curve"] for p in groups["plain"] if c["rep"] == p["rep"]
     ]
     r = ratio(median(x["req_s"] for x in groups["curve"]), median(x["req_s"] for x in groups["plain"]))
+    cpu = {k: ratio(median(cpu_ms(x, k) for x in groups["curve"]), median(cpu_ms(x, k) for x in groups["plain"]))
+           for k in ("frontend", "worker")}  # fmt: skip
     return "\n".join([
         f"agg, 2 mocker workers at speedup 1e6, concurrency {load['concurrency']}, {load['requests']} requests after "
         f"{load['warmups']} warm-ups, {load['input_len']} in / {load['output_len']} out; median (range) over reps",
         summary_table(groups, COLUMNS, "sockets"),
         f"\ncurve / plain req/s: {fmt(r)} (per repetition: {', '.join(f'{x:.2f}' for x in per_rep)}); target >= 0.90",
+        f"curve / plain CPU per request: frontend {fmt(cpu['frontend'])}, workers {fmt(cpu['worker'])}",
     ])  # fmt: skip
 
 

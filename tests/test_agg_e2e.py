@@ -150,7 +150,7 @@ def test_logprobs_and_n(agg):
             b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], '
             b'"tools": [{"type": "function", "function": {"name": "f"}}]}',
             400,
-            "tools",
+            "--tool-call-parser",  # tool_choice "auto" (the default with tools) without a parser
         ),
         (
             b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}',

@@ -225,3 +225,22 @@ async def test_a_decode_worker_that_leaves_is_forgotten_and_the_other_serves(top
     assert t.decode[0].decisions == {} and t.decode[1].decisions["local"] == 3
     assert t.processor.selector.client.failures == 0
     await eventually(t.idle)
+
+
+async def test_the_choices_of_one_request_share_one_remote_prefill(topology: Topology) -> None:
+    t = topology
+    both = await completion(t, [x + 1 for x in LONG], n=2, seed=3)
+    assert [c["index"] for c in both["choices"]] == [0, 1] and both["usage"]["completion_tokens"] == 16
+    # Both choices went to one decode worker; the second read the first one's remotely prefilled KV from its cache.
+    assert [dict(e.decisions) for e in t.decode if e.decisions] == [{"remote": 1, "shared": 1}]
+    assert t.queue.stats["submitted"] == 1
+    await eventually(lambda: _frontend_decisions(t) == 2)  # and the frontend's /metrics has them
+
+
+def _frontend_decisions(t: Topology) -> float:
+    """The decode workers' decisions on the frontend's /metrics (from their heartbeats), summed."""
+    return sum(
+        count(t.frontend, "zdyn_disagg_decisions_total", worker=w["id"], decision=d)
+        for w in t.processor.workers()
+        for d in ("remote", "shared", "local", "fallback")
+    )

@@ -5,6 +5,7 @@ tests/test_netns.py runs the same across Linux network namespaces.
 
 import asyncio
 import logging
+import socket
 
 import pytest
 import zmq
@@ -12,12 +13,13 @@ import zmq.asyncio
 
 from zdyn.bench.deploy import EXAMPLES
 from zdyn.frontend.health import topology
-from zdyn.protocol import Delta, Finish, Ready, RouteQuery, encode
+from zdyn.protocol import Delta, Directory, Finish, HubEntry, Ready, RouteQuery, encode
 from zdyn.roles import frontend, prefill_queue, processor, router, worker
 from zdyn.roles.common import parse_args
 from zdyn.roles.ports import WorkerPorts
 from zdyn.router.client import RouterClient
 from zdyn.rpc import Hub, RefusedError, Spoke
+from zdyn.rpc.directory import DirectoryBook, HubDirectory, SpokeDiscovery, usable_from
 from zdyn.transport import Liveness, advertised, endpoint_host, host_towards, is_loopback, is_remote, make_socket
 from zdyn.worker import Worker
 
@@ -60,14 +62,11 @@ def test_every_role_listens_on_its_fixed_ports_by_default_and_from_a_port_base()
 
 
 def test_worker_ports_from_a_base_explicit_flags_and_simulated_workers():
-    assert WorkerPorts.layout(0, 0, 0, 0) == WorkerPorts(0, 0, 0, 0)  # free ports
-    assert WorkerPorts.layout(6000, 0, 0, 0) == WorkerPorts(6000, 6001, 6002, 6003)
-    assert WorkerPorts.layout(6000, 0, 0, 0, index=2) == WorkerPorts(6008, 6009, 6010, 6011)
-    assert WorkerPorts.layout(6000, 5000, 0, 7000, index=1) == WorkerPorts(5002, 5003, 6006, 7001)
-    assert WorkerPorts.layout(0, 0, 5100, 0, index=3) == WorkerPorts(0, 0, 5103, 0)
-    assert WorkerPorts(6000, 6001).kv_event_endpoints() == ("tcp://*:6000", "tcp://*:6001")
-    events, replay = WorkerPorts().kv_event_endpoints()
-    assert events != replay and events.startswith("tcp://*:")
+    assert WorkerPorts.layout(0, 0, 0) == WorkerPorts(0, 0, 0)  # free ports
+    assert WorkerPorts.layout(6000, 0, 0) == WorkerPorts(6000, 6001, 6003)
+    assert WorkerPorts.layout(6000, 0, 0, index=2) == WorkerPorts(6008, 6009, 6011)
+    assert WorkerPorts.layout(6000, 5000, 7000, index=1) == WorkerPorts(5002, 5003, 7001)
+    assert WorkerPorts.layout(0, 0, 5100, index=3) == WorkerPorts(0, 0, 5103)
 
 
 def worker_config(*argv: str) -> worker.WorkerConfig:
@@ -76,7 +75,7 @@ def worker_config(*argv: str) -> worker.WorkerConfig:
 
 def test_worker_port_flags_are_checked_and_reach_the_config():
     config = worker_config("--port-base", "6000", "--num-workers", "2")
-    assert config.ports(1) == WorkerPorts(6004, 6005, 6006, 6007)
+    assert config.ports(1) == WorkerPorts(6004, 6005, 6007)
     with pytest.raises(ValueError):
         worker_config("--port-base", "65534")
     with pytest.raises(ValueError):
@@ -210,7 +209,7 @@ def test_health_lists_every_role_with_its_host():
         {"id": "d0", "host": "10.0.0.2", "prefill_queues": [
             {"endpoint": "tcp://10.0.0.1:5590", "live": True, "queued": 0, "prefill_workers": ["p0@10.0.0.3"]}]},
         {"id": "d1", "host": "10.0.0.2", "prefill_queues": [
-            {"endpoint": "tcp://10.0.0.1:5590", "live": False, "queued": 0, "prefill_workers": ["p0@10.0.0.3"]}]},
+            {"endpoint": "tcp://10.0.0.1:5590"}]},  # defaults left out, as msgspec.to_builtins does
     ]  # fmt: skip
     routers = [{"endpoint": "tcp://10.0.0.1:5570", "status": "answering"}]
     view = topology(workers, [{"id": "proc", "host": "10.0.0.1"}], routers)
@@ -220,5 +219,106 @@ def test_health_lists_every_role_with_its_host():
         "10.0.0.3": ["prefill-worker p0"],
     }
     (queue,) = view["prefill_queues"]
-    assert queue["live"] and queue["decode_workers"] == ["d0", "d1"]
+    assert queue["live"] and queue["decode_workers"] == ["d0", "d1"] and queue["prefill_workers"] == ["p0@10.0.0.3"]
     assert view["prefill_workers"] == [{"id": "p0", "host": "10.0.0.3"}]
+
+
+# -- discovery
+
+
+def test_directory_book_learns_its_endpoint_dedupes_hubs_and_forgets_announcements():
+    me = HubEntry(hub_id="p1", kind="processor")
+    book = DirectoryBook(me)
+    assert book.entries() == [me]
+    p2_local = HubEntry(hub_id="p2", endpoint="tcp://127.0.0.1:5600", kind="processor")
+    p2_remote = HubEntry(hub_id="p2", endpoint="tcp://10.0.0.1:5600", kind="processor")
+    mine = HubEntry(hub_id="p1", endpoint="tcp://10.0.0.9:5556")
+    assert book.report(b"w1", [HubEntry(hub_id="p1", endpoint="tcp://127.0.0.1:5556"), p2_local])
+    assert book.me.endpoint == "tcp://127.0.0.1:5556"
+    assert book.report(b"w2", [mine, p2_remote])  # another host dials both: its addresses win
+    assert [e.endpoint for e in book.entries()] == ["tcp://10.0.0.9:5556", "tcp://10.0.0.1:5600"]
+    assert not book.report(b"w2", [mine, p2_remote])  # the same report again changes nothing
+    assert book.forget(b"w2") and book.entries()[1] == p2_local
+    router = HubEntry(hub_id="r", endpoint="tcp://10.0.0.2:5571", kind="router")
+    assert book.announce(router, now=0.0) and not book.announce(router, now=1.0)
+    assert router in book.entries()
+    assert not book.expire(now=5.0) and book.expire(now=100.0) and router not in book.entries()
+
+
+def test_loopback_endpoints_are_usable_only_from_the_same_host():
+    assert usable_from("tcp://127.0.0.1:5556", via="tcp://127.0.0.1:5555")
+    assert not usable_from("tcp://127.0.0.1:5556", via="tcp://10.0.0.1:5555")
+    assert usable_from("tcp://10.0.0.1:5556", via="tcp://127.0.0.1:5555")
+    assert not usable_from("", via="tcp://127.0.0.1:5555")
+
+
+async def _hub(ctx, kind, role="worker", seeds=None):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hub = Hub(f"tcp://127.0.0.1:{port}", role=role, liveness=FAST, ctx=ctx)
+    directory = HubDirectory(hub, kind, seeds=seeds, ctx=ctx)
+    await hub.start()
+    directory.start()
+    return hub, directory
+
+
+async def _until(check, timeout_s=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_worker_that_knows_one_hub_joins_the_others_and_new_ones_without_a_restart(ctx, monkeypatch):
+    monkeypatch.setattr("zdyn.rpc.directory.ANNOUNCE_S", 0.1)
+    monkeypatch.setattr("zdyn.rpc.directory.FORGET_AFTER_S", 1.0)
+    first, first_dir = await _hub(ctx, "frontend")
+    router, router_dir = await _hub(ctx, "router", seeds=[first.endpoint])
+    queue, queue_dir = await _hub(ctx, "prefill-queue", role="prefill", seeds=[first.endpoint])
+    worker = Spoke([first.endpoint], Ready(peer_id="w", role="worker", model="m"), _serve, liveness=FAST, ctx=ctx)
+    discovery = SpokeDiscovery(worker, model="m", ctx=ctx)
+    fixed = Spoke([first.endpoint], Ready(peer_id="f", role="worker", model="m"), _serve, liveness=FAST, ctx=ctx)
+    tasks = [asyncio.create_task(s.run()) for s in (worker, fixed)]
+    discovery.start()
+    await _until(lambda: {p.id for p in router.live_peers()} == {"w"})
+    # a processor started later, seeded with the router, is joined too; the prefill queue takes prefill workers only
+    late, late_dir = await _hub(ctx, "processor", seeds=[router.endpoint])
+    await _until(lambda: [p.id for p in late.live_peers()] == ["w"])
+    assert discovery.joined == 2 and not queue.live_peers()
+    assert {p.id for p in first.live_peers()} == {"w", "f"}  # a spoke without discovery stays where it was put
+    # every hub's directory lists every hub, each with the endpoint its peers dial
+    await _until(lambda: {e.hub_id for e in first_dir.book.entries()} >= {router_dir.hub_id, late_dir.hub_id})
+    assert first_dir.book.me.endpoint == first.endpoint
+    # a discovered hub that goes away is left after FORGET_AFTER_S; a configured one is kept
+    await late_dir.close()
+    await late.close()
+    await _until(lambda: discovery.left == 1 and not worker.linked(late.endpoint))
+    assert worker.linked(first.endpoint) and worker.linked(router.endpoint)
+    for spoke in (worker, fixed):
+        spoke.close()
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    await discovery.close()
+    for d, h in ((first_dir, first), (router_dir, router), (queue_dir, queue)):
+        await d.close()
+        await h.close()
+
+
+async def test_a_worker_learns_the_hubs_from_a_seed_it_does_not_register_at(ctx):
+    processor_hub, processor_dir = await _hub(ctx, "processor")
+    queue, queue_dir = await _hub(ctx, "prefill-queue", role="prefill")
+    prefill = Spoke([queue.endpoint], Ready(peer_id="p", role="prefill", model="m"), _serve, liveness=FAST, ctx=ctx)
+    other = HubEntry(hub_id="q2", endpoint=processor_hub.endpoint, accepts="worker")
+    discovery = SpokeDiscovery(prefill, model="m", seeds=[processor_hub.endpoint], ctx=ctx)
+    task = asyncio.create_task(prefill.run())
+    discovery.start()
+    await _until(lambda: [p.id for p in queue.live_peers()] == ["p"])
+    await _until(lambda: processor_dir.book.entries() and discovery.known)
+    discovery.on_directory(queue.endpoint, Directory(hubs=[other]))  # a hub for another role: not joined
+    assert not processor_hub.live_peers() and discovery.joined == 0
+    prefill.close()
+    await asyncio.wait_for(task, 5)
+    await discovery.close()
+    for d, h in ((processor_dir, processor_hub), (queue_dir, queue)):
+        await d.close()
+        await h.close()

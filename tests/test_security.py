@@ -13,6 +13,7 @@ from zdyn import security
 from zdyn.protocol import Delta, Finish, Generate, Ready, Refused, decode, encode
 from zdyn.roles import keys as keys_cli
 from zdyn.rpc import Hub, RefusedError, Spoke
+from zdyn.rpc.metrics import RefusalCollector
 from zdyn.transport import Liveness, make_socket
 
 FAST = Liveness(interval_s=0.1, misses=3)
@@ -186,6 +187,8 @@ async def test_a_worker_key_cannot_register_as_a_processor(keys_dir, endpoint, c
             await asyncio.sleep(0.05)
         assert security.curve_of(frontend_ctx).refused["processor"] >= 1
         assert hub.live_peers() == []
+        metrics = {m.name: m for m in RefusalCollector([hub], frontend_ctx).collect()}
+        assert [s.value for s in metrics["zdyn_refused_keys"].samples if s.labels["admits"] == "processor"][0] >= 1
     finally:
         spoke.close()
         await asyncio.wait_for(task, 5)
@@ -255,6 +258,8 @@ async def test_registrations_past_max_peers_are_refused_and_counted(endpoint, co
         refusals = sum(await asyncio.gather(*(refused(sock) for sock in fakes)))
         assert len(hub.live_peers()) == 3
         assert hub.num_refused == 37 and refusals >= 37
+        [family, _] = RefusalCollector([hub], ctx).collect()
+        assert {s.labels["reason"]: s.value for s in family.samples} == {"id_in_use": 0, "other": 37}
     finally:
         for sock in fakes:
             sock.close(linger=0)
@@ -331,3 +336,41 @@ async def test_kv_events_cannot_be_read_without_a_reader_key(keys_dir, tmp_path,
             sock.close(linger=0)
         await relay.close()
         await engine.close()
+
+
+async def test_an_id_belongs_to_the_key_that_took_it_or_the_one_listed_for_it(tmp_path, endpoint, contexts):
+    import shutil
+
+    main, other = tmp_path / "main", tmp_path / "other"
+    security.generate(main)
+    security.generate(other, ["worker"])  # a second host's own worker keypair, its public key added as "hostb"
+    for name in ("server.key", "server.key_secret"):
+        shutil.copy(main / name, other / name)
+    security.add_public_key(main, "worker", "hostb", str(other / "worker.key"))
+    security.add_public_key(main, "worker", "w9", str(other / "worker.key"))  # id w9 is listed for hostb's key
+    hub = Hub(endpoint, role="worker", liveness=FAST, ctx=contexts("frontend", main))
+    await hub.start()
+
+    def spoke(peer_id, folder):
+        return Spoke([endpoint], ready(peer_id), echo, liveness=FAST, ctx=contexts("worker", folder))
+
+    try:
+        first = spoke("w1", main)
+        task = asyncio.create_task(first.run())
+        await hub.wait_for_peers(1, timeout_s=5)
+        first.close()
+        await asyncio.wait_for(task, 5)
+        for _ in range(50):  # its connection closed: the id is free, but stays its key's
+            if not hub.live_peers():
+                break
+            await asyncio.sleep(0.05)
+        assert "another key" in await run_until_refused(spoke("w1", other))
+        assert "listed" in await run_until_refused(spoke("w9", main))
+        listed = spoke("w9", other)
+        task = asyncio.create_task(listed.run())
+        await hub.wait_for_peers(1, timeout_s=5)
+        assert [p.id for p in hub.live_peers()] == ["w9"] and hub.num_refused == 2
+        listed.close()
+        await asyncio.wait_for(task, 5)
+    finally:
+        await hub.close()

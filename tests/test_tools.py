@@ -155,6 +155,13 @@ def test_required_calls_are_parsed_when_the_choice_ends():
     assert len({c.id for c in calls}) == 2 and deltas[-1].finish.reason == "tool_calls"
 
 
+def test_without_parallel_calls_only_the_first_is_handed_out():
+    request = TextRequest(messages=[], tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
+    text = '[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    calls = calls_of(run(OutputParsing(), request, [text]))
+    assert [(c.index, c.name) for c in calls] == [(0, "get_time")]
+
+
 def test_required_output_cut_short_is_content():
     parser = RequiredCalls()
     assert parser.feed('[{"name": "get_we', [1], False).calls == []
@@ -246,9 +253,11 @@ def test_text_without_a_call_stays_content(tokenizer, stream):
 def test_reasoning_is_split_off(tokenizer, stream):
     parsing = vllm_parsing(tokenizer, reasoning_parser="deepseek_r1")
     assert parsing.keeps_special_tokens
-    deltas = run(parsing, TextRequest(prompt="x", stream=stream), tokens(tokenizer, "<think>Hmm, Paris.</think>Sunny."))
+    pieces = tokens(tokenizer, "<think>Hmm, Paris.</think>Sunny.")
+    deltas = run(parsing, TextRequest(messages=[], stream=stream), pieces)
     assert "".join(d.reasoning or "" for d in deltas) == "Hmm, Paris."
     assert "".join(d.text or "" for d in deltas) == "Sunny."
+    assert parsing.for_request(TextRequest(prompt="x")) is None  # completions keep their text whole, as in vLLM
 
 
 @pytest.mark.slow  # imports vLLM (seconds)
@@ -366,3 +375,18 @@ async def test_the_mocker_engine_gives_the_answer_then_eos(tiny_model):
     tokenizer = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
     assert tokenizer.decode(ids[:-1]) in ("sunny", "rainy") and ids[-1] == engine.config.eos_token_id
     assert out[-1].finish.reason == "stop"
+
+
+def test_a_choice_resumed_from_another_processor_continues_its_call():
+    request = TextRequest(messages=[], tools=[WEATHER], tool_choice="named", tool_name="get_weather")
+    outputs = OutputParsing().for_request(request)
+    outputs.prime(0, '{"city": "Pa', [1, 2])  # what the client got from the processor that died
+    rest = Delta(request_id="r", token_ids=[3], text='ris"}', finish=Finish(reason="stop"))
+    outputs.apply(rest)
+    assert [(c.index, c.id, c.name, c.arguments) for c in rest.tool_calls] == [(0, None, None, 'ris"}')]
+    required = TextRequest(messages=[], tools=[WEATHER], tool_choice="required")
+    outputs = OutputParsing().for_request(required)
+    outputs.prime(0, '[{"name": "get_weather", ', [1])
+    end = Delta(request_id="r", token_ids=[2], text='"arguments": {"city": "Rome"}}]', finish=Finish(reason="stop"))
+    outputs.apply(end)
+    assert end.tool_calls[0].name == "get_weather" and end.finish.reason == "tool_calls"

@@ -31,14 +31,20 @@ def smollm2(tmp_path_factory):
         yield dep
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_required_tool_choice_returns_valid_calls(smollm2, stream):
-    tool_cases.required_calls(smollm2, stream)
+def client(dep):
+    return openai.AsyncOpenAI(base_url=f"{dep.base_url}/v1", api_key="none", max_retries=0)
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_named_tool_choice_calls_that_function(smollm2, stream):
-    tool_cases.named_call(smollm2, stream)
+async def test_required_tool_choice_returns_valid_calls(smollm2, stream):
+    async with client(smollm2) as c:
+        await tool_cases.required_calls(c, smollm2.model, stream)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_named_tool_choice_calls_that_function(smollm2, stream):
+    async with client(smollm2) as c:
+        await tool_cases.named_call(c, smollm2.model, stream)
 
 
 def test_auto_tool_choice_parses_smollm2s_format(smollm2):
@@ -55,20 +61,22 @@ def test_auto_tool_choice_parses_smollm2s_format(smollm2):
         assert choice.finish_reason in ("stop", "length") and choice.message.content
 
 
-def test_json_schema_output_parses_and_validates(smollm2):
-    tool_cases.json_schema_output(smollm2)
+async def test_json_schema_output_parses_and_validates(smollm2):
+    async with client(smollm2) as c:
+        await tool_cases.json_schema_output(c, smollm2.model)
 
 
-def test_vllm_extras_constrain_and_bad_ones_are_400s(smollm2):
-    tool_cases.guided_choice(smollm2)
-    client = smollm2.client()
-    digits = client.completions.create(
+async def test_vllm_extras_constrain_and_bad_ones_are_400s(smollm2):
+    async with client(smollm2) as c:
+        await tool_cases.guided_choice(c, smollm2.model)
+    sync = smollm2.client()
+    digits = sync.completions.create(
         model=smollm2.model, prompt="The year is", max_tokens=4, extra_body={"guided_regex": "[0-9]{4}"}
     )
     assert digits.choices[0].text.isdigit() and len(digits.choices[0].text) == 4
     with pytest.raises(openai.BadRequestError):  # vLLM's structured-output backend refuses this pattern
-        client.completions.create(model=smollm2.model, prompt="x", max_tokens=4, extra_body={"guided_regex": "(?<=a)b"})
+        sync.completions.create(model=smollm2.model, prompt="x", max_tokens=4, extra_body={"guided_regex": "(?<=a)b"})
     with pytest.raises(openai.BadRequestError):  # a JSON schema vLLM's backend cannot compile
-        client.completions.create(
+        sync.completions.create(
             model=smollm2.model, prompt="x", max_tokens=4, extra_body={"guided_json": {"type": "no-such-type"}}
         )

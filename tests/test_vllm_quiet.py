@@ -12,6 +12,7 @@ def test_only_the_known_harmless_messages_are_dropped(caplog):
     assert len(logging.getLogger(name).filters) == 1
     with caplog.at_level(logging.INFO):
         logging.getLogger(name).warning("Triton is installed, but doesn't include CPU backend. Disabling Triton.")
+        logging.getLogger(name).info("Triton is installed but %d active driver(s) found (expected 1).", 0)
         logging.getLogger("vllm.platforms.cpu").warning("Triton is not installed. triton-cpu is expected on x86 CPUs.")
         logging.getLogger(name).warning("Triton is installed, but `triton.backends` could not be imported.")
         logging.getLogger("vllm.other").warning("Triton is not installed. triton-cpu is expected on x86 CPUs.")

@@ -1,5 +1,5 @@
-"""Tool-calling and structured-output checks through the openai SDK, shared by the SmolLM2-on-vLLM and the
-mocker deployments: the answers must parse and validate against the tools' and formats' schemas."""
+"""Tool-calling and structured-output checks through the openai SDK (``AsyncOpenAI``), shared by the SmolLM2-on-vLLM
+deployment and the mocker ones: the answers must parse and validate against the tools' and formats' schemas."""
 
 from __future__ import annotations
 
@@ -34,11 +34,11 @@ def check_call(name: str, arguments: str) -> None:
     jsonschema.validate(json.loads(arguments), SCHEMAS[name])
 
 
-def streamed(client, **kw) -> tuple[list, str, str]:
+async def streamed(client: Any, **kw: Any) -> tuple[list[list[str]], str, str]:
     """Stream a chat completion; its calls (id, name, arguments) assembled by index, content and finish reason."""
     calls: dict[int, list[str]] = {}
     content, finish = "", ""
-    for chunk in client.chat.completions.create(stream=True, **kw):
+    async for chunk in await client.chat.completions.create(stream=True, **kw):
         choice = chunk.choices[0]
         content += choice.delta.content or ""
         for call in choice.delta.tool_calls or []:
@@ -52,14 +52,14 @@ def streamed(client, **kw) -> tuple[list, str, str]:
     return [calls[i] for i in sorted(calls)], content, finish
 
 
-def required_calls(dep: Any, stream: bool) -> None:
+async def required_calls(client: Any, model: str, stream: bool) -> None:
     """tool_choice "required": valid calls of the tools, finish_reason "tool_calls", no content."""
-    kw = dict(model=dep.model, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=120,
+    kw = dict(model=model, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=120,
               temperature=0)  # fmt: skip
     if stream:
-        calls, content, finish = streamed(dep.client(), **kw)
+        calls, content, finish = await streamed(client, **kw)
     else:
-        choice = dep.client().chat.completions.create(**kw).choices[0]
+        choice = (await client.chat.completions.create(**kw)).choices[0]
         calls = [[c.id, c.function.name, c.function.arguments] for c in choice.message.tool_calls or []]
         content, finish = choice.message.content, choice.finish_reason
     assert calls and finish == "tool_calls" and not content
@@ -67,15 +67,15 @@ def required_calls(dep: Any, stream: bool) -> None:
         check_call(name, arguments)
 
 
-def named_call(dep: Any, stream: bool) -> None:
+async def named_call(client: Any, model: str, stream: bool) -> None:
     """A named tool_choice: one valid call of that function, finish_reason "stop" (as OpenAI), no content."""
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    kw = dict(model=dep.model, messages=ASK, tools=[TIME, WEATHER], tool_choice=choice, max_tokens=60,
+    kw = dict(model=model, messages=ASK, tools=[TIME, WEATHER], tool_choice=choice, max_tokens=60,
               temperature=0)  # fmt: skip
     if stream:
-        calls, content, finish = streamed(dep.client(), **kw)
+        calls, content, finish = await streamed(client, **kw)
     else:
-        answer = dep.client().chat.completions.create(**kw).choices[0]
+        answer = (await client.chat.completions.create(**kw)).choices[0]
         calls = [[c.id, c.function.name, c.function.arguments] for c in answer.message.tool_calls or []]
         content, finish = answer.message.content, answer.finish_reason
     assert [name for _, name, _ in calls] == ["get_weather"] and finish == "stop" and not content
@@ -94,9 +94,9 @@ PLACE = {  # bounded: a free integer lets a small model write digits until max_t
 }
 
 
-def json_schema_output(dep: Any) -> None:
-    answer = dep.client().chat.completions.create(
-        model=dep.model,
+async def json_schema_output(client: Any, model: str) -> None:
+    answer = await client.chat.completions.create(
+        model=model,
         messages=[{"role": "user", "content": "Describe the capital of France as JSON."}],
         response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": PLACE}},
         max_tokens=150,
@@ -106,8 +106,8 @@ def json_schema_output(dep: Any) -> None:
     jsonschema.validate(json.loads(answer.choices[0].message.content), PLACE)
 
 
-def guided_choice(dep: Any) -> None:
-    answer = dep.client().chat.completions.create(
-        model=dep.model, messages=ASK, max_tokens=10, extra_body={"guided_choice": ["sunny", "rainy"]}
+async def guided_choice(client: Any, model: str) -> None:
+    answer = await client.chat.completions.create(
+        model=model, messages=ASK, max_tokens=10, extra_body={"guided_choice": ["sunny", "rainy"]}
     )
     assert answer.choices[0].message.content in ("sunny", "rainy")

@@ -21,7 +21,7 @@ import msgspec
 from transformers import AutoTokenizer
 
 from zdyn.admission import Admission
-from zdyn.choice import ChoiceRun, ChoiceSpec, Reissues, Resilience, movable
+from zdyn.choice import ChoiceRun, ChoiceSpec, Choose, Reissues, Resilience, movable
 from zdyn.detokenizer import Detokenizer
 from zdyn.errors import RequestError, unavailable
 from zdyn.protocol import (
@@ -189,6 +189,10 @@ class Processor:
         sampling = self._sampling(
             request, len(token_ids), min(p.ready.max_model_len or self.max_model_len for p in peers)
         )
+        if outputs is not None:
+            for progress in resume or []:  # choices another processor started: their parsers catch up
+                text = self.backend.decode(progress.token_ids, skip_special_tokens=request.skip_special_tokens)
+                outputs.prime(progress.index, text, progress.token_ids)
         run = self._run(request_id, token_ids, sampling, request, resume or [])
         async with self.admission.slot(self.capacity()), aclosing(run) as deltas:
             async for delta in deltas:
@@ -209,7 +213,8 @@ class Processor:
             if 0 <= progress.index < len(runs):
                 runs[progress.index].resume(progress.token_ids)
         done = {p.index for p in resume if p.finished}
-        streams = [run.deltas(self._choose, self.hub.stream) for run in runs if run.spec.index not in done]
+        choose = self._choose if request.n == 1 else self._choose_together()
+        streams = [run.deltas(choose, self.hub.stream) for run in runs if run.spec.index not in done]
         prefilled: set[int] = set()
         try:
             async with aclosing(streams[0] if len(streams) == 1 else interleave(streams)) as deltas:
@@ -258,8 +263,24 @@ class Processor:
             limit = min(AVOID_WAIT_S, self.resilience.worker_wait_s) if live else self.resilience.worker_wait_s
             await self.hub.wait_for_change(max(0.01, limit - waited))
 
-    async def _choose(self, rid: str, token_ids: TokenIds, avoid: set[str]) -> Route:
-        peers = await self._workers(avoid)
+    def _choose_together(self) -> Choose:
+        """Routes the choices of one request (n > 1): the first as usual, the others to the same worker while it is
+        live and not to be avoided, so that they share its prefix cache (and, in disagg, one remote prefill)."""
+        first: list[Peer] = []
+        lock = asyncio.Lock()  # the choices start together: the others wait for the first one's route
+
+        async def choose(rid: str, token_ids: TokenIds, avoid: set[str]) -> Route:
+            async with lock:
+                peer = first[0] if first else None
+                same = peer is not None and peer.id not in avoid and peer in self.live_workers()
+                route = await self._choose(rid, token_ids, avoid, [peer] if same and peer else None)
+                first[:] = first or [route.peer]
+                return route
+
+        return choose
+
+    async def _choose(self, rid: str, token_ids: TokenIds, avoid: set[str], only: list[Peer] | None = None) -> Route:
+        peers = only or await self._workers(avoid)
         if self._routed.pop(rid, None):  # routed before, to a worker that failed: the router forgets that
             self.selector.update(rid, RouteEvent.FINISHED)
         route = await self.selector.select(rid, token_ids, peers)

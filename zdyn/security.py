@@ -23,7 +23,7 @@ import ipaddress
 import logging
 import os
 import weakref
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,7 @@ ROLES = ("frontend", "processor", "worker", "prefill", "router", "prefill-queue"
 KEYS_DIR_ENV = "ZDYN_KEYS_DIR"
 INSECURE_ENV = "ZDYN_INSECURE"
 DEFAULT_KEYS_DIR = "~/.config/zdyn/keys"  # where the examples keep theirs
+MAX_OWNERS = 65536  # peer ids whose key is remembered (the oldest forgotten first)
 
 
 class KeysError(ValueError):
@@ -83,6 +84,16 @@ class KeyFolder:
                 except (OSError, ValueError) as e:
                     log.warning("skipped unreadable public key %s: %s", path, e)
         return keys
+
+    def named_keys(self) -> dict[str, bytes]:
+        """Every ``ROLE-NAME.key`` public key by its name: a key listed for the peer id NAME."""
+        found = {}
+        for path in self.folder.glob("*-*.key"):
+            try:
+                found[path.stem] = zmq.auth.load_certificate(path)[0]
+            except (OSError, ValueError):
+                continue
+        return found
 
     def entries(self) -> list[tuple[str, str, bool]]:
         """(name, public key, has its secret) for every public key file, sorted by name."""
@@ -153,6 +164,8 @@ class Curve:
         self.own = keys.keypair(role)
         self.allowed = {r: keys.public_keys(r) for r in ROLES}
         self.refused: Counter[str] = Counter()  # clients refused, by socket domain
+        self.named = keys.named_keys()  # "worker-gpu3" -> the key listed for worker id "gpu3"
+        self.owners: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (role, peer id) -> the key that took it
         self._auth: AsyncioAuthenticator | None = None
 
     @property
@@ -172,6 +185,19 @@ class Curve:
         sock.setsockopt(zmq.ZAP_DOMAIN, domain.encode())
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.server.secret)
+
+    def claim(self, key: bytes, role: str, peer_id: str) -> str | None:
+        """A peer id belongs to the key listed for it (``ROLE-ID.key``), else to the first key that registered it:
+        why ``key`` may not use it, or None."""
+        listed = self.named.get(f"{role}-{peer_id}")
+        owner = listed or self.owners.get((role, peer_id))
+        if owner is not None and owner != key:
+            return f"{role} id {peer_id!r} belongs to another key{' (the one listed for it)' if listed else ''}"
+        self.owners[(role, peer_id)] = key
+        self.owners.move_to_end((role, peer_id))
+        if len(self.owners) > MAX_OWNERS:
+            self.owners.popitem(last=False)
+        return None
 
     def connect(self, sock: zmq.Socket) -> None:
         sock.setsockopt(zmq.CURVE_SERVERKEY, self.server.public)
@@ -226,6 +252,12 @@ def uninstall(ctx: zmq.Context) -> None:
 
 def curve_of(ctx: zmq.Context) -> Curve | None:
     return _installed.get(ctx)
+
+
+def claim(ctx: zmq.Context, key: bytes, role: str, peer_id: str) -> str | None:
+    """Why a client with CURVE ``key`` may not register as ``peer_id`` (``Curve.claim``); None without keys."""
+    curve = _installed.get(ctx)
+    return curve.claim(key, role, peer_id) if curve is not None and key else None
 
 
 def configure(

@@ -179,21 +179,32 @@ class RequestOutputs:
     def __init__(self, make: Callable[[], ChoiceParser], request: TextRequest, end_texts: tuple[str, ...] = ()) -> None:
         self.make = make
         self.tool_choice = request.tool_choice if request.tools else "none"
+        self.parallel = request.parallel_tool_calls  # False: one call at most, as OpenAI
         self.end_texts = end_texts  # special tokens' text to drop from the end of an output (EOS kept in the text)
         self.choices: dict[int, ChoiceState] = {}
 
-    def apply(self, delta: Delta) -> None:
-        state = self.choices.get(delta.index)
+    def _state(self, index: int) -> ChoiceState:
+        state = self.choices.get(index)
         if state is None:
-            state = self.choices[delta.index] = ChoiceState(self.make())
+            state = self.choices[index] = ChoiceState(self.make())
+        return state
+
+    def prime(self, index: int, text: str, token_ids: Sequence[int]) -> None:
+        """A choice that another processor started (it died): parse what the client already has, hand out nothing
+        of it, so that the rest continues the same calls."""
+        state = self._state(index)
+        state.calls += len(state.parser.feed(text, token_ids, False).calls)
+
+    def apply(self, delta: Delta) -> None:
+        state = self._state(delta.index)
         text = delta.text or ""
         if delta.finish is not None:
             text = next((text.removesuffix(end) for end in self.end_texts if text.endswith(end)), text)
         pieces = state.parser.feed(text, delta.token_ids, delta.finish is not None)
         delta.text = pieces.content
         delta.reasoning = pieces.reasoning or None
-        delta.tool_calls = pieces.calls or None
-        state.calls += len(pieces.calls)
+        delta.tool_calls = [c for c in pieces.calls if self.parallel or c.index == 0] or None
+        state.calls += len(delta.tool_calls or ())
         finish = delta.finish
         if finish is not None and state.calls and finish.reason == "stop" and self.tool_choice in ("auto", "required"):
             finish.reason = "tool_calls"  # as OpenAI; a forced (named) call ends with "stop"
@@ -214,7 +225,8 @@ class OutputParsing:
         """The request's parsing, or None when its text is handed out as it is. A request that needs a parser
         this processor does not have is a 400."""
         choice = request.tool_choice if request.tools else "none"
-        reasoning = self.backend is not None and self.backend.has_reasoning_parser
+        chat = request.messages is not None  # reasoning is split off chat answers only, as in vLLM
+        reasoning = chat and self.backend is not None and self.backend.has_reasoning_parser
         if choice == "none" and not reasoning:
             return None
         if choice == "auto" and (self.backend is None or not self.backend.has_tool_parser):
@@ -227,9 +239,9 @@ class OutputParsing:
                 "tool_choice",
             )
         end_texts = self.special_texts if self.keeps_special_tokens else ()
-        return RequestOutputs(lambda: self._parser(request, choice), request, end_texts)
+        return RequestOutputs(lambda: self._parser(request, choice, reasoning), request, end_texts)
 
-    def _parser(self, request: TextRequest, choice: str) -> ChoiceParser:
+    def _parser(self, request: TextRequest, choice: str, reasoning: bool) -> ChoiceParser:
         tools: ChoiceParser | None = None
         if choice == "named":
             tools = NamedCall(request.tool_name or "")
@@ -237,11 +249,11 @@ class OutputParsing:
             tools = RequiredCalls()
         elif choice == "auto" and self.backend is not None:
             tools = self.backend.tool_calls(request)
-        reasoning = self.backend.reasoning(request) if self.backend is not None else None
-        if reasoning is None:
+        thinking = self.backend.reasoning(request) if reasoning and self.backend is not None else None
+        if thinking is None:
             assert tools is not None
             return tools
-        return ReasoningFirst(reasoning, tools)
+        return ReasoningFirst(thinking, tools)
 
 
 TOOL_PROMPT = """You are an expert in composing functions. You are given a question and a set of possible functions.

@@ -13,13 +13,14 @@ import zmq
 import zmq.asyncio
 
 from zdyn import security
-from zdyn.protocol import Message, ProtocolError, decode, encode
+from zdyn.protocol import Message, MsgType, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
 
 # Messages queued per peer before a send waits. Request paths never drop: DEALER blocks at the HWM and
 # ROUTER sockets run with ROUTER_MANDATORY, so a full or unknown peer is an error, not a silent loss.
 DEFAULT_HWM = 100_000
+READY_TYPE = bytes([MsgType.READY])
 MAX_MSG_BYTES = 64 << 20  # a peer sending a larger frame is disconnected (ZMQ_MAXMSGSIZE)
 READ_BATCH = 16  # a reader yields to the event loop after this many messages that were already waiting
 SCHEMES = ("tcp://", "ipc://", "inproc://")
@@ -95,6 +96,14 @@ def is_remote(endpoint: str) -> bool:
     """True for a TCP endpoint on another host (neither loopback nor a wildcard)."""
     host = endpoint_host(endpoint)
     return endpoint.startswith("tcp://") and not is_loopback(host) and host not in WILDCARD_HOSTS
+
+
+def unreachable_hint(endpoint: str, flag: str) -> str:
+    """What to check when nothing answers at ``endpoint``: a loopback address that names this host while the
+    peer runs on another, or a peer that is down or firewalled."""
+    if is_remote(endpoint):
+        return "is it running, and does this host reach that address (firewall, host name)?"
+    return f"{endpoint} is this host: if that role runs on another host, give its address ({flag} tcp://HOST:PORT)"
 
 
 def host_towards(endpoint: str) -> str:
@@ -221,15 +230,22 @@ async def read_messages(
     *,
     routed: bool = False,
     on_message: Callable[[bytes], None] | None = None,
+    on_ready_key: Callable[[bytes], None] | None = None,
 ) -> None:
     """Read messages for ever and dispatch each by type: ``handlers[type(msg)](identity, msg)``.
 
     ``routed``: a ROUTER socket, whose first frame names the sender. ``on_message(identity)`` runs first for
-    every valid message (liveness bookkeeping). Malformed frames and messages of a type with no handler are
-    dropped and counted."""
+    every valid message (liveness bookkeeping); ``on_ready_key(key)`` before each READY with the client's CURVE
+    key. Malformed frames and messages of a type with no handler are dropped and counted."""
     received = 0
     while True:
-        frames = await sock.recv_multipart()
+        if on_ready_key is None:
+            frames = await sock.recv_multipart()
+        else:  # a CURVE server that needs each READY's key: frames carry it (User-Id) when not copied
+            parts = await sock.recv_multipart(copy=False)
+            frames = [p.bytes for p in parts]
+            if len(frames) > int(routed) and frames[int(routed)] == READY_TYPE:
+                on_ready_key(_user_id(parts[-1]))
         received += 1
         if received % READ_BATCH == 0:
             await asyncio.sleep(0)  # awaiting a message that is already queued does not yield: let others run
@@ -249,6 +265,13 @@ async def read_messages(
             malformed.drop(f"unexpected {type(msg).__name__}")
             continue
         handler(identity, msg)
+
+
+def _user_id(frame: zmq.Frame) -> bytes:
+    try:
+        return str(frame.get("User-Id")).encode()
+    except zmq.ZMQError:
+        return b""
 
 
 def send(sock: zmq.asyncio.Socket, msg: Message, identity: bytes | None = None) -> zmq.asyncio.Future[Any]:

@@ -19,7 +19,8 @@ from zdyn.errors import RequestError, unavailable
 from zdyn.kv_publisher import KvEventRelay
 from zdyn.protocol import Delta, Generate, Ready, Role
 from zdyn.rpc import RefusedError, Request, Spoke
-from zdyn.transport import Liveness, TransportError, advertised, host_towards
+from zdyn.rpc.directory import SpokeDiscovery
+from zdyn.transport import Liveness, TransportError, advertised, host_towards, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class Worker:
         advertise_host: str | None = None,
         role: Role = Role.WORKER,
         liveness: Liveness | None = None,
+        discover: bool = True,
+        seeds: list[str] | None = None,
         kv_relay: tuple[str, str] | None = None,
     ) -> None:
         if not hubs:
@@ -46,6 +49,9 @@ class Worker:
         self.advertise_host = advertise_host  # None: per hub, this host's address on the route to it
         self.role = role
         self.liveness = liveness or Liveness()
+        self.discover = discover  # register at the hubs the hubs' directories name (zdyn.rpc.directory)
+        self.seeds = seeds or []
+        self.discovery: SpokeDiscovery | None = None
         self.kv_relay = kv_relay  # bind endpoints for relaying the engine's KV events off this host
         self.relay: KvEventRelay | None = None
         self.spoke: Spoke | None = None
@@ -93,12 +99,18 @@ class Worker:
         gc.collect()
         gc.freeze()  # the engine's many start-up objects leave the collector's view
         log.info("worker %s serving at %s", self.worker_id, ", ".join(self.hubs))
+        if self.discover:
+            local = self.advertise_host is not None and is_loopback(self.advertise_host)
+            self.discovery = SpokeDiscovery(self.spoke, model=info.model, seeds=self.seeds, local_only=local)
+            self.discovery.start()
         try:
             await self.spoke.run()
         except RefusedError as e:
             log.error("%s", e)
             return 2
         finally:
+            if self.discovery is not None:
+                await self.discovery.close()
             if self.relay is not None:
                 await self.relay.close()
             await self.engine.shutdown()

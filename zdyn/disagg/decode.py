@@ -251,11 +251,19 @@ class DisaggEngine:
             self._watch = asyncio.get_running_loop().create_task(self._watch_settings())
 
     def load(self) -> Heartbeat:
-        """The engine's load, plus this worker's view of its prefill queue (the frontend's /health shows it)."""
-        status = self.client.status
-        link = QueueLink(endpoint=self.client.jobs_endpoint, live=self.client.queue_live, queued=status.queued,
-                         prefill_workers=status.workers, decisions=dict(self.decisions))  # fmt: skip
-        return msgspec.structs.replace(self.engine.load(), prefill_queues=[link])
+        """The engine's load, plus this worker's view of its prefill queues and its decisions (the frontend's
+        /health shows them)."""
+        links = [
+            QueueLink(
+                endpoint=c.jobs_endpoint,
+                live=c.queue_live,
+                queued=c.status.queued,
+                prefill_workers=c.status.workers,
+                decisions=dict(self.decisions),
+            )  # fmt: skip
+            for c in self.clients
+        ]
+        return msgspec.structs.replace(self.engine.load(), prefill_queues=links)
 
     async def release_kv(self, request_id: str, kv_transfer_params: dict[str, Any]) -> None:
         await self.engine.release_kv(request_id, kv_transfer_params)
@@ -274,7 +282,7 @@ class DisaggEngine:
         decision = self.policy.decide(len(request.token_ids), cached, status.queued, status.prefill_workers)
         rid = request.request_id
         key = prompt_key(request.token_ids)
-        leader = self._prefilling.get(key) if decision.remote else None
+        leader = self._prefilling.get(key)  # whatever the policy says: this prompt's KV is on its way here
         leading = decision.remote and leader is None
         if leading:  # the choices of an n > 1 request that come while this one prefills remotely wait for it
             self._prefilling[key] = asyncio.get_running_loop().create_future()

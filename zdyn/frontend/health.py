@@ -24,10 +24,21 @@ def topology(
     queues: dict[str, dict[str, Any]] = {}
     for worker in workers:
         on(worker.get("host", ""), f"worker {worker['id']}")
-        for queue in worker.get("prefill_queues", []):
-            seen = queues.setdefault(queue["endpoint"], {**queue, "decode_workers": []})
+        for queue in worker.get("prefill_queues", []):  # QueueLink maps (fields at their default left out)
+            seen = queues.setdefault(
+                queue["endpoint"],
+                {
+                    "endpoint": queue["endpoint"],
+                    "live": False,
+                    "queued": 0,
+                    "prefill_workers": [],
+                    "decode_workers": [],
+                },
+            )
             seen["decode_workers"].append(worker["id"])
-            seen["live"] = seen["live"] or queue["live"]
+            seen["live"] = seen["live"] or queue.get("live", False)
+            seen["queued"] = max(seen["queued"], queue.get("queued", 0))
+            seen["prefill_workers"] = sorted({*seen["prefill_workers"], *queue.get("prefill_workers", [])})
     for processor in processors:
         on(processor.get("host", ""), f"processor {processor['id']}")
     for router in routers:

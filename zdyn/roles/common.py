@@ -189,16 +189,22 @@ class Service(Protocol):
     def close(self) -> None: ...
 
 
-async def serve_behind_hub(service: Service, hub: Any, banner: str, drain_timeout_s: float = 30.0) -> int:
+async def serve_behind_hub(
+    service: Service, hub: Any, banner: str, drain_timeout_s: float = 30.0, directory: Any = None
+) -> int:
     """Run a ``service`` whose peers register at ``hub`` until SIGINT or SIGTERM (which drains a service that
     has ``drain(timeout_s)``)."""
     drain = getattr(service, "drain", None)
     on_stop_signals(service.close, (lambda: drain(drain_timeout_s)) if drain is not None else None)
     await hub.start()
+    if directory is not None:  # the hub's HubDirectory (discovery)
+        directory.start()
     freeze_startup_objects()
     logging.getLogger(type(service).__module__).info("%s", banner)
     try:
         await service.run()
     finally:
+        if directory is not None:
+            await directory.close()
         await hub.close()
     return 0

@@ -22,12 +22,14 @@ from zdyn.frontend.remote import RemoteBackend
 from zdyn.processor import Processor, accept_model
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, freeze_startup_objects, role_main
+from zdyn.roles.discovery import DiscoveryConfig, add_discovery_args
 from zdyn.roles.output_parsing import OutputParsingConfig, add_output_parsing_args
 from zdyn.roles.ports import FRONTEND_BASE, add_port_base_arg, endpoint_or_base
 from zdyn.roles.resilience import add_admission_args, add_resilience_args, admission_from_args, resilience_from_args
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
 from zdyn.router.selector import RoundRobin
 from zdyn.rpc import Hub
+from zdyn.rpc.metrics import RefusalCollector
 from zdyn.security import is_local
 from zdyn.transport import check_endpoint
 
@@ -50,6 +52,7 @@ class FrontendConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     resilience: Resilience = field(default_factory=Resilience)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
     output_parsing: OutputParsingConfig = field(default_factory=OutputParsingConfig)
 
@@ -85,6 +88,7 @@ class FrontendConfig:
             routing=RoutingConfig.from_args(args),
             resilience=resilience_from_args(args),
             admission=admission_from_args(args),
+            discovery=DiscoveryConfig.from_args(args),
             common=CommonConfig.from_args(args),
             output_parsing=OutputParsingConfig.from_args(args),
         )
@@ -120,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_args(parser)
     add_resilience_args(parser)
     add_admission_args(parser)
+    add_discovery_args(parser, hub=True)
     add_output_parsing_args(parser)
     add_common_args(parser)
     return parser
@@ -153,11 +158,14 @@ def listen(host: str, port: int) -> socket.socket:
 def build_backend(config: FrontendConfig) -> tuple[Backend, Hub, str]:
     """The backend the frontend serves through, the hub it needs started, and a line saying what it is."""
     if config.processors_endpoint:
+        if config.output_parsing.tool_call_parser or config.output_parsing.reasoning_parser:
+            log.warning("output parsers run in the processors: give --tool-call-parser/--reasoning-parser to them")
         hub = Hub(
             config.processors_endpoint, role=Role.PROCESSOR, liveness=config.common.liveness,
             max_peers=config.common.max_peers,
         )  # fmt: skip
-        return RemoteBackend(hub, config.resilience), hub, f"processors register at {config.processors_endpoint}"
+        where = f"processors register at {config.processors_endpoint}"
+        return RemoteBackend(hub, config.resilience), hub, where
     from zdyn.models import resolve_model, served_model_name
 
     model = resolve_model(config.model)
@@ -185,10 +193,16 @@ async def serve(config: FrontendConfig) -> int:
         log.error("cannot start: %s", e)
         sock.close()
         return 2
+    # the embedded processor's workers hub tells its workers of the deployment's other hubs (discovery)
+    directory = (
+        config.discovery.hub_directory(hub, "frontend", backend.model) if isinstance(backend, Processor) else None
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await hub.start()
+        if directory is not None:
+            directory.start()
         freeze_startup_objects()
         auth = f"{len(config.http.api_keys)} API key(s)" if config.http.api_keys else "no API key"
         log.info("frontend serving on http://%s:%d (%s): %s", config.host, sock.getsockname()[1], auth, where)
@@ -200,9 +214,12 @@ async def serve(config: FrontendConfig) -> int:
         finally:
             if isinstance(backend, Processor):
                 await backend.selector.aclose()
+            if directory is not None:
+                await directory.close()
             await hub.close()
 
     frontend = Frontend(backend, config.http)
+    frontend.metrics.registry.register(RefusalCollector([hub]))  # READYs and CURVE keys kept out
     if isinstance(backend, Processor | RemoteBackend):  # requests re-issued after a peer failed
         frontend.metrics.registry.register(ReissueCollector(backend.reissues, "frontend"))
     if isinstance(backend, Processor):

@@ -9,8 +9,8 @@ a known range per host. An endpoint flag (or config key) given explicitly wins o
 | processor      | 5556         | workers hub (+0)                                                          |
 | router         | 5570         | route queries (+0), workers hub (+1)                                      |
 | prefill-queue  | 5590         | jobs (+0), prefill-workers hub (+1), status (+2)                          |
-| worker         | none (free)  | KV events (+0), KV replay (+1), prefill results (+2), NIXL side channel (+3), |
-|                |              | the next simulated worker (``--num-workers``) 4 ports further              |
+| worker         | none (free)  | KV events (+0), KV replay (+1), +2 unused, NIXL side channel (+3), the     |
+|                |              | next simulated worker (``--num-workers``) 4 ports further                 |
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from zdyn.transport import free_tcp_ports
-
 FRONTEND_BASE = 5555
 PROCESSOR_BASE = 5556
 ROUTER_BASE = 5570
 QUEUE_BASE = 5590
-WORKER_PORTS = 4  # ports per worker (and per simulated worker of a process): events, replay, results, NIXL
-KV_EVENTS, KV_REPLAY, RESULTS, NIXL_SIDE_CHANNEL = range(WORKER_PORTS)
+WORKER_PORTS = 4  # ports per worker (and per simulated worker of a process): events, replay, (unused), NIXL
+KV_EVENTS, KV_REPLAY, NIXL_SIDE_CHANNEL = 0, 1, 3
 
 
 def bind_endpoint(port: int) -> str:
@@ -58,14 +56,13 @@ class WorkerPorts:
 
     kv_events: int = 0
     kv_replay: int = 0
-    results: int = 0  # a decode worker's PULL socket for prefill results
     nixl_side_channel: int = 0  # vLLM's NIXL handshake listener (a prefill or decode worker with NIXL)
 
     @classmethod
-    def layout(cls, base: int, kv_events_port: int, results_port: int, nixl_port: int, index: int = 0) -> WorkerPorts:
+    def layout(cls, base: int, kv_events_port: int, nixl_port: int, index: int = 0) -> WorkerPorts:
         """Ports of simulated worker ``index``: explicit flags first (``--kv-events-port`` K gives K, K+1 and two
-        further per simulated worker; ``--results-port`` and ``--nixl-side-channel-port`` one further each),
-        then ``--port-base`` (4 per worker), else 0 (free)."""
+        further per simulated worker; ``--nixl-side-channel-port`` one further), then ``--port-base`` (4 per
+        worker), else 0 (free)."""
         first = base + WORKER_PORTS * index if base else 0
         if kv_events_port:
             events, replay = kv_events_port + 2 * index, kv_events_port + 2 * index + 1
@@ -73,13 +70,5 @@ class WorkerPorts:
             events, replay = first + KV_EVENTS, first + KV_REPLAY
         else:
             events, replay = 0, 0
-        results = results_port + index if results_port else (first + RESULTS if first else 0)
         nixl = nixl_port + index if nixl_port else (first + NIXL_SIDE_CHANNEL if first else 0)
-        return cls(events, replay, results, nixl)
-
-    def kv_event_endpoints(self) -> tuple[str, str]:
-        """Bind endpoints of the KV-event publisher and its replay socket (free ports where none is fixed)."""
-        if self.kv_events:
-            return bind_endpoint(self.kv_events), bind_endpoint(self.kv_replay)
-        events, replay = free_tcp_ports(2)
-        return bind_endpoint(events), bind_endpoint(replay)
+        return cls(events, replay, nixl)

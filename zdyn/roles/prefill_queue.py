@@ -17,8 +17,10 @@ from zdyn.disagg.metrics import DisaggCollector
 from zdyn.disagg.queue_service import PrefillQueueService
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, role_main, serve_behind_hub, serve_metrics
+from zdyn.roles.discovery import DiscoveryConfig, add_discovery_args
 from zdyn.roles.ports import QUEUE_BASE, add_port_base_arg, endpoint_or_base
 from zdyn.rpc import Hub
+from zdyn.rpc.metrics import RefusalCollector
 from zdyn.transport import check_endpoint
 
 
@@ -30,6 +32,7 @@ class PrefillQueueConfig:
     max_attempts: int = 2
     max_jobs_per_worker: int = 2  # 0: each prefill worker's max_num_seqs
     metrics_port: int = 0
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
 
     def __post_init__(self) -> None:
@@ -55,6 +58,7 @@ class PrefillQueueConfig:
             max_attempts=args.max_attempts,
             max_jobs_per_worker=args.max_jobs_per_worker,
             metrics_port=args.metrics_port,
+            discovery=DiscoveryConfig.from_args(args),
             common=CommonConfig.from_args(args),
         )
 
@@ -76,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         "which is the depth decode workers compare with --max-prefill-queue-size",
     )
     parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port")
+    add_discovery_args(parser, hub=True)
     add_common_args(parser)
     return parser
 
@@ -90,12 +95,13 @@ async def serve(config: PrefillQueueConfig) -> int:
         max_jobs_per_worker=config.max_jobs_per_worker,
     )  # fmt: skip
     if config.metrics_port:
-        serve_metrics(config.metrics_port, DisaggCollector(service=service))
+        serve_metrics(config.metrics_port, DisaggCollector(service=service), RefusalCollector([workers]))
     banner = (
         f"prefill queue: jobs at {config.jobs_endpoint}, prefill workers at {config.prefill_workers_endpoint}, "
         f"status at {config.status_endpoint}"
     )
-    return await serve_behind_hub(service, workers, banner, config.common.drain_timeout_s)
+    directory = config.discovery.hub_directory(workers, "prefill-queue")
+    return await serve_behind_hub(service, workers, banner, config.common.drain_timeout_s, directory)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,11 +22,13 @@ from zdyn.roles.common import (
     role_main,
     serve_metrics,
 )
+from zdyn.roles.discovery import DiscoveryConfig, add_discovery_args
 from zdyn.roles.output_parsing import OutputParsingConfig, add_output_parsing_args
 from zdyn.roles.ports import PROCESSOR_BASE, add_port_base_arg, endpoint_or_base
 from zdyn.roles.resilience import add_admission_args, add_resilience_args, admission_from_args, resilience_from_args
 from zdyn.roles.routing import RoutingConfig, add_router_args, make_selector
 from zdyn.rpc import Hub, RefusedError, Request, Spoke
+from zdyn.rpc.metrics import RefusalCollector
 from zdyn.transport import check_endpoint, host_towards
 
 log = logging.getLogger("zdyn.processor")
@@ -44,6 +46,7 @@ class ProcessorConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     resilience: Resilience = field(default_factory=Resilience)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
     output_parsing: OutputParsingConfig = field(default_factory=OutputParsingConfig)
 
@@ -72,6 +75,7 @@ class ProcessorConfig:
             routing=RoutingConfig.from_args(args),
             resilience=resilience_from_args(args),
             admission=admission_from_args(args),
+            discovery=DiscoveryConfig.from_args(args),
             common=CommonConfig.from_args(args),
             output_parsing=OutputParsingConfig.from_args(args),
         )
@@ -92,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--processor-id", help="unique id (default: processor-<host>-<pid>)")
     add_resilience_args(parser)
     add_admission_args(parser)
+    add_discovery_args(parser, hub=True)
     add_output_parsing_args(parser)
     add_common_args(parser)
     return parser
@@ -120,6 +125,7 @@ async def serve(config: ProcessorConfig) -> int:
             config.metrics_port,
             ReissueCollector(processor.reissues, "processor"),
             AdmissionCollector(admission, "processor"),
+            RefusalCollector([workers]),
         )
 
     def handle(request: Request) -> AsyncIterator[Delta]:
@@ -140,7 +146,10 @@ async def serve(config: ProcessorConfig) -> int:
     ready = Ready(peer_id=config.processor_id, role=Role.PROCESSOR, model=name, host=host_towards(config.frontend))
     spoke = Spoke([config.frontend], ready, handle, load=load, liveness=liveness)
     on_stop_signals(spoke.close, lambda: spoke.drain(config.common.drain_timeout_s))
+    directory = config.discovery.hub_directory(workers, "processor", name)
     await workers.start()
+    if directory is not None:
+        directory.start()
     freeze_startup_objects()
     log.info("processor %s serving %s: frontend %s, workers at %s", config.processor_id, name, config.frontend,
              config.workers_endpoint)  # fmt: skip
@@ -151,6 +160,8 @@ async def serve(config: ProcessorConfig) -> int:
         return 2
     finally:
         await processor.selector.aclose()
+        if directory is not None:
+            await directory.close()
         await workers.close()
     return 0
 

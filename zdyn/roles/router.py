@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, role_main, serve_behind_hub, serve_metrics
+from zdyn.roles.discovery import DiscoveryConfig, add_discovery_args
 from zdyn.roles.ports import ROUTER_BASE, add_port_base_arg, endpoint_or_base
 from zdyn.roles.routing import RoutingConfig, add_policy_args
 from zdyn.router.policy import MODES
 from zdyn.router.service import RouterService
 from zdyn.rpc import Hub
+from zdyn.rpc.metrics import RefusalCollector
 from zdyn.transport import check_endpoint
 
 
@@ -26,6 +28,7 @@ class RouterConfig:
     workers_endpoint: str = "tcp://*:5571"  # workers register here
     metrics_port: int = 0
     routing: RoutingConfig = field(default_factory=lambda: RoutingConfig(mode="kv"))
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
 
     def __post_init__(self) -> None:
@@ -47,6 +50,7 @@ class RouterConfig:
             workers_endpoint=endpoint_or_base(args.workers_endpoint, args.port_base, 1),
             metrics_port=args.metrics_port,
             routing=RoutingConfig.from_args(args),
+            discovery=DiscoveryConfig.from_args(args),
             common=CommonConfig.from_args(args),
         )
 
@@ -58,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_port_base_arg(parser, ROUTER_BASE, "route queries +0, workers hub +1")
     add_policy_args(parser, "kv", MODES)
     parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port")
+    add_discovery_args(parser, hub=True)
     add_common_args(parser)
     return parser
 
@@ -70,11 +75,12 @@ async def serve(config: RouterConfig) -> int:
     if config.metrics_port:
         from zdyn.router.metrics import RouterCollector
 
-        serve_metrics(config.metrics_port, RouterCollector(service=service))
+        serve_metrics(config.metrics_port, RouterCollector(service=service), RefusalCollector([workers]))
     banner = (
         f"router ({config.routing.mode}) answering at {config.endpoint}; workers register at {config.workers_endpoint}"
     )
-    return await serve_behind_hub(service, workers, banner, config.common.drain_timeout_s)
+    directory = config.discovery.hub_directory(workers, "router")
+    return await serve_behind_hub(service, workers, banner, config.common.drain_timeout_s, directory)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 from zdyn.engines.base import Engine
 from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, on_stop_signals, role_main, serve_metrics
+from zdyn.roles.discovery import DiscoveryConfig, add_discovery_args
 from zdyn.roles.ports import WorkerPorts, add_port_base_arg, check_port
 from zdyn.roles.worker_kv import kv_relay_endpoints, private_kv_endpoints, relays_kv_events, remove_private_dir
 from zdyn.transport import check_endpoint, host_towards, is_loopback, is_remote
@@ -77,6 +78,7 @@ class WorkerConfig:
     advertise_host: str | None = None  # None: per hub, this host's address on the route to it
     metrics_port: int = 0
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
     engine_flags: Any = None  # the parsed engine flags: vLLM's (for AsyncEngineArgs) or the mocker's
 
@@ -102,7 +104,7 @@ class WorkerConfig:
                 )
 
     def ports(self, index: int = 0) -> WorkerPorts:
-        return WorkerPorts.layout(self.port_base, self.kv_events_port, 0, self.nixl_side_channel_port, index)
+        return WorkerPorts.layout(self.port_base, self.kv_events_port, self.nixl_side_channel_port, index)
 
     def key_role(self) -> str:
         return "prefill" if self.disagg.prefill else "worker"
@@ -143,6 +145,7 @@ class WorkerConfig:
                 kv_lease_s=args.kv_lease,
                 settings_file=args.disagg_settings,
             ),
+            discovery=DiscoveryConfig.from_args(args),
             common=CommonConfig.from_args(args),
             engine_flags=args,
         )
@@ -222,6 +225,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         "--disagg-settings",
         help="YAML file with max-local-prefill-length / max-prefill-queue-size, re-read when it changes",
     )
+    add_discovery_args(parser, hub=False)
     add_common_args(parser)
 
 
@@ -315,6 +319,8 @@ async def serve(config: WorkerConfig) -> int:
                 config.hubs,
                 worker_id,
                 advertise_host=config.advertise_host,
+                discover=config.discovery.enabled,
+                seeds=config.discovery.seeds,
                 role=role,
                 liveness=config.common.liveness,
                 kv_relay=kv_relay_endpoints(config, i) if relays_kv_events(config) else None,

@@ -19,7 +19,7 @@ from zdyn.protocol import RouteEvent, RouteQuery, RouteReply, RouteUpdate
 from zdyn.router.selector import RoundRobin, Route
 from zdyn.rpc import Peer
 from zdyn.token_ids import as_token_ids
-from zdyn.transport import MalformedCounter, ignore_result, is_remote, make_socket, read_messages, send
+from zdyn.transport import MalformedCounter, ignore_result, make_socket, read_messages, send, unreachable_hint
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,7 @@ class RouterClient:
         if self.answers:
             log.warning("router %s: %s; routing round-robin for %gs", self.endpoint, why, self.backoff_s)
             return
-        hint = "is `zdyn router` running there, and reachable from this host?"
-        if not is_remote(self.endpoint):
-            hint = (
-                f"{self.endpoint} is this host: if the router runs on another host, give its address "
-                "(--router-endpoint tcp://ROUTER_HOST:5570, or the config's router-endpoint key)"
-            )
+        hint = unreachable_hint(self.endpoint, "--router-endpoint")
         log.warning("router %s has never answered (%s): %s; routing round-robin meanwhile (%d queries so far)",
                     self.endpoint, why, hint, self.failures)  # fmt: skip
 

@@ -12,6 +12,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from zdyn import security
 from zdyn.errors import RequestError, peer_lost
 from zdyn.protocol import (
     PROTOCOL_VERSION,
@@ -121,6 +122,8 @@ class Hub:
     ``listeners`` hear every peer that joins or leaves (``PeerEvent``), in order, from the hub's own task.
     """
 
+    also_allow: tuple[str, ...] = ()  # more roles' keys admitted (a HubDirectory's: other hubs announcing)
+
     def __init__(
         self,
         endpoint: str,
@@ -147,6 +150,7 @@ class Hub:
         self.extra_handlers: dict[type[Message], MessageHandler] = {}  # more message types (set before start)
         self.num_refused = 0  # READYs refused (wrong version, role or model; an id in use; too many peers)
         self.num_hijacks = 0  # of those: another live process claiming a registered peer's id
+        self._key = b""  # the CURVE key of the READY being handled
         self._joined = asyncio.Event()
         self._change_waiters: list[asyncio.Future[None]] = []
         self._streams: dict[str, _Stream] = {}
@@ -155,10 +159,8 @@ class Hub:
         self._monitor: zmq.asyncio.Socket | None = None
 
     async def start(self) -> None:
-        # Only keys of this hub's role may connect (when the context has keys): see zdyn.security.
-        self._sock = make_socket(
-            self.ctx, zmq.ROUTER, self.endpoint, bind=True, heartbeat=self.liveness, allow=(str(self.role),)
-        )
+        allow = (str(self.role), *self.also_allow)
+        self._sock = make_socket(self.ctx, zmq.ROUTER, self.endpoint, bind=True, heartbeat=self.liveness, allow=allow)
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         handlers: dict[type[Message], MessageHandler] = {
             Outputs: self._on_outputs,
@@ -167,7 +169,9 @@ class Hub:
             Ready: self._on_ready,
             **self.extra_handlers,
         }
-        reader = read_messages(self._sock, handlers, self.malformed, routed=True, on_message=self._seen)
+        note_key = (lambda key: setattr(self, "_key", key)) if security.curve_of(self.ctx) is not None else None
+        reader = read_messages(self._sock, handlers, self.malformed, routed=True, on_message=self._seen,
+                               on_ready_key=note_key)  # fmt: skip
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(c) for c in (reader, self._beat(), self._watch_disconnects())]
 
@@ -309,19 +313,17 @@ class Hub:
         self._tell(PeerEvent("joined", peer))
 
     def _refusal(self, identity: bytes, ready: Ready, old: Peer | None) -> str | None:
-        """Why ``ready`` cannot register, or None."""
         if ready.protocol_version != PROTOCOL_VERSION:
             return f"protocol version {ready.protocol_version} is not this hub's {PROTOCOL_VERSION}"
         if ready.role != self.role or not ready.peer_id:
             return f"this hub serves {self.role}s with an id, not {ready.role}s {ready.peer_id!r}"
         reason = (self.accept(ready) if self.accept is not None else None) or self._same_id(identity, ready)
-        if reason is None and old is None and len(self.peers) >= self.max_peers:
-            reason = f"this hub already has its maximum of {self.max_peers} peers (--max-peers)"
-        return reason
+        reason = reason or security.claim(self.ctx, self._key, str(ready.role), ready.peer_id)
+        full = old is None and len(self.peers) >= self.max_peers
+        return reason or (f"this hub already has its maximum of {self.max_peers} peers (--max-peers)" if full else None)
 
     def _same_id(self, identity: bytes, ready: Ready) -> str | None:
-        """The same run on a fresh socket takes its id over; another process only once the registered one is quiet
-        (a restart before its death was noticed). A live one keeps it: the newcomer is refused, naming both hosts."""
+        """Its own run's new socket takes an id over, another process only once the holder is quiet (restarted)."""
         now = asyncio.get_running_loop().time()
         for other in list(self.peers.values()):
             if other.id != ready.peer_id or other.identity == identity:

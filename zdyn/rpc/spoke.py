@@ -36,12 +36,12 @@ from zdyn.transport import (
     MessageHandler,
     host_towards,
     ignore_result,
-    is_remote,
     log_send_error,
     make_socket,
     read_messages,
     send,
     stalled_sleep,
+    unreachable_hint,
 )
 
 log = logging.getLogger(__name__)
@@ -217,11 +217,7 @@ class Spoke:
         """The hub went quiet. One that never answered may not be up yet: announce again on the same socket.
         One that did answer is presumed dead: drop its requests and reconnect with a fresh socket."""
         if not link.heard:
-            if not link.warned and now - link.opened_at > SILENT_WARNING_S:
-                link.warned = True
-                log.warning("%s", silent_hub_warning(link.endpoint, now - link.opened_at))
-            else:
-                log.debug("no answer from hub %s yet; announcing %s again", link.endpoint, self.ready.peer_id)
+            log.debug("no answer from hub %s yet; announcing %s again", link.endpoint, self.ready.peer_id)
             assert link.sock is not None
             send(link.sock, self._ready(link)).add_done_callback(ignore_result)
             link.last_seen = now
@@ -268,6 +264,7 @@ class Spoke:
         def heard(identity: bytes) -> None:
             link.last_seen = asyncio.get_running_loop().time()
             link.heard = True
+            link.warned = False
 
         def request(identity: bytes, msg: Request) -> None:
             if msg.request_id in link.requests:
@@ -348,7 +345,12 @@ class Spoke:
     def _send_beats(self, now: float | None = None) -> None:
         beat = self.load()
         beat.draining = self.draining
+        quiet_s = max(SILENT_WARNING_S, 2 * self.liveness.interval_s)
         for link in self.links:
+            if now is not None and not link.warned and now - max(link.last_seen, link.opened_at) > quiet_s:
+                link.warned = True  # once per outage: hearing from the hub again re-arms it
+                log.warning("hub %s silent for %.0fs: %s", link.endpoint, now - max(link.last_seen, link.opened_at),
+                            unreachable_hint(link.endpoint, "--connect"))  # fmt: skip
             if now is not None and now - link.last_seen > self.liveness.silence_s:
                 self._reset(link, now)
             elif link.sock is not None:
@@ -382,14 +384,3 @@ class Spoke:
                     send(sock, self._ready(link)).add_done_callback(ignore_result)
         finally:
             monitor.close(linger=0)
-
-
-def silent_hub_warning(endpoint: str, silent_s: float) -> str:
-    """What to check when a hub never answers: it is not running, or not reachable at that address."""
-    hint = "is it running, and does this host reach that address (a firewall, the right host name)?"
-    if not is_remote(endpoint):
-        hint = (
-            f"{endpoint} is this host: if the hub runs on another host, give its address "
-            "(--connect tcp://HUB_HOST:PORT, or the config's connect key)"
-        )
-    return f"hub {endpoint} has not answered for {silent_s:.0f}s: {hint}"
