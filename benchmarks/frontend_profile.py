@@ -30,6 +30,8 @@ from zdyn.bench.runs import Load, bench_argv
 
 BUCKETS = (
     ("tokenize: chat template + encode", "tokenize (zdyn/processor.py"),
+    ("tokenize: Rust encode (its own thread for long prompts)", "_encode_one (zdyn/processor.py"),
+    ("threads other than the event loop's", "Thread._bootstrap ("),
     ("  of which apply_chat_template", "apply_chat_template ("),
     ("detokenize (Detokenizer.step/finish)", "zdyn/detokenizer.py"),
     ("HTTP: uvicorn httptools protocol", "uvicorn/protocols/http/httptools_impl.py"),
@@ -56,14 +58,13 @@ def summarize(raw: Path, top: int = 25) -> dict[str, Any]:
             continue
         count = int(count_text)
         total += count
-        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")[1:]]  # no thread frame, no line numbers
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]  # without line numbers
         if frames:
             own[frames[-1]] += count
         for frame in set(frames):
             inclusive[frame] += count
-        joined = ";".join(frames)
         for label, pattern in BUCKETS:
-            if pattern in joined:
+            if pattern in stack:
                 buckets[label] += count
 
     def share(counter: Counter[str], n: int | None = None) -> list[tuple[str, float]]:

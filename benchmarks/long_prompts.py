@@ -201,15 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--warmups", type=int, default=16)
     p.add_argument("--out", type=Path, default=RESULTS / "long_prompts.json")
-    p.add_argument("--report", type=Path, metavar="JSON", help="only print the tables of a finished run")
+    p.add_argument("--report", type=Path, metavar="JSON", help="only the tables and plot of a (partial) run's file")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.report:
-        print(report(read_json(args.report)))
+    if args.report:  # the tables (and the plot, next to the file) of a finished or interrupted run
+        doc = read_json(args.report)
+        print(report(doc))
+        print(f"wrote {plot(doc, args.report.with_suffix('.png'))}")
         return 0
     cmd = command("benchmarks.long_prompts", argv)
     systems, routers = args.systems.split(","), args.routers.split(",")

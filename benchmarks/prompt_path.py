@@ -27,7 +27,7 @@ from zdyn.bench.results import RESULTS, command, footer, provenance, table, writ
 from zdyn.bench.tokens import TokenSynth
 from zdyn.engines.mocker import KvBlockManager, hash_block
 from zdyn.engines.mocker.config import MockerConfig
-from zdyn.engines.mocker.scheduler import new_sequence
+from zdyn.engines.mocker.sequence import new_sequence
 from zdyn.protocol import Generate, MsgType, TokenIds, decode, encode
 from zdyn.router.hashing import hash_blocks
 
