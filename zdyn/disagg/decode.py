@@ -323,16 +323,19 @@ class DisaggEngine:
     async def _remote_prefill(self, request: Generate, queues: list[PrefillClient]) -> dict[str, Any] | None:
         """The prefill's kv_transfer_params from the first queue that delivers, or None (prefill locally)."""
         deadline = time.monotonic() + self.timeout_s
+        why = "no prefill queue is usable"
         for client in queues:
             left = deadline - time.monotonic()
             if left <= 0 or not client.usable:
                 continue
+            if why != "no prefill queue is usable":
+                log.warning("request %s: remote prefill failed (%s): trying %s", request.request_id, why,
+                            client.jobs_endpoint)  # fmt: skip
             try:
                 return await client.prefill(request, left)
             except PrefillUnavailable as e:
-                log.warning("request %s: remote prefill via %s failed: %s", request.request_id,
-                            client.jobs_endpoint, e)  # fmt: skip
-        log.warning("request %s: no remote prefill: prefilling locally", request.request_id)
+                why = str(e)
+        log.warning("request %s: remote prefill failed (%s): prefilling locally", request.request_id, why)
         return None
 
     async def _watch_settings(self) -> None:
