@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", nargs="+", default=["agg", "disagg"], choices=["agg", "disagg"])
     args = parser.parse_args(argv)
     cmd = command("benchmarks.across_hosts", sys.argv[1:] if argv is None else argv)
-    out = RESULTS.parent / "raw" / "across_hosts"
+    out = RESULTS / "across_hosts" / "raw"  # git-ignored: every run's result JSON and log, and the roles' logs
     out.mkdir(parents=True, exist_ok=True)
     model = build_tiny_llama(cache_dir() / "models" / "tiny-llama")
     loads = {  # closed loop: throughput; Poisson at half of it: TTFT without queueing behind the added latency
