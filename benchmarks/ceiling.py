@@ -89,6 +89,7 @@ class Context:
     work: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
     zdyn_tree: Path | None = None
+    max_other_cpu: float | None = None  # % of a core other processes may use during a valid measurement
 
 
 INSECURE = {"ZDYN_KEYS_DIR": "", "ZDYN_INSECURE": "1"}
@@ -121,6 +122,8 @@ def run(ctx: Context, system: str, rep: int, speedup: float = FAST, load: Load |
         }
     if idle := idle_workers(row):
         row["invalid"] = f"idle during the run: {', '.join(idle)}"
+    elif ctx.max_other_cpu is not None and cpu_pct(row, "other") > ctx.max_other_cpu:
+        row["invalid"] = f"other processes used {cpu_pct(row, 'other'):.0f}% of a core (> --max-other-cpu)"
     ctx.rows.append(row)
     print(f"  {system:12} rep {rep} speedup {speedup:g}: {row['req_s']:7.1f} req/s TTFT p50 {row['ttft_p50']:6.1f} ms "
           f"p99 {row['ttft_p99']:6.1f} ms, chunks/req {row.get('chunks_per_req', 0):.1f}, failed {row['failed']}, "
@@ -225,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", default=",".join(SYSTEMS), help="of the main phase, in the order of even reps, "
                    f"of {', '.join((*SYSTEMS, *EXTRA_SYSTEMS))} (default: %(default)s)")  # fmt: skip
     p.add_argument("--zdyn-tree", type=Path, help="a zdyn checkout, for the zdyn-tree system")
+    p.add_argument("--max-other-cpu", type=float, help="leave out runs during which other processes (not the "
+                   "deployment or the load generator) used more than this %% of a core: a busy shared box")  # fmt: skip
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--warmups", type=int, default=32)
@@ -247,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown := set(systems) - {*SYSTEMS, *EXTRA_SYSTEMS}:
         raise SystemExit(f"unknown systems: {', '.join(sorted(unknown))}")
     tree = args.zdyn_tree.resolve() if args.zdyn_tree else None
-    ctx = Context(model_or_tiny(args.model), load, Path(tempfile.mkdtemp(prefix="zdyn-ceiling-")), zdyn_tree=tree)
+    ctx = Context(model_or_tiny(args.model), load, Path(tempfile.mkdtemp(prefix="zdyn-ceiling-")), zdyn_tree=tree,
+                  max_other_cpu=args.max_other_cpu)  # fmt: skip
     doc: dict[str, Any] = {"benchmark": "ceiling", "command": cmd, **provenance(), "rows": ctx.rows,
                            "settings": {"load": asdict(load), "speedup": FAST, "reps": args.reps,
                                         "dynamo_version": DYNAMO_VERSION, "work_dir": str(ctx.work),

@@ -322,3 +322,17 @@ async def test_a_worker_learns_the_hubs_from_a_seed_it_does_not_register_at(ctx)
     for d, h in ((processor_dir, processor_hub), (queue_dir, queue)):
         await d.close()
         await h.close()
+
+
+async def test_a_worker_registers_with_its_data_parallel_rank(unused_tcp_port, tiny_model):
+    endpoint = f"tcp://127.0.0.1:{unused_tcp_port}"
+    hub = Hub(endpoint, role="worker", liveness=FAST)
+    await hub.start()
+    config = worker_config("--model", str(tiny_model), "--connect", endpoint, "--no-kv-events", "--no-discover")
+    w = Worker(worker.make_engine(config), [endpoint], "rank1", liveness=FAST, discover=False, data_parallel_rank=1)
+    task = asyncio.create_task(w.run())
+    await hub.wait_for_peers(1, timeout_s=20)
+    assert hub.live_peers()[0].ready.data_parallel_rank == 1
+    w.close()
+    assert await asyncio.wait_for(task, 10) == 0
+    await hub.close()

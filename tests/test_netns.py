@@ -20,7 +20,10 @@ import pytest
 from zdyn.bench import netns
 from zdyn.bench.procs import ProcessGroup, get_json, scrape, wait_until
 
-pytestmark = pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))
+pytestmark = [
+    pytest.mark.skipif(netns.available() is not None, reason=str(netns.available())),
+    pytest.mark.slow,  # a deployment's processes in network namespaces
+]
 
 MOCKER = ["--engine", "mocker", "--speedup", "20", "--block-size", "32", "--max-model-len", "2048"]
 FAST = ["--heartbeat-interval", "0.5"]

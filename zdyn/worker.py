@@ -39,6 +39,7 @@ class Worker:
         liveness: Liveness | None = None,
         discover: bool = True,
         seeds: list[str] | None = None,
+        data_parallel_rank: int = 0,
         kv_relay: tuple[str, str] | None = None,
     ) -> None:
         if not hubs:
@@ -51,6 +52,7 @@ class Worker:
         self.liveness = liveness or Liveness()
         self.discover = discover  # register at the hubs the hubs' directories name (zdyn.rpc.directory)
         self.seeds = seeds or []
+        self.data_parallel_rank = data_parallel_rank  # vLLM's --data-parallel-rank: one zdyn worker per rank
         self.discovery: SpokeDiscovery | None = None
         self.kv_relay = kv_relay  # bind endpoints for relaying the engine's KV events off this host
         self.relay: KvEventRelay | None = None
@@ -89,6 +91,7 @@ class Worker:
             kv_events_endpoint=events,  # bind form: each hub gets it with the address it reaches
             kv_replay_endpoint=replay,
             kv_lease_s=info.kv_lease_s,
+            data_parallel_rank=self.data_parallel_rank,
         )
         if ready.kv_events_endpoint:
             log.info("worker %s publishes KV events at %s (replay %s)", self.worker_id, ready.kv_events_endpoint,

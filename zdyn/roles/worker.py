@@ -321,6 +321,7 @@ async def serve(config: WorkerConfig) -> int:
                 advertise_host=config.advertise_host,
                 discover=config.discovery.enabled,
                 seeds=config.discovery.seeds,
+                data_parallel_rank=int(getattr(config.engine_flags, "data_parallel_rank", None) or 0),
                 role=role,
                 liveness=config.common.liveness,
                 kv_relay=kv_relay_endpoints(config, i) if relays_kv_events(config) else None,
