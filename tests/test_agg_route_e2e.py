@@ -121,7 +121,13 @@ def test_router_down_means_round_robin_and_a_restarted_router_catches_up(route):
     route.wait_router_workers(2)
     # the new router replays each worker's buffered KV events, so it knows the earlier prefixes at once
     wait_until(lambda: route.router_metric("zdyn_router_indexed_blocks") >= 8 * PREFIX_BLOCKS, 20, "no replay")
-    time.sleep(1.5)  # the processor's back-off after the timeouts ends
+    # the processor asks the router again once its back-off after the timeouts ends: until the new router has
+    # answered a query, requests are still routed round-robin (fresh prefixes here, so nothing below changes)
+    for k in range(40):
+        if route.router_metric("zdyn_router_decisions_total") > 0:
+            break
+        route.complete(prefix(200 + k))
+        time.sleep(0.5)
     for seed in (0, 1, 100, 101):
         r = route.complete(prefix(seed) + [12, 13])
         assert r.usage.prompt_tokens_details.cached_tokens >= (PREFIX_BLOCKS - 1) * BLOCK, seed
