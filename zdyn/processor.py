@@ -65,7 +65,7 @@ class Processor:
         self.resilience = resilience or Resilience()
         self.admission = admission or Admission()
         self.reissues = Reissues()
-        self._routed: dict[str, bool] = {}  # choice request ids the selector is tracking
+        self._routed: set[str] = set()  # choice request ids the selector is tracking
         self.hub = workers
         self.selector = selector
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -228,7 +228,8 @@ class Processor:
                     yield delta
         finally:
             for run in runs:
-                if self._routed.pop(run.spec.request_id, None):
+                if run.spec.request_id in self._routed:
+                    self._routed.discard(run.spec.request_id)
                     self.selector.update(run.spec.request_id, RouteEvent.FINISHED)
 
     def _choice_run(
@@ -281,10 +282,10 @@ class Processor:
 
     async def _choose(self, rid: str, token_ids: TokenIds, avoid: set[str], only: list[Peer] | None = None) -> Route:
         peers = only or await self._workers(avoid)
-        if self._routed.pop(rid, None):  # routed before, to a worker that failed: the router forgets that
+        if rid in self._routed:  # routed before, to a worker that failed: the router forgets that
             self.selector.update(rid, RouteEvent.FINISHED)
         route = await self.selector.select(rid, token_ids, peers)
-        self._routed[rid] = True
+        self._routed.add(rid)
         return route
 
     def _sampling(self, request: TextRequest, num_prompt: int, max_model_len: int) -> SamplingParams:
