@@ -1,0 +1,124 @@
+"""vLLM's own data parallelism behind zdyn: one worker process, one vLLM engine, a zdyn worker per DP rank.
+
+The tiny Llama with ``--data-parallel-size 2`` behind agg_route's frontend (processor in process) and KV router:
+``local``: both ranks are engine cores of the one ``zdyn worker``; ``headless``: rank 1 runs in a ``zdyn worker
+--headless`` process that joins the front's DP coordinator, as a second node would (here on 127.0.0.1). Each rank
+registers as ``w-dp<r>``, its KV events reach the router (rank 0's through vLLM's private ipc, the headless rank's
+through vLLM's tcp publisher, both relayed by the front worker), and a repeated prefix goes to the rank that has it.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import openai
+import pytest
+from e2e import VLLM_TEST_ARGS, scratch_env
+from helpers import wait_until
+
+from zdyn.bench.procs import ProcessGroup, free_port, get_json, scrape, wait_for_workers
+
+pytestmark = pytest.mark.slow
+
+BLOCK = 32  # VLLM_TEST_ARGS' --block-size
+PREFIX_BLOCKS = 6
+RANKS = ("w-dp0", "w-dp1")
+
+
+class DataParallel:
+    """Router, frontend, and one vLLM engine with two DP ranks (``headless``: rank 1 in a process of its own)."""
+
+    def __init__(self, tmp, model, headless: bool) -> None:
+        self.group = ProcessGroup(tmp / "logs")
+        env = scratch_env(tmp)
+        port, hub, router_port, router_hub, self.metrics_port, rpc_port = (free_port() for _ in range(6))
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.group.start(
+            "router",
+            ["zdyn", "router", "--endpoint", f"tcp://127.0.0.1:{router_port}",
+             "--workers-endpoint", f"tcp://127.0.0.1:{router_hub}", "--metrics-port", str(self.metrics_port)],
+            env,
+        )  # fmt: skip
+        self.group.start(
+            "frontend",
+            ["zdyn", "frontend", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+             "--workers-endpoint", f"tcp://127.0.0.1:{hub}",
+             "--router-endpoint", f"tcp://127.0.0.1:{router_port}", "--router-timeout", "1"],
+            env,
+        )  # fmt: skip
+        dp = ["--data-parallel-size", "2"]
+        if headless:
+            dp += ["--data-parallel-size-local", "1", "--data-parallel-address", "127.0.0.1",
+                   "--data-parallel-rpc-port", str(rpc_port)]  # fmt: skip
+            rank1 = ["zdyn", "worker", "--headless", "--model", str(model), *dp, "--data-parallel-start-rank", "1"]
+            self.group.start("headless", rank1 + VLLM_TEST_ARGS, {**env, "VLLM_HOST_IP": "127.0.0.1"})
+        connect = f"tcp://127.0.0.1:{hub},tcp://127.0.0.1:{router_hub}"
+        front = ["zdyn", "worker", "--model", str(model), "--connect", connect, "--worker-id", "w", *dp]
+        self.group.start("worker", front + VLLM_TEST_ARGS, env)
+        wait_for_workers(self.base_url, 2, self.group, timeout_s=300)
+        wait_until(lambda: self.router("zdyn_router_workers") == 2, 30, "the router never saw both ranks")
+        self.client = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="none", max_retries=0)
+
+    def router(self, name: str) -> float:
+        return scrape(f"http://127.0.0.1:{self.metrics_port}/metrics").get(name, -1.0)
+
+    def blocks(self, worker: str) -> float:
+        return self.router(f'zdyn_router_indexed_blocks{{worker="{worker}"}}')
+
+    def complete(self, prompt: list[int]) -> openai.types.Completion:
+        return self.client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=4, temperature=0)
+
+
+def prefix(seed: int) -> list[int]:
+    return [(seed * 7919 + i * 31) % 900 + 20 for i in range(PREFIX_BLOCKS * BLOCK)]
+
+
+def check_ranks_serve_and_route(dep: DataParallel) -> None:
+    """Every rank is a worker the frontend lists; fresh prefixes spread until both ranks hold some (the router
+    breaks ties at random); each repeated prefix is then a cache hit: it went to the one rank that cached it."""
+    _, health = get_json(f"{dep.base_url}/health")
+    assert sorted(w["id"] for w in health["workers"]) == list(RANKS)
+    seeds: list[int] = []
+    for seed in range(24):
+        assert dep.complete(prefix(seed) + [5, 6, 7]).usage.completion_tokens == 4
+        seeds.append(seed)
+        wait_until(lambda: sum(dep.blocks(w) for w in RANKS) >= len(seeds) * PREFIX_BLOCKS, 20, "no KV events")
+        if len(seeds) >= 4 and all(dep.blocks(w) >= PREFIX_BLOCKS for w in RANKS):
+            break
+    assert all(dep.blocks(w) >= PREFIX_BLOCKS for w in RANKS), {w: dep.blocks(w) for w in RANKS}
+    decisions = dep.router('zdyn_router_decisions_total{outcome="routed"}')
+    for seed in seeds:
+        usage = dep.complete(prefix(seed) + [8, 9, 10, 11]).usage
+        assert usage.prompt_tokens_details.cached_tokens >= (PREFIX_BLOCKS - 1) * BLOCK, seed
+    assert dep.router('zdyn_router_decisions_total{outcome="routed"}') >= decisions + len(seeds)
+    assert dep.router('zdyn_router_index_events_total{kind="unknown_parent"}') <= 0
+
+
+@pytest.fixture(scope="module")
+def local(tiny_model, tmp_path_factory):
+    dep = DataParallel(tmp_path_factory.mktemp("dp_local"), tiny_model, headless=False)
+    try:
+        yield dep
+    finally:
+        dep.group.stop(30)
+
+
+def test_one_worker_registers_each_rank_and_the_router_routes_to_a_rank(local):
+    check_ranks_serve_and_route(local)
+
+
+def test_headless_rank_serves_and_stops_on_sigterm(tiny_model, tmp_path):
+    dep = DataParallel(tmp_path, tiny_model, headless=True)
+    try:
+        check_ranks_serve_and_route(dep)
+        worker = dep.group.procs["worker"]
+        dep.group.kill("worker", signal.SIGTERM)  # the front drains and exits; then the headless rank, on SIGTERM
+        assert worker.wait(60) == 0
+        headless = dep.group.procs["headless"]
+        started = time.monotonic()
+        dep.group.kill("headless", signal.SIGTERM)
+        assert headless.wait(60) == 0, dep.group.log("headless")[-3000:]
+        assert time.monotonic() - started < 60
+    finally:
+        dep.group.stop(30)
