@@ -377,8 +377,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sections(argv: list[str], engine: str = "mocker") -> tuple[str, ...]:
-    """The config file's sections a worker reads, later ones winning: a prefill worker's own last."""
-    return ("Worker", f"Worker.{engine}", *(["PrefillWorker"] if "--prefill" in argv else []))
+    """The config file's sections a worker reads, later ones winning: a prefill worker's (or a headless node's) own
+    last."""
+    own = ["PrefillWorker"] if "--prefill" in argv else ["HeadlessWorker"] if "--headless" in argv else []
+    return ("Worker", f"Worker.{engine}", *own)
 
 
 def _engine_from_config(path: str | None) -> Any:

@@ -21,7 +21,8 @@ def data_parallel_ranks(config: WorkerConfig) -> list[int]:
     """The data-parallel ranks this process registers as workers of their own ([]: one worker, no ranks)."""
     flags = config.engine_flags
     size = int(getattr(flags, "data_parallel_size", None) or 1)
-    external = getattr(flags, "data_parallel_rank", None) is not None or getattr(flags, "data_parallel_external_lb", False)
+    rank, external_lb = getattr(flags, "data_parallel_rank", None), getattr(flags, "data_parallel_external_lb", False)
+    external = rank is not None or external_lb
     if config.engine != "vllm" or config.headless or external or size <= 1:
         return []
     start = getattr(flags, "data_parallel_start_rank", None)

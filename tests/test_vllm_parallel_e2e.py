@@ -1,10 +1,12 @@
-"""vLLM's own data parallelism behind zdyn: one worker process, one vLLM engine, a zdyn worker per DP rank.
+"""vLLM's own parallelism behind zdyn: data-parallel ranks as workers (also headless ones), tensor parallelism.
 
 The tiny Llama with ``--data-parallel-size 2`` behind agg_route's frontend (processor in process) and KV router:
 ``local``: both ranks are engine cores of the one ``zdyn worker``; ``headless``: rank 1 runs in a ``zdyn worker
 --headless`` process that joins the front's DP coordinator, as a second node would (here on 127.0.0.1). Each rank
 registers as ``w-dp<r>``, its KV events reach the router (rank 0's through vLLM's private ipc, the headless rank's
 through vLLM's tcp publisher, both relayed by the front worker), and a repeated prefix goes to the rank that has it.
+``--tensor-parallel-size 2``: two CPU workers of one engine (zdyn splits the box's one NUMA node between them).
+Pipeline parallelism does not run on vLLM's CPU build (docs/multinode.md says how it fails).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import time
 
 import openai
 import pytest
-from e2e import VLLM_TEST_ARGS, scratch_env
+from e2e import VLLM_TEST_ARGS, deployment, scratch_env
 from helpers import wait_until
 
+from zdyn.bench.deploy import EXAMPLES
 from zdyn.bench.procs import ProcessGroup, free_port, get_json, scrape, wait_for_workers
 
 pytestmark = pytest.mark.slow
@@ -24,6 +27,7 @@ pytestmark = pytest.mark.slow
 BLOCK = 32  # VLLM_TEST_ARGS' --block-size
 PREFIX_BLOCKS = 6
 RANKS = ("w-dp0", "w-dp1")
+EXAMPLE = EXAMPLES / "multinode" / "dp2-cpu.yaml"
 
 
 class DataParallel:
@@ -47,15 +51,14 @@ class DataParallel:
              "--router-endpoint", f"tcp://127.0.0.1:{router_port}", "--router-timeout", "1"],
             env,
         )  # fmt: skip
-        dp = ["--data-parallel-size", "2"]
+        # the example's settings (VLLM_TEST_ARGS' and DP=2, rank 1 on another node), on this test's ports
+        worker = ["zdyn", "worker", "-f", str(EXAMPLE), "--model", str(model),
+                  "--data-parallel-rpc-port", str(rpc_port)]  # fmt: skip
         if headless:
-            dp += ["--data-parallel-size-local", "1", "--data-parallel-address", "127.0.0.1",
-                   "--data-parallel-rpc-port", str(rpc_port)]  # fmt: skip
-            rank1 = ["zdyn", "worker", "--headless", "--model", str(model), *dp, "--data-parallel-start-rank", "1"]
-            self.group.start("headless", rank1 + VLLM_TEST_ARGS, {**env, "VLLM_HOST_IP": "127.0.0.1"})
+            self.group.start("headless", [*worker, "--headless"], {**env, "VLLM_HOST_IP": "127.0.0.1"})
         connect = f"tcp://127.0.0.1:{hub},tcp://127.0.0.1:{router_hub}"
-        front = ["zdyn", "worker", "--model", str(model), "--connect", connect, "--worker-id", "w", *dp]
-        self.group.start("worker", front + VLLM_TEST_ARGS, env)
+        local = [] if headless else ["--data-parallel-size-local", "2"]  # both ranks in this process
+        self.group.start("worker", [*worker, "--connect", connect, *local, "--enable-log-requests"], env)
         wait_for_workers(self.base_url, 2, self.group, timeout_s=300)
         wait_until(lambda: self.router("zdyn_router_workers") == 2, 30, "the router never saw both ranks")
         self.client = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="none", max_retries=0)
@@ -122,3 +125,27 @@ def test_headless_rank_serves_and_stops_on_sigterm(tiny_model, tmp_path):
         assert time.monotonic() - started < 60
     finally:
         dep.group.stop(30)
+
+
+def test_tensor_parallel_across_two_nodes(tiny_model, tmp_path):
+    """TP=2 over two "nodes" with vLLM's multiprocessing executor: node 1 is ``zdyn worker --headless --node-rank 1``
+    (its TP worker joins node 0's torch.distributed group at --master-addr/--master-port); one worker registers."""
+    nodes = [*VLLM_TEST_ARGS, "--tensor-parallel-size", "2", "--nnodes", "2", "--master-addr", "127.0.0.1"]
+    nodes += ["--master-port", str(free_port())]
+    node1 = ProcessGroup(tmp_path / "node1")
+    try:
+        argv = ["zdyn", "worker", "--headless", "--model", str(tiny_model), *nodes, "--node-rank", "1"]
+        headless = node1.start("node1", argv, scratch_env(tmp_path))
+        with deployment(tmp_path, tiny_model, worker_args=[*nodes, "--node-rank", "0"]) as dep:
+            client = dep.client()
+            kw = dict(model=dep.model, prompt=prefix(1), max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+            first, again = client.completions.create(**kw), client.completions.create(**kw)
+            assert first.usage.completion_tokens == 8 and first.choices[0].text == again.choices[0].text
+            assert again.usage.prompt_tokens_details.cached_tokens >= (PREFIX_BLOCKS - 1) * BLOCK
+            _, health = get_json(f"{dep.base_url}/health")
+            assert len(health["workers"]) == 1  # one engine over both nodes: one worker
+            assert headless.poll() is None  # node 1's TP worker serves with node 0's
+        node1.kill("node1", signal.SIGTERM)
+        assert headless.wait(60) == 0, node1.log("node1")[-3000:]
+    finally:
+        node1.stop(30)
