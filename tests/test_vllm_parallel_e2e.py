@@ -21,6 +21,9 @@ from helpers import wait_until
 
 from zdyn.bench.deploy import EXAMPLES
 from zdyn.bench.procs import ProcessGroup, free_port, get_json, scrape, wait_for_workers
+from zdyn.roles import worker
+from zdyn.roles.common import parse_args
+from zdyn.roles.worker_dp import data_parallel_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -52,13 +55,13 @@ class DataParallel:
             env,
         )  # fmt: skip
         # the example's settings (VLLM_TEST_ARGS' and DP=2, rank 1 on another node), on this test's ports
-        worker = ["zdyn", "worker", "-f", str(EXAMPLE), "--model", str(model),
+        node = ["zdyn", "worker", "-f", str(EXAMPLE), "--model", str(model),
                   "--data-parallel-rpc-port", str(rpc_port)]  # fmt: skip
         if headless:
-            self.group.start("headless", [*worker, "--headless"], {**env, "VLLM_HOST_IP": "127.0.0.1"})
+            self.group.start("headless", [*node, "--headless"], {**env, "VLLM_HOST_IP": "127.0.0.1"})
         connect = f"tcp://127.0.0.1:{hub},tcp://127.0.0.1:{router_hub}"
         local = [] if headless else ["--data-parallel-size-local", "2"]  # both ranks in this process
-        self.group.start("worker", [*worker, "--connect", connect, *local, "--enable-log-requests"], env)
+        self.group.start("worker", [*node, "--connect", connect, *local, "--enable-log-requests"], env)
         wait_for_workers(self.base_url, 2, self.group, timeout_s=300)
         wait_until(lambda: self.router("zdyn_router_workers") == 2, 30, "the router never saw both ranks")
         self.client = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="none", max_retries=0)
@@ -149,3 +152,26 @@ def test_tensor_parallel_across_two_nodes(tiny_model, tmp_path):
         assert headless.wait(60) == 0, node1.log("node1")[-3000:]
     finally:
         node1.stop(30)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # vLLM's parser
+@pytest.mark.parametrize(
+    ("name", "headless", "ids", "engine_flags"),
+    [
+        ("llama-70b-tp8.yaml", False, None, {"tensor_parallel_size": 8}),
+        ("deepseek-r1-dp16-ep.yaml", False, [f"r1-dp{r}" for r in range(16)], {"enable_expert_parallel": True}),
+        ("deepseek-r1-dp16-ep.yaml", True, [], {"data_parallel_start_rank": 8, "data_parallel_size_local": 8}),
+        ("deepseek-r1-tp8-pp2.yaml", False, ["r1-tp8pp2"], {"pipeline_parallel_size": 2}),
+        ("deepseek-r1-tp8-pp2.yaml", True, [], {"tensor_parallel_size": 8, "master_addr": "10.0.0.10"}),
+    ],
+)
+def test_gpu_example_configs_are_what_vllm_and_zdyn_read(name, headless, ids, engine_flags):
+    """The GPU-only configs cannot run here; their keys are vLLM's and zdyn's flags, and they register as said."""
+    argv = ["-f", str(EXAMPLES / "multinode" / name), *(["--headless"] if headless else [])]
+    args = parse_args(worker.build_parser("vllm"), argv, *worker.sections(argv, "vllm"))
+    config = worker.WorkerConfig.from_args(args)
+    assert config.headless == headless
+    if ids is not None:
+        assert (config.worker_ids() if not headless else data_parallel_ranks(config)) == ids
+    for flag, value in engine_flags.items():
+        assert getattr(config.engine_flags, flag) == value

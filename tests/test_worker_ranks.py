@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 
+from zdyn.engines.vllm import host
 from zdyn.roles import worker
 from zdyn.roles.worker_dp import data_parallel_ranks
 
@@ -49,3 +51,21 @@ def test_a_headless_node_reads_its_own_config_section_last():
     assert worker.sections(["--headless"], "vllm") == ("Worker", "Worker.vllm", "HeadlessWorker")
     assert worker.sections(["--prefill"], "vllm") == ("Worker", "Worker.vllm", "PrefillWorker")
     assert worker.sections([], "vllm") == ("Worker", "Worker.vllm")
+
+
+@pytest.mark.parametrize(
+    ("world_size", "local_ranks", "nodes", "bind"),
+    [
+        (2, 1, 1, "0,1|2,3"),  # TP=2 on one NUMA node: half the CPUs each
+        (2, 2, 1, "0|1|2|3"),  # two DP ranks of TP=2: rank 0's workers, then rank 1's
+        (2, 1, 2, None),  # a NUMA node each: vLLM's own binding
+        (1, 2, 1, None),  # no TP/PP: vLLM's own binding works
+        (4, 2, 1, None),  # fewer CPUs than workers: vLLM says why it cannot start
+    ],
+)
+def test_tp_workers_on_fewer_numa_nodes_split_the_cpus(monkeypatch, world_size, local_ranks, nodes, bind):
+    monkeypatch.delenv(host.CPU_BIND_ENV, raising=False)
+    monkeypatch.setattr(host.glob, "glob", lambda pattern: [f"/sys/devices/system/node/node{i}" for i in range(nodes)])
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    host._split_cpus(world_size, local_ranks)
+    assert os.environ.get(host.CPU_BIND_ENV) == bind

@@ -15,10 +15,11 @@ authenticate either: nodes of one model belong on a trusted network.
 
 from __future__ import annotations
 
-import argparse
+import copy
 import dataclasses
 import logging
 import os
+from typing import Any
 
 from zdyn.engines.vllm.host import HostSettings, engine_args
 from zdyn.engines.vllm.plugin import WORKER_PID_ENV
@@ -28,7 +29,7 @@ NODE_KV_EVENTS = ("tcp://*:0", "tcp://*:0")  # vLLM binds this node's address an
 HOST_IP_ENV = "VLLM_HOST_IP"
 
 
-def run_headless(parsed: argparse.Namespace, host: HostSettings, advertise_host: str | None = None) -> int:
+def run_headless(parsed: Any, host: HostSettings, advertise_host: str | None = None) -> int:
     """Run this node's engine ranks until SIGTERM or SIGINT (vLLM's handler shuts them down); the exit code."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.cli.serve import run_headless as vllm_run_headless
@@ -37,7 +38,7 @@ def run_headless(parsed: argparse.Namespace, host: HostSettings, advertise_host:
         os.environ.setdefault(HOST_IP_ENV, advertise_host)
     os.environ[WORKER_PID_ENV] = str(os.getpid())  # zdyn's plugin acts in these engine cores (plugin.py)
     args = engine_args(parsed, host)
-    namespace = argparse.Namespace(**vars(parsed))
+    namespace = copy.copy(parsed)  # the worker's parsed command line (an argparse Namespace)
     for field in dataclasses.fields(AsyncEngineArgs):  # vLLM builds its engine arguments again from the namespace
         setattr(namespace, field.name, getattr(args, field.name))
     namespace.api_server_count = 0
