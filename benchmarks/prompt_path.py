@@ -28,6 +28,7 @@ from zdyn.bench.tokens import TokenSynth
 from zdyn.engines.mocker import KvBlockManager, hash_block
 from zdyn.engines.mocker.config import MockerConfig
 from zdyn.engines.mocker.sequence import new_sequence
+from zdyn.prompt_encoder import PromptEncoder
 from zdyn.protocol import Generate, MsgType, TokenIds, decode, encode
 from zdyn.router.hashing import hash_blocks
 
@@ -67,6 +68,8 @@ def measure(length: int, tokenizer: Any, synth: TokenSynth, repeat: int) -> dict
     backend = tokenizer.backend_tokenizer
     ids = backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
     packed = TokenIds(ids)
+    fast = PromptEncoder(backend)
+    assert fast.fast_ids(text) == ids, "tiktoken's BPE must give the Rust tokenizer's ids"
     plain = [MsgType.GENERATE.to_bytes(1, "little"), msgspec.msgpack.encode({"request_id": "r", "token_ids": ids})]
     frames = encode(Generate(request_id="r", token_ids=packed))
     config = MockerConfig(max_model_len=length + 64, vocab_size=len(tokenizer), num_blocks=length // BLOCK + 8)
@@ -75,6 +78,7 @@ def measure(length: int, tokenizer: Any, synth: TokenSynth, repeat: int) -> dict
         "tokens": len(ids),
         "transformers encode": best_ms(lambda: tokenizer.encode(text, add_special_tokens=False), repeat),
         "rust encode_batch_fast": best_ms(lambda: backend.encode_batch_fast([text], add_special_tokens=False), repeat),
+        "tiktoken BPE (zdyn.prompt_encoder)": best_ms(lambda: fast.fast_ids(text), repeat),
         "Generate encode, list": best_ms(lambda: msgspec.msgpack.encode({"request_id": "r", "token_ids": ids}), repeat),
         "Generate encode, packed": best_ms(lambda: encode(Generate(request_id="r", token_ids=packed)), repeat),
         "Generate decode, int array": best_ms(lambda: decode(plain), repeat),

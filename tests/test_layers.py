@@ -19,7 +19,10 @@ MAX_BENCHMARK_LINES = 440  # a benchmark script: "at most ~400 lines" (issue 9)
 LAYERS: list[tuple[str, set[str]]] = [
     ("entry points", {"cli", "roles", "bench"}),
     ("the roles' library classes", {"frontend", "processor", "choice", "admission", "worker"}),
-    ("routing, disaggregation, engines", {"router", "disagg", "engines", "detokenizer", "tools", "models"}),
+    (
+        "routing, disaggregation, engines",
+        {"router", "disagg", "engines", "detokenizer", "prompt_encoder", "tools", "models"},
+    ),
     ("streaming RPC", {"rpc", "kv_events", "kv_publisher"}),
     ("transport", {"transport", "security"}),
     ("messages", {"protocol", "token_ids", "errors", "__init__"}),

@@ -24,6 +24,7 @@ from zdyn.admission import Admission
 from zdyn.choice import ChoiceRun, ChoiceSpec, Choose, Reissues, Resilience, movable
 from zdyn.detokenizer import Detokenizer
 from zdyn.errors import RequestError, unavailable
+from zdyn.prompt_encoder import PromptEncoder
 from zdyn.protocol import (
     GENERATION_DEFAULTS,
     ChoiceProgress,
@@ -60,6 +61,8 @@ class Processor:
         resilience: Resilience | None = None,
         admission: Admission | None = None,
         outputs: OutputParsing | None = None,
+        *,
+        fast_tokenizer: bool = True,
     ) -> None:
         self.model = model
         self.resilience = resilience or Resilience()
@@ -70,6 +73,7 @@ class Processor:
         self.selector = selector
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.backend = self.tokenizer.backend_tokenizer  # the fast Rust tokenizer, for decoding
+        self.encoder = PromptEncoder.from_folder(tokenizer_path, self.backend, fast=fast_tokenizer)
         self.max_model_len = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
         self.sampling_defaults = generation_defaults(tokenizer_path)
         self._token_text: dict[int, str] = {}
@@ -95,8 +99,8 @@ class Processor:
         if isinstance(prompt, TokenIds):
             return prompt
         self.num_tokenized_on_threads += 1
-        encoding = await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._encode_one, *prompt)
-        return TokenIds(encoding.ids)
+        ids = await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self.encoder.encode, *prompt)
+        return TokenIds(ids)
 
     def check_length(self, request: TextRequest) -> None:
         """Refuse a prompt whose text alone is too long for any live worker's context, by its length in characters
@@ -109,15 +113,10 @@ class Processor:
             raise RequestError(f"the prompt has {chars} characters: more than a {limit}-token context holds", 400,
                                param=param)  # fmt: skip
 
-    def _encode_one(self, text: str, add_special_tokens: bool) -> Any:
-        """The Rust tokenizer directly: its batch call without offsets is the fastest, and it releases the GIL."""
-        [encoding] = self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)
-        return encoding
-
     def tokenize(self, request: TextRequest) -> TokenIds:
         """Prompt token ids: the chat template applied to the messages, or the completion prompt."""
         prompt = self.prompt_text(request)
-        return prompt if isinstance(prompt, TokenIds) else TokenIds(self._encode_one(*prompt).ids)
+        return prompt if isinstance(prompt, TokenIds) else TokenIds(self.encoder.encode(*prompt))
 
     def prompt_text(self, request: TextRequest) -> tuple[str, bool] | TokenIds:
         """The text to encode and whether to add special tokens; or the ids of a token-id prompt, checked."""

@@ -13,6 +13,7 @@ from zdyn.admission import Admission, AdmissionCollector, AdmissionConfig
 from zdyn.choice import ReissueCollector, Resilience
 from zdyn.errors import RequestError
 from zdyn.processor import Processor, accept_model
+from zdyn.prompt_encoder import PromptEncoderCollector
 from zdyn.protocol import Delta, Heartbeat, Process, Ready, Role
 from zdyn.roles.common import (
     CommonConfig,
@@ -41,6 +42,7 @@ class ProcessorConfig:
     model: str | None = None
     served_model_name: str | None = None
     tokenizer: str | None = None
+    tiktoken: bool = True  # encode prompts with tiktoken's BPE where it is provably the model's tokenizer
     metrics_port: int = 0  # Prometheus metrics (re-issued requests, admission) on this port; 0 = none
     processor_id: str = field(default_factory=lambda: f"processor-{socket.gethostname()}-{os.getpid()}")
     routing: RoutingConfig = field(default_factory=RoutingConfig)
@@ -70,6 +72,7 @@ class ProcessorConfig:
             model=args.model,
             served_model_name=args.served_model_name,
             tokenizer=args.tokenizer,
+            tiktoken=not args.no_tiktoken,
             metrics_port=args.metrics_port,
             processor_id=args.processor_id or f"processor-{socket.gethostname()}-{os.getpid()}",
             routing=RoutingConfig.from_args(args),
@@ -91,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="model folder or HF id (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--served-model-name", help="name clients use (default: the model folder's name)")
     parser.add_argument("--tokenizer", help="tokenizer folder or id, if not the model's")
+    parser.add_argument("--no-tiktoken", action="store_true",
+                        help="encode prompts with the model's Rust tokenizer only (default: tiktoken's 4-7x faster "
+                        "byte-level BPE where it gives the same ids, checked at start and on samples)")  # fmt: skip
     add_router_args(parser)
     parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port")
     parser.add_argument("--processor-id", help="unique id (default: processor-<host>-<pid>)")
@@ -114,7 +120,8 @@ async def serve(config: ProcessorConfig) -> int:
     )  # fmt: skip
     selector = make_selector(config.routing, workers)
     admission = Admission(config.admission)
-    processor = Processor(config.tokenizer or model, name, workers, selector, config.resilience, admission)
+    processor = Processor(config.tokenizer or model, name, workers, selector, config.resilience, admission,
+                          fast_tokenizer=config.tiktoken)  # fmt: skip
     try:
         processor.outputs = config.output_parsing.build(processor.tokenizer)
     except ValueError as e:  # an output parser that does not fit the model
@@ -125,6 +132,7 @@ async def serve(config: ProcessorConfig) -> int:
             config.metrics_port,
             ReissueCollector(processor.reissues, "processor"),
             AdmissionCollector(admission, "processor"),
+            PromptEncoderCollector(processor.encoder, "processor"),
             RefusalCollector([workers]),
         )
 
