@@ -23,6 +23,7 @@ from zdyn.protocol import Role
 from zdyn.roles.common import CommonConfig, add_common_args, on_stop_signals, role_main, serve_metrics
 from zdyn.roles.discovery import DiscoveryConfig, add_discovery_args
 from zdyn.roles.ports import WorkerPorts, add_port_base_arg, check_port
+from zdyn.roles.worker_dp import check_headless, data_parallel_ranks, rank_engines, serve_headless, vllm_host
 from zdyn.roles.worker_kv import kv_relay_endpoints, private_kv_endpoints, relays_kv_events, remove_private_dir
 from zdyn.transport import check_endpoint, host_towards, is_loopback, is_remote
 from zdyn.worker import Worker
@@ -77,6 +78,7 @@ class WorkerConfig:
     nixl_side_channel_port: int = 0
     advertise_host: str | None = None  # None: per hub, this host's address on the route to it
     metrics_port: int = 0
+    headless: bool = False  # only vLLM's engine ranks of this node (worker_dp.py): nothing registers
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     common: CommonConfig = field(default_factory=CommonConfig)
@@ -102,6 +104,7 @@ class WorkerConfig:
                     "and could not reach this worker there: leave --advertise-host out (each hub then gets this "
                     "host's address on the route to it) or give an address that host reaches"
                 )
+        check_headless(self)
 
     def ports(self, index: int = 0) -> WorkerPorts:
         return WorkerPorts.layout(self.port_base, self.kv_events_port, self.nixl_side_channel_port, index)
@@ -111,7 +114,7 @@ class WorkerConfig:
 
     def binds(self) -> list[str]:
         """The KV-event relay's endpoint (loopback, or every interface when a hub is on another host)."""
-        if not relays_kv_events(self):
+        if not relays_kv_events(self) or self.headless:
             return []
         return [kv_relay_endpoints(self, 0)[0]]
 
@@ -135,6 +138,7 @@ class WorkerConfig:
             nixl_side_channel_port=args.nixl_side_channel_port,
             advertise_host=args.advertise_host,
             metrics_port=args.metrics_port,
+            headless=getattr(args, "headless", False),
             disagg=DisaggConfig(
                 prefill=args.prefill,
                 prefill_queue=args.prefill_queue,
@@ -151,6 +155,8 @@ class WorkerConfig:
         )
 
     def worker_ids(self) -> list[str]:
+        if ranks := data_parallel_ranks(self):  # one vLLM engine with data-parallel ranks: a worker per rank
+            return [f"{self.worker_id}-dp{rank}" for rank in ranks]
         return [self.worker_id] if self.num_workers == 1 else [f"{self.worker_id}-{i}" for i in range(self.num_workers)]
 
 
@@ -236,6 +242,11 @@ def build_parser(engine: str) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = vllm.make_parser(prog="zdyn worker", description=__doc__)
         vllm.add_cli_args(parser)
         add_worker_args(parser)
+        parser.add_argument(
+            "--headless", action="store_true", help="run only this node's vLLM engine ranks (--data-parallel-size-"
+            "local, --data-parallel-start-rank, --data-parallel-address of the front) or TP/PP workers (--node-rank); "
+            "the front zdyn worker registers them"
+        )  # fmt: skip
         parser.set_defaults(model=None)  # no --model: the embedded default model
     else:
         from zdyn.roles import mocker_flags
@@ -252,22 +263,13 @@ def make_engine(config: WorkerConfig, index: int = 0) -> Engine:
     """The engine ``config`` describes; ``index`` numbers the simulated workers of one process."""
     from zdyn.models import resolve_model, served_model_name
 
-    model = resolve_model(config.model)
-    name = config.served_model_name or served_model_name(model)
     if config.engine == "vllm":
         from zdyn.engines import vllm
 
-        host = vllm.HostSettings(
-            model=model,
-            served_model_name=name,
-            embedded_default=config.model is None,
-            kv_transfer=config.disagg.kv_transfer,
-            kv_lease_s=config.disagg.kv_lease_s,
-            advertise_host=config.host_towards(config.hubs[0]),
-            kv_events=private_kv_endpoints(index) if config.kv_events else None,
-            nixl_side_channel_port=config.ports(index).nixl_side_channel,
-        )
+        host = vllm_host(config, private_kv_endpoints(index) if config.kv_events else None)
         return vllm.VllmEngine(vllm.engine_args(config.engine_flags, host))
+    model = resolve_model(config.model)
+    name = config.served_model_name or served_model_name(model)
     from zdyn.engines.mocker.engine import MockerEngine
     from zdyn.roles.mocker_flags import from_cli_args
 
@@ -311,22 +313,30 @@ def offset_port(endpoint: str | None, index: int) -> str | None:
 
 
 async def serve(config: WorkerConfig) -> int:
+    if config.headless:
+        return await serve_headless(config)
     role = Role.PREFILL if config.disagg.prefill else Role.WORKER
+    ranks = data_parallel_ranks(config)
+    rank = int(getattr(config.engine_flags, "data_parallel_rank", None) or 0)
     try:
+        ids = config.worker_ids()
+        engines = (
+            rank_engines(make_engine(config), ranks) if ranks else [make_engine(config, i) for i in range(len(ids))]
+        )
         workers = [
             Worker(
-                with_disagg(make_engine(config, i), config, i),
+                with_disagg(engines[i], config, i),
                 config.hubs,
                 worker_id,
                 advertise_host=config.advertise_host,
                 discover=config.discovery.enabled,
                 seeds=config.discovery.seeds,
-                data_parallel_rank=int(getattr(config.engine_flags, "data_parallel_rank", None) or 0),
+                data_parallel_rank=ranks[i] if ranks else rank,
                 role=role,
                 liveness=config.common.liveness,
                 kv_relay=kv_relay_endpoints(config, i) if relays_kv_events(config) else None,
             )  # fmt: skip
-            for i, worker_id in enumerate(config.worker_ids())
+            for i, worker_id in enumerate(ids)
         ]
     except ValueError as e:  # impossible settings
         log.error("cannot start: %s", e)
@@ -367,8 +377,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sections(argv: list[str], engine: str = "mocker") -> tuple[str, ...]:
-    """The config file's sections a worker reads, later ones winning: a prefill worker's own last."""
-    return ("Worker", f"Worker.{engine}", *(["PrefillWorker"] if "--prefill" in argv else []))
+    """The config file's sections a worker reads, later ones winning: a prefill worker's (or a headless node's) own
+    last."""
+    own = ["PrefillWorker"] if "--prefill" in argv else ["HeadlessWorker"] if "--headless" in argv else []
+    return ("Worker", f"Worker.{engine}", *own)
 
 
 def _engine_from_config(path: str | None) -> Any:

@@ -39,8 +39,10 @@ class VllmEngine:
         served_model_name = engine_args.served_model_name[0] if engine_args.served_model_name else engine_args.model
         self.served_model_name = served_model_name
         self.info = EngineInfo(served_model_name, "vllm", 0, 0, 0, 0)
-        self._load = Heartbeat()
-        self._num_inflight = 0
+        self._loads: dict[int, Heartbeat] = {}  # by data-parallel rank (one stat logger per engine core)
+        self._inflight: Counter[int] = Counter()  # requests in flight by data-parallel rank
+        self.ranks: list[int] = [0]  # the data-parallel ranks this engine's client sends requests to
+        self.kv_event_sources: dict[int, tuple[str, str]] = {}  # rank -> where its KV-event publisher is
         self._released = 0
         self.prompt_tokens: Counter[str] = Counter()  # prompt tokens by where their KV came from
         self._llm: Any = None
@@ -54,7 +56,7 @@ class VllmEngine:
             """Keeps the scheduler's latest running/waiting/KV-usage figures for heartbeats."""
 
             def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-                pass
+                self.rank = engine_index
 
             def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
                 prompt = getattr(iteration_stats, "prompt_token_stats", None)
@@ -62,7 +64,7 @@ class VllmEngine:
                     for source in PROMPT_TOKEN_SOURCES:
                         engine.prompt_tokens[source] += getattr(prompt, source, 0)
                 if scheduler_stats is not None:
-                    engine._load = Heartbeat(
+                    engine._loads[self.rank] = Heartbeat(
                         num_running=scheduler_stats.num_running_reqs,
                         num_waiting=scheduler_stats.num_waiting_reqs,
                         kv_usage=float(scheduler_stats.kv_cache_usage),
@@ -85,28 +87,37 @@ class VllmEngine:
         transfer = config.kv_transfer_config
         if transfer is not None and transfer.kv_connector == "NixlConnector":
             self.info.kv_lease_s = float(transfer.get_from_extra_config("kv_lease_duration", NIXL_KV_LEASE_S))
-        events = config.kv_events_config
-        if events is not None and events.enable_kv_cache_events and events.publisher == "zmq":
-            self.info.kv_events_endpoint = events.endpoint
-            self.info.kv_replay_endpoint = events.replay_endpoint or ""
-        await self._warm_up()
+        self.ranks = list(getattr(self._llm.engine_core, "engine_ranks_managed", None) or [0])
+        # each engine core reports where its publisher is (vLLM offsets the endpoint by its data-parallel rank)
+        for rank, events in self._llm.get_kv_event_sources().items():
+            if events.enable_kv_cache_events and events.publisher == "zmq":
+                self.kv_event_sources[rank] = (events.endpoint, events.replay_endpoint or "")
+        self.info.kv_events_endpoint, self.info.kv_replay_endpoint = self.kv_event_sources.get(self.ranks[0], ("", ""))
+        for rank in self.ranks:
+            await self._warm_up(rank if len(self.ranks) > 1 else None)
 
-    async def _warm_up(self) -> None:
+    async def _warm_up(self, rank: int | None) -> None:
         """One tiny request before serving: vLLM initialises parts of its client lazily, blocking the event
         loop (and so the worker's heartbeats) for a second or more on the first real request."""
         started = time.perf_counter()
-        warm_up = Generate(request_id=f"zdyn-warm-up-{os.getpid()}", token_ids=TokenIds([0, 1, 2]))
+        warm_up = Generate(request_id=f"zdyn-warm-up-{os.getpid()}-{rank}", token_ids=TokenIds([0, 1, 2]))
         warm_up.sampling.max_tokens = 2
-        async for _ in self.generate(warm_up):
+        async for _ in self.generate(warm_up, rank):
             pass
-        log.info("engine warm-up took %.2fs", time.perf_counter() - started)
+        log.info(
+            "engine warm-up%s took %.2fs", "" if rank is None else f" of rank {rank}", time.perf_counter() - started
+        )
 
-    def load(self) -> Heartbeat:
-        if self._num_inflight == 0:  # vLLM reports stats per step, so the last ones go stale when it idles
-            return Heartbeat(kv_usage=self._load.kv_usage)
-        return self._load
+    def load(self, rank: int | None = None) -> Heartbeat:
+        """The scheduler's latest figures: of data-parallel ``rank``, or of the first rank."""
+        rank = self.ranks[0] if rank is None else rank
+        latest = self._loads.get(rank, Heartbeat())
+        if self._inflight[rank] == 0:  # vLLM reports stats per step, so the last ones go stale when it idles
+            return Heartbeat(kv_usage=latest.kv_usage)
+        return latest
 
-    async def generate(self, request: Generate) -> AsyncIterator[Delta]:
+    async def generate(self, request: Generate, rank: int | None = None) -> AsyncIterator[Delta]:
+        """Stream ``request``'s deltas; ``rank``: run it on that data-parallel rank (None: vLLM chooses)."""
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
 
         rid = request.request_id
@@ -114,10 +125,13 @@ class VllmEngine:
         num_prompt = len(request.token_ids)
         num_output = 0
         first = True
-        self._num_inflight += 1
+        counted = self.ranks[0] if rank is None else rank
+        self._inflight[counted] += 1
         try:
             sampling = to_vllm_sampling(request.sampling, request.kv_transfer_params)
-            async for out in self._llm.generate(prompt, sampling, rid):
+            # vLLM's client numbers the engines it manages from 0, in rank order
+            index = None if rank is None else self.ranks.index(rank)
+            async for out in self._llm.generate(prompt, sampling, rid, data_parallel_rank=index):
                 completion = out.outputs[0]
                 token_ids = list(completion.token_ids)
                 num_output += len(token_ids)
@@ -144,7 +158,7 @@ class VllmEngine:
         except (ValueError, _validation_error()) as e:  # vLLM's checks of the request: a 400, not an engine fault
             raise RequestError(str(e)) from e
         finally:
-            self._num_inflight -= 1
+            self._inflight[counted] -= 1
 
     async def release_kv(self, request_id: str, kv_transfer_params: dict[str, Any]) -> None:
         # A request that vLLM aborts on arrival: its NixlConnector tells the prefill side it is done with the KV.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import socket
@@ -20,6 +21,7 @@ IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"  # "0": the model runs inside 
 SIDE_CHANNEL_HOST_ENV = "VLLM_NIXL_SIDE_CHANNEL_HOST"
 SIDE_CHANNEL_PORT_ENV = "VLLM_NIXL_SIDE_CHANNEL_PORT"
 CPU_KV_SPACE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 
 
 @dataclass(slots=True)
@@ -83,10 +85,33 @@ def engine_args(parsed: Any, host: HostSettings) -> Any:
             log.info("CPU + NIXL: the model runs inside vLLM's EngineCore process (%s=0)", IN_PROCESS_ENV)
     if args.kv_events_config is None and host.kv_events is not None:
         args.kv_events_config = kv_events_config(*host.kv_events)
+    if cpu:
+        external = args.data_parallel_rank is not None or args.data_parallel_external_lb
+        local_ranks = 1 if external else args.data_parallel_size_local or args.data_parallel_size
+        per_node = args.tensor_parallel_size * args.pipeline_parallel_size // max(1, args.nnodes)
+        _split_cpus(per_node, local_ranks)
     if args.kv_cache_memory_bytes is None and not os.environ.get(CPU_KV_SPACE_ENV) and cpu:
         args.kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
         log.info("CPU: KV cache size set to %d MiB (--kv-cache-memory-bytes)", CPU_KV_CACHE_BYTES >> 20)
     return args
+
+
+def _split_cpus(world_size: int, local_ranks: int) -> None:
+    """vLLM's CPU build gives each TP/PP worker of a node a NUMA node of its own and refuses to start on fewer
+    (``AssertionError: Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers``): on such a host, the
+    allowed CPUs are split evenly among the workers of this node's data-parallel ranks (``VLLM_CPU_OMP_THREADS_BIND``,
+    one ``|``-separated list per worker, ranks first)."""
+    if world_size <= 1 or CPU_BIND_ENV in os.environ:
+        return
+    nodes = len(glob.glob("/sys/devices/system/node/node[0-9]*")) or 1
+    cpus = sorted(os.sched_getaffinity(0))
+    workers = world_size * local_ranks
+    if nodes >= world_size or len(cpus) < workers:
+        return  # vLLM's own binding works, or says why not
+    share = len(cpus) // workers
+    os.environ[CPU_BIND_ENV] = "|".join(",".join(map(str, cpus[i * share : (i + 1) * share])) for i in range(workers))
+    log.info("CPU: %d NUMA node(s) for %d workers per rank: %s=%s", nodes, world_size, CPU_BIND_ENV,
+             os.environ[CPU_BIND_ENV])  # fmt: skip
 
 
 def kv_events_config(endpoint: str, replay_endpoint: str) -> Any:

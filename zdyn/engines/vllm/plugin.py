@@ -25,6 +25,27 @@ def setup_vllm_process() -> None:
         _allow_amx()
         _die_with_worker()
     _calm_nixl_progress_thread()
+    _kv_events_per_rank_on_ipc()
+
+
+def _kv_events_per_rank_on_ipc() -> None:
+    """A zdyn worker's vLLM publishes KV events on a private ``ipc://`` endpoint. With data parallelism each engine
+    core offsets that endpoint by its rank, which vLLM does for tcp ports and ``inproc://`` names but refuses for
+    ``ipc://`` (``ValueError: Invalid endpoint``): here rank r > 0 gets ``<endpoint>-dp<r>``. The client learns
+    each rank's endpoint from the rank itself (``AsyncLLM.get_kv_event_sources``)."""
+    from vllm.distributed.kv_events import ZmqEventPublisher
+
+    offset = ZmqEventPublisher.offset_endpoint_port
+    if getattr(offset, "zdyn_ipc", False):
+        return
+
+    def per_rank(endpoint: str | None, data_parallel_rank: int) -> str | None:
+        if endpoint and data_parallel_rank and endpoint.startswith("ipc://"):
+            return f"{endpoint}-dp{data_parallel_rank}"
+        return offset(endpoint, data_parallel_rank)
+
+    per_rank.zdyn_ipc = True  # type: ignore[attr-defined]
+    ZmqEventPublisher.offset_endpoint_port = staticmethod(per_rank)
 
 
 NIXL_PROGRESS_ENV = "ZDYN_NIXL_PROGRESS_THREAD"
