@@ -57,7 +57,7 @@ FAST = 1e6  # no engine time
 class Context:
     model: Path
     concurrency: int
-    requests: int
+    requests: dict[int, int]  # measured requests per prompt length
     warmups: int
     work: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -87,7 +87,9 @@ def deployment(system: str, router: str, model: Path, logs: Path) -> contextlib.
 def run(ctx: Context, system: str, router: str, length: int, rep: int) -> dict[str, Any]:
     """Start the system, drive it with ``zdyn bench``, stop it; CPU per role and memory per request in flight."""
     logs = ctx.work / f"{system}-{router}-{length}-{rep}"
-    load = Load(concurrency=ctx.concurrency, requests=ctx.requests, warmups=ctx.warmups, input_len=length, seed=rep)
+    load = Load(
+        concurrency=ctx.concurrency, requests=ctx.requests[length], warmups=ctx.warmups, input_len=length, seed=rep
+    )
     with deployment(system, router, ctx.model, logs) as dep:
         argv = bench_argv(dep.base_url, ctx.model, logs / "bench.json", f"{system} {router} {length} #{rep}",
                           "--model", dep.model, *load.flags(), "--no-progress")  # fmt: skip
@@ -132,7 +134,9 @@ def serving_ms(rows: Sequence[dict[str, Any]]) -> float:
 def report(doc: dict[str, Any]) -> str:
     rows, s = doc["rows"], doc["settings"]
     systems, routers, lengths = s["systems"], s["routers"], s["lengths"]
-    out = [f"concurrency {s['concurrency']}, {s['requests']} requests after {s['warmups']} warm-ups, 64 output tokens, "
+    counts = s["requests"]
+    counts = "/".join(str(n) for n in counts.values()) if isinstance(counts, dict) else counts
+    out = [f"concurrency {s['concurrency']}, {counts} requests after {s['warmups']} warm-ups, 64 output tokens, "
            f"2 mocker workers at speedup 1e6; medians over repetitions [per-repetition values]"]  # fmt: skip
     body = []
     for length in lengths:
@@ -197,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", default="zdyn,dynamo", help="zdyn, zdyn-pN (N separate processors), dynamo")
     p.add_argument("--routers", default="rr,kv", help="rr and/or kv")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--requests", type=int, default=100)
+    p.add_argument("--requests", default="100",
+                   help="measured requests: one number, or one per length (short prompts need more for a window "
+                   "of a second or more: 1500,800,300,150)")  # fmt: skip
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--warmups", type=int, default=16)
     p.add_argument("--out", type=Path, default=RESULTS / "long_prompts.json")
@@ -216,10 +222,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = command("benchmarks.long_prompts", argv)
     systems, routers = args.systems.split(","), args.routers.split(",")
     lengths = [int(x) for x in args.lengths.split(",")]
-    ctx = Context(args.model or long_context_model(), args.concurrency, args.requests, args.warmups,
+    counts = [int(x) for x in args.requests.split(",")]
+    if len(counts) not in (1, len(lengths)):
+        raise SystemExit("--requests: one number, or one per --lengths value")
+    requests = dict(zip(lengths, counts * len(lengths) if len(counts) == 1 else counts, strict=True))
+    ctx = Context(args.model or long_context_model(), args.concurrency, requests, args.warmups,
                   Path(tempfile.mkdtemp(prefix="zdyn-long-")))  # fmt: skip
     settings = {"systems": systems, "routers": routers, "lengths": lengths, "reps": args.reps,
-                "concurrency": args.concurrency, "requests": args.requests, "warmups": args.warmups,
+                "concurrency": args.concurrency, "requests": requests, "warmups": args.warmups,
                 "load": asdict(Load()), "dynamo_version": DYNAMO_VERSION, "work_dir": str(ctx.work)}  # fmt: skip
     doc: dict[str, Any] = {"benchmark": "long_prompts", "command": cmd, **provenance(), "rows": ctx.rows,
                            "settings": settings}  # fmt: skip
