@@ -18,7 +18,7 @@ def stored(hashes: list[int], parent: int | None, medium: str | None = "GPU", ex
 def blocks(events) -> dict[int, tuple[int | None, list[int]]]:
     state = KvBlockState()
     state.apply(events)
-    return {h: (b.parent, b.tokens) for (h, _), b in state._blocks.items()}
+    return {h: (b.parent, b.tokens.tolist()) for (h, _), b in state._blocks.items()}
 
 
 def test_stores_removes_and_clears_set_what_is_cached():

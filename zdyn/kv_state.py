@@ -12,6 +12,7 @@ snapshot holds; replaying a suffix of the history on top of the state it led to 
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ MAX_BLOCKS = 1 << 21  # far more than an engine's cache holds; past it the oldes
 @dataclass(slots=True)
 class _Block:
     parent: int | None
-    tokens: list[int]
+    tokens: array[int]  # 8 bytes a token: a 16k-block cache of 64-token blocks is 8 MiB
     extra: Any
     shape: tuple[Any, ...]  # the fields a BlockStored event shares among its blocks
 
@@ -55,7 +56,7 @@ class KvBlockState:
                     extra = event.extra_keys[i] if event.extra_keys is not None else None
                     key = (h, event.medium)
                     blocks.pop(key, None)  # stored again: now the newest
-                    blocks[key] = _Block(parent, event.token_ids[i * size : (i + 1) * size], extra, shape)
+                    blocks[key] = _Block(parent, array("q", event.token_ids[i * size : (i + 1) * size]), extra, shape)
                     parent = h
                 while len(blocks) > self.max_blocks:
                     del blocks[next(iter(blocks))]
@@ -81,7 +82,7 @@ class KvBlockState:
                 continue
             size, lora_id, medium, lora_name, group_idx, kind, window = block.shape
             run = KvBlockStored(
-                block_hashes=[h], parent_hash=block.parent, token_ids=list(block.tokens), block_size=size,
+                block_hashes=[h], parent_hash=block.parent, token_ids=block.tokens.tolist(), block_size=size,
                 lora_id=lora_id, medium=medium, lora_name=lora_name,
                 extra_keys=None if block.extra is None else [block.extra], group_idx=group_idx,
                 kv_cache_spec_kind=kind, kv_cache_spec_sliding_window=window,
