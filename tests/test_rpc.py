@@ -342,9 +342,9 @@ async def test_handler_errors_become_error_replies(endpoint, ctx):
 
 async def test_waiting_deltas_are_merged_and_errors_wait_their_turn():
     from zdyn.protocol import Error, TokenLogprob
-    from zdyn.rpc.hub import _Stream
+    from zdyn.rpc.stream import DeltaStream
 
-    stream = _Stream(b"w")
+    stream = DeltaStream(b"w")
     lp = [TokenLogprob(token_id=1, logprob=-0.5)]
     stream.queue.put_nowait(Delta(request_id="r", token_ids=[1], text="a", logprobs=lp, num_cached_tokens=32))
     stream.queue.put_nowait(Delta(request_id="r", token_ids=[2, 3], text="bc", logprobs=lp + lp))
@@ -354,7 +354,7 @@ async def test_waiting_deltas_are_merged_and_errors_wait_their_turn():
     assert merged.token_ids == [1, 2, 3, 4] and merged.text == "abc" and len(merged.logprobs) == 3
     assert merged.num_cached_tokens == 32 and merged.finish == Finish(reason="stop")
 
-    stream = _Stream(b"w")
+    stream = DeltaStream(b"w")
     stream.queue.put_nowait(Delta(request_id="r", token_ids=[1]))
     stream.queue.put_nowait(Error(request_id="r", message="boom"))
     assert (await stream.next()).token_ids == [1]

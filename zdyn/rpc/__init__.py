@@ -8,7 +8,8 @@ and announces itself again with a fresh socket (zguide's Paranoid Pirate).
 """
 
 from zdyn.protocol import Request
-from zdyn.rpc.hub import Hub, Peer, PeerEvent, PeerListener, merge_into
+from zdyn.rpc.hub import Hub, Peer, PeerEvent, PeerListener
 from zdyn.rpc.spoke import Handler, RefusedError, Spoke
+from zdyn.rpc.stream import merge_into
 
 __all__ = ["Handler", "Hub", "Peer", "PeerEvent", "PeerListener", "RefusedError", "Request", "Spoke", "merge_into"]

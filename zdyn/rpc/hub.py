@@ -22,12 +22,12 @@ from zdyn.protocol import (
     Heartbeat,
     Message,
     Outputs,
-    Process,
     Ready,
     Refused,
     Request,
     Role,
 )
+from zdyn.rpc.stream import DeltaStream, num_choices
 from zdyn.transport import (
     Liveness,
     MalformedCounter,
@@ -71,51 +71,6 @@ class PeerEvent:
 PeerListener = Callable[[PeerEvent], None]
 
 
-@dataclass(slots=True, eq=False)
-class _Stream:
-    identity: bytes
-    queue: asyncio.Queue[Delta | Error] = field(default_factory=asyncio.Queue)
-    last_output: float = 0.0
-    held: Delta | Error | None = None  # taken from the queue but not mergeable into the item handed out
-
-    async def next(self) -> Delta | Error:
-        """The next item; deltas of the same choice already waiting are merged into one (one SSE write)."""
-        if self.held is not None:
-            item, self.held = self.held, None
-        else:
-            item = await self.queue.get()
-        while isinstance(item, Delta) and item.finish is None and not self.queue.empty():
-            following = self.queue.get_nowait()
-            if isinstance(following, Error) or following.index != item.index:
-                self.held = following
-                break
-            merge_into(item, following)
-        return item
-
-
-def _num_choices(request: Request) -> int:
-    """How many finishes end a stream: a text request's ``n`` choices (minus any a resumed one finished)."""
-    if isinstance(request, Process):
-        return request.request.n - sum(1 for p in request.resume if p.finished)
-    return 1
-
-
-def merge_into(delta: Delta, following: Delta) -> None:
-    """Append ``following`` (the next delta of the same request) to ``delta``."""
-    delta.token_ids.extend(following.token_ids)
-    if following.text is not None:
-        delta.text = (delta.text or "") + following.text
-    if following.logprobs is not None:
-        delta.logprobs = (delta.logprobs or []) + following.logprobs
-    if delta.num_cached_tokens is None:
-        delta.num_cached_tokens = following.num_cached_tokens
-    delta.finish = following.finish
-    if following.kv_transfer_params is not None:
-        delta.kv_transfer_params = following.kv_transfer_params
-    if following.job_s is not None:
-        delta.job_s = following.job_s
-
-
 class Hub:
     """ROUTER side. ``stream(peer, request)`` yields the peer's deltas for that request.
 
@@ -153,7 +108,7 @@ class Hub:
         self._key = b""  # the CURVE key of the READY being handled
         self._joined = asyncio.Event()
         self._change_waiters: list[asyncio.Future[None]] = []
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, DeltaStream] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._sock: zmq.asyncio.Socket | None = None
         self._monitor: zmq.asyncio.Socket | None = None
@@ -236,10 +191,10 @@ class Hub:
         rid = request.request_id
         if rid in self._streams:
             raise RequestError(f"duplicate request id {rid!r}")
-        stream = _Stream(peer.identity, last_output=asyncio.get_running_loop().time())
+        stream = DeltaStream(peer.identity, last_output=asyncio.get_running_loop().time())
         self._streams[rid] = stream
         peer.num_inflight += 1
-        done, unfinished = False, _num_choices(request)
+        done, unfinished = False, num_choices(request)
         try:
             try:
                 await send(self._sock, request, peer.identity)

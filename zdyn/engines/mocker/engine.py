@@ -20,7 +20,7 @@ from zdyn.engines.mocker.structured import valid_text
 from zdyn.engines.mocker.timing import InterpolatedTiming, PolynomialTiming, StepComposition, TimingModel
 from zdyn.kv_publisher import KvEventPublisher
 from zdyn.protocol import Delta, Generate, Heartbeat, StructuredOutputs
-from zdyn.rpc.hub import merge_into
+from zdyn.rpc.stream import merge_into
 
 log = logging.getLogger(__name__)
 
