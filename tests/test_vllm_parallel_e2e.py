@@ -31,6 +31,7 @@ BLOCK = 32  # VLLM_TEST_ARGS' --block-size
 PREFIX_BLOCKS = 6
 RANKS = ("w-dp0", "w-dp1")
 EXAMPLE = EXAMPLES / "multinode" / "dp2-cpu.yaml"
+IMPORTS_VLLM = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 class DataParallel:
@@ -154,7 +155,7 @@ def test_tensor_parallel_across_two_nodes(tiny_model, tmp_path):
         node1.stop(30)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # vLLM's parser
+@IMPORTS_VLLM
 @pytest.mark.parametrize(
     ("name", "headless", "ids", "engine_flags"),
     [
@@ -177,6 +178,7 @@ def test_gpu_example_configs_are_what_vllm_and_zdyn_read(name, headless, ids, en
         assert getattr(config.engine_flags, flag) == value
 
 
+@IMPORTS_VLLM
 def test_ipc_kv_event_endpoints_get_a_name_per_rank(monkeypatch):
     """vLLM offsets a rank's publisher endpoint for tcp and inproc, and refuses ipc (a zdyn worker's private
     endpoint): zdyn's plugin names rank r's ``<endpoint>-dp<r>`` and leaves the rest to vLLM."""
