@@ -293,7 +293,12 @@ async def test_replay_serves_buffered_batches(ctx: zmq.asyncio.Context) -> None:
             await pub.publish([KvBlockRemoved([100 + i])], ts=float(i))
             payloads[i] = encode_payload([KvBlockRemoved([100 + i])], ts=float(i))
         assert await replay(ctx, pub.replay_endpoint, 3) == [(3, payloads[3]), (4, payloads[4])]
-        assert await replay(ctx, pub.replay_endpoint, 0) == [(i, payloads[i]) for i in (2, 3, 4)]
+        # from 0, older than the buffer: a snapshot of what is cached (nothing: every batch removed) comes first,
+        # numbered just before the oldest buffered batch
+        snapshot = encode_payload([KvAllCleared()])
+        got = await replay(ctx, pub.replay_endpoint, 0)
+        assert got[0][0] == 1 and decode_payload(got[0][1]).events == decode_payload(snapshot).events
+        assert got[1:] == [(i, payloads[i]) for i in (2, 3, 4)]
         assert await replay(ctx, pub.replay_endpoint, 9) == []
         junk = ctx.socket(zmq.DEALER)
         junk.connect(pub.replay_endpoint)

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "routing, disaggregation, engines",
         {"router", "disagg", "engines", "detokenizer", "prompt_encoder", "tools", "models"},
     ),
-    ("streaming RPC", {"rpc", "kv_events", "kv_publisher"}),
+    ("streaming RPC", {"rpc", "kv_events", "kv_state", "kv_publisher"}),
     ("transport", {"transport", "security"}),
     ("messages", {"protocol", "token_ids", "errors", "__init__"}),
 ]

@@ -133,3 +133,28 @@ async def test_garbage_frames_are_counted_and_skipped():
     finally:
         sub.close()
         pub.close(linger=0)
+
+
+async def test_a_subscriber_older_than_the_buffer_starts_from_a_snapshot_of_the_whole_cache(publisher):
+    # 30 batches through an 8-batch buffer: blocks 1..20 in one chain, then 5..8 removed and 21 stored on 4
+    for i in range(20):
+        await publisher.publish([stored(i + 1, i or None, i * BS)])
+    for h in (5, 6, 7, 8):
+        await publisher.publish([KvBlockRemoved(block_hashes=[h])])
+    await publisher.publish([stored(21, 4, 10_000)])
+    for _ in range(5):  # steps that touched nothing
+        await publisher.publish([])
+    assert publisher._buffer[0][0] > 0  # the first batches are gone from the buffer
+    router = KvRouter(BS)
+    sub = KvSubscriber("w", publisher.endpoint, publisher.replay_endpoint, router)
+    sub.start()
+    try:
+        await eventually(lambda: sub.stats["snapshots"] == 1)
+        assert overlap(router, chain(20)) == 4  # blocks 1-4 still cached, 5 gone (so nothing past it counts)
+        assert overlap(router, chain(4) + list(range(10_000, 10_000 + BS))) == 5
+        assert sub.stats["replay_incomplete"] == 0 and publisher.snapshots_sent == 1
+        await asyncio.sleep(0.2)  # SUB connected: live batches follow the snapshot
+        await publisher.publish([stored(22, 21, 20_000)])
+        await eventually(lambda: overlap(router, chain(4) + list(range(10_000, 10_000 + BS)) + chain(1, 20_000)) == 6)
+    finally:
+        sub.close()

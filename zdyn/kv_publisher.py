@@ -22,10 +22,12 @@ from zdyn.kv_events import (
     END_SEQ,
     KvEvent,
     KvEventError,
+    decode_payload,
     encode_frames,
     encode_payload,
     split_replay_reply,
 )
+from zdyn.kv_state import KvBlockState
 from zdyn.transport import DEFAULT_HWM, MalformedCounter, TransportError, make_socket
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,9 @@ class KvEventPublisher:
     """Publishes KV event batches like vLLM's ZmqEventPublisher, from asyncio code.
 
     ``seq`` starts at 0 in every process and counts batches. With ``replay_endpoint`` a ROUTER socket
-    answers ``[id, "", start_seq]`` with every buffered batch whose seq >= start_seq, then an end marker.
+    answers ``[id, "", start_seq]`` with every buffered batch whose seq >= start_seq, then an end marker. When
+    start_seq is older than the buffer, the answer begins with a snapshot of the blocks cached now (``kv_state``),
+    numbered just before the oldest buffered batch, so a reader of any age ends with the whole picture.
     """
 
     def __init__(
@@ -61,6 +65,8 @@ class KvEventPublisher:
         self._topic = topic.encode()
         self._dp_rank = data_parallel_rank
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
+        self.state = KvBlockState()
+        self.snapshots_sent = 0
         self._next_seq = 0
         self._ctx = ctx or zmq.asyncio.Context.instance()
         # PUB drops silently past the HWM, so keep it large: a slow router then lags instead of losing events.
@@ -93,6 +99,8 @@ class KvEventPublisher:
 
     async def publish(self, events: Iterable[KvEvent], ts: float | None = None) -> int:
         """Send one batch; returns its seq."""
+        events = list(events)
+        self.state.apply(events)
         payload = encode_payload(events, ts, self._dp_rank)
         seq = self._next_seq
         self._next_seq += 1
@@ -102,6 +110,10 @@ class KvEventPublisher:
 
     async def forward(self, seq: int, payload: bytes) -> None:
         """Publish a batch another publisher numbered (a relay keeps the engine's sequence)."""
+        try:
+            self.state.apply(decode_payload(payload, seq).events)
+        except KvEventError:
+            log.warning("KV-event batch %d does not decode: forwarded, but not in the replay snapshot", seq)
         self._next_seq = seq + 1
         self._buffer.append((seq, payload))
         await self._pub.send_multipart(encode_frames(self._topic, seq, payload))
@@ -135,6 +147,13 @@ class KvEventPublisher:
             if len(frames) != 3 or frames[1] != b"" or len(frames[2]) != 8:
                 continue  # not a replay request; vLLM ignores these too
             client_id, start = frames[0], int.from_bytes(frames[2], "big")
+            oldest = self._buffer[0][0] if self._buffer else self._next_seq
+            if start < oldest and self._next_seq > 0:  # some of what the reader asks for is gone: the state
+                snapshot = encode_payload(self.state.snapshot(), None, self._dp_rank)
+                self.snapshots_sent += 1
+                await self._replay.send_multipart(
+                    [client_id, b"", self._topic, (oldest - 1).to_bytes(8, "big"), snapshot]
+                )
             for seq, payload in list(self._buffer):
                 if seq >= start:
                     await self._replay.send_multipart([client_id, b"", self._topic, seq.to_bytes(8, "big"), payload])

@@ -4,7 +4,8 @@ A SUB socket receives the live batches. On start, and whenever a sequence number
 subscriber asks the worker's replay endpoint for what it missed (a DEALER speaking vLLM's replay
 protocol). A publisher that restarted (its sequence back at 0), or a replay that cannot cover the gap,
 means the router's picture of that worker may be stale: its entries are dropped and rebuilt from the
-events that follow. Malformed frames are counted and skipped.
+events that follow. zdyn's publishers begin such a replay with a snapshot of everything cached (``kv_state``),
+so the rebuilt picture is whole. Malformed frames are counted and skipped.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections import Counter
 import zmq
 import zmq.asyncio
 
-from zdyn.kv_events import KvEventBatch, KvEventError, decode_frames, decode_payload
+from zdyn.kv_events import KvAllCleared, KvBlockStored, KvEventBatch, KvEventError, decode_frames, decode_payload
 from zdyn.kv_publisher import fetch_replay
 from zdyn.router.core import KvRouter
 from zdyn.router.sequence import SeqAction, SeqTracker
@@ -24,6 +25,11 @@ from zdyn.transport import MalformedCounter, make_socket
 
 log = logging.getLogger(__name__)
 REPLAY_TIMEOUT_S = 2.0
+
+
+def is_snapshot(batch: KvEventBatch) -> bool:
+    """A publisher's snapshot (``zdyn.kv_state``) starts by clearing everything, which no engine step does first."""
+    return bool(batch.events) and isinstance(batch.events[0], KvAllCleared)
 
 
 class KvSubscriber:
@@ -100,7 +106,13 @@ class KvSubscriber:
         if until is not None:
             batches = [b for b in batches if b.seq < until]
         first = batches[0].seq if batches else until
-        if first is not None and first > start:
+        if first is not None and first > start and batches and is_snapshot(batches[0]):
+            self.stats["snapshots"] += 1  # the worker's whole cache as of now, then what followed: nothing lost
+            log.info("KV events of %s: started from a snapshot of its %d cached blocks", self.worker,
+                     sum(len(e.block_hashes) for e in batches[0].events if isinstance(e, KvBlockStored)))  # fmt: skip
+            self.router.clear_worker(self.worker)
+            self.tracker.reset(first)
+        elif first is not None and first > start:
             self.stats["replay_incomplete"] += 1
             level = logging.WARNING if start > 0 else logging.INFO
             log.log(level, "KV events of %s: batches %d..%d cannot be replayed; its index entries are rebuilt from "
