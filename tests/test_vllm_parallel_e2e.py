@@ -31,6 +31,7 @@ BLOCK = 32  # VLLM_TEST_ARGS' --block-size
 PREFIX_BLOCKS = 6
 RANKS = ("w-dp0", "w-dp1")
 EXAMPLE = EXAMPLES / "multinode" / "dp2-cpu.yaml"
+IMPORTS_VLLM = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 class DataParallel:
@@ -154,7 +155,7 @@ def test_tensor_parallel_across_two_nodes(tiny_model, tmp_path):
         node1.stop(30)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # vLLM's parser
+@IMPORTS_VLLM
 @pytest.mark.parametrize(
     ("name", "headless", "ids", "engine_flags"),
     [
@@ -175,3 +176,22 @@ def test_gpu_example_configs_are_what_vllm_and_zdyn_read(name, headless, ids, en
         assert (config.worker_ids() if not headless else data_parallel_ranks(config)) == ids
     for flag, value in engine_flags.items():
         assert getattr(config.engine_flags, flag) == value
+
+
+@IMPORTS_VLLM
+def test_ipc_kv_event_endpoints_get_a_name_per_rank(monkeypatch):
+    """vLLM offsets a rank's publisher endpoint for tcp and inproc, and refuses ipc (a zdyn worker's private
+    endpoint): zdyn's plugin names rank r's ``<endpoint>-dp<r>`` and leaves the rest to vLLM."""
+    from vllm.distributed.kv_events import ZmqEventPublisher
+
+    from zdyn.engines.vllm.plugin import _kv_events_per_rank_on_ipc
+
+    with pytest.raises(ValueError, match="Invalid endpoint"):
+        ZmqEventPublisher.offset_endpoint_port("ipc:///tmp/kv/events-0", 1)
+    original = ZmqEventPublisher.__dict__["offset_endpoint_port"]
+    monkeypatch.setattr(ZmqEventPublisher, "offset_endpoint_port", original)  # put back after the test
+    _kv_events_per_rank_on_ipc()
+    offset = ZmqEventPublisher.offset_endpoint_port
+    assert offset("ipc:///tmp/kv/events-0", 1) == "ipc:///tmp/kv/events-0-dp1"
+    assert offset("ipc:///tmp/kv/events-0", 0) == "ipc:///tmp/kv/events-0"
+    assert offset("tcp://*:5557", 2) == "tcp://*:5559" and offset("tcp://*:0", 2) == "tcp://*:0"
