@@ -1,24 +1,100 @@
-"""The embedded default model, SmolLM2-135M-Instruct on vLLM, answers a factual question through zdyn."""
+"""The embedded default model, SmolLM2-135M-Instruct on vLLM, through zdyn and the openai SDK: factual answers,
+tool calls and structured outputs, on one deployment (each vLLM start costs the suite about a minute).
 
+"required" and named tool choices, and ``json_schema`` response formats, are enforced by vLLM's guided decoding:
+even this small model answers with calls that parse and fit the tools' parameter schemas.
+"""
+
+from __future__ import annotations
+
+import openai
 import pytest
-from e2e import deployment
+import tool_cases
+from e2e import scratch_env
+from tool_cases import ASK, TIME, WEATHER, check_call
+
+from zdyn.bench.deploy import ZdynSpec, start
 
 pytestmark = pytest.mark.slow
 
 
-def test_default_model_answers_factual_questions(tmp_path):
-    with deployment(tmp_path, None, worker_args=["--enforce-eager", "--max-model-len", "2048"]) as dep:
-        assert dep.model == "SmolLM2-135M-Instruct"
-        client = dep.client()
-        capital = client.chat.completions.create(
-            model=dep.model,
-            messages=[{"role": "user", "content": "What is the capital of France?"}],
-            max_tokens=40,
-            temperature=0,
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smollm2-tools")
+    spec = ZdynSpec(
+        "agg",
+        engine="vllm",
+        worker_args=("--enforce-eager", "--max-model-len", "2048"),
+        config={"Frontend": {"tool-call-parser": "smollm2"}},  # tool_choice "auto": SmolLM2's <tool_call> format
+        env=scratch_env(tmp),
+    )
+    with start(spec, tmp / "logs", timeout_s=300) as dep:
+        yield dep
+
+
+def test_default_model_answers_factual_questions(smollm2):
+    assert smollm2.model == "SmolLM2-135M-Instruct"
+    sync = openai.OpenAI(base_url=f"{smollm2.base_url}/v1", api_key="none", max_retries=0)
+    capital = sync.chat.completions.create(
+        model=smollm2.model,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=40,
+        temperature=0,
+    )
+    assert "Paris" in capital.choices[0].message.content
+    assert capital.choices[0].finish_reason == "stop"  # ends its turn by itself
+    sums = sync.chat.completions.create(
+        model=smollm2.model, messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=30
+    )  # the model's own sampling defaults (temperature 0.2, top_p 0.9)
+    assert "4" in sums.choices[0].message.content
+
+
+def client(dep):
+    return openai.AsyncOpenAI(base_url=f"{dep.base_url}/v1", api_key="none", max_retries=0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_required_tool_choice_returns_valid_calls(smollm2, stream):
+    async with client(smollm2) as c:
+        await tool_cases.required_calls(c, smollm2.model, stream)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_named_tool_choice_calls_that_function(smollm2, stream):
+    async with client(smollm2) as c:
+        await tool_cases.named_call(c, smollm2.model, stream)
+
+
+def test_auto_tool_choice_parses_smollm2s_format(smollm2):
+    answer = smollm2.client().chat.completions.create(
+        model=smollm2.model, messages=ASK, tools=[WEATHER, TIME], max_tokens=80, temperature=0
+    )
+    choice = answer.choices[0]
+    for call in choice.message.tool_calls or []:
+        check_call(call.function.name, call.function.arguments)
+    assert "<tool_call>" not in (choice.message.content or "")
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls"
+    else:
+        assert choice.finish_reason in ("stop", "length") and choice.message.content
+
+
+async def test_json_schema_output_parses_and_validates(smollm2):
+    async with client(smollm2) as c:
+        await tool_cases.json_schema_output(c, smollm2.model)
+
+
+async def test_vllm_extras_constrain_and_bad_ones_are_400s(smollm2):
+    async with client(smollm2) as c:
+        await tool_cases.guided_choice(c, smollm2.model)
+    sync = smollm2.client()
+    digits = sync.completions.create(
+        model=smollm2.model, prompt="The year is", max_tokens=4, extra_body={"guided_regex": "[0-9]{4}"}
+    )
+    assert digits.choices[0].text.isdigit() and len(digits.choices[0].text) == 4
+    with pytest.raises(openai.BadRequestError):  # vLLM's structured-output backend refuses this pattern
+        sync.completions.create(model=smollm2.model, prompt="x", max_tokens=4, extra_body={"guided_regex": "(?<=a)b"})
+    with pytest.raises(openai.BadRequestError):  # a JSON schema vLLM's backend cannot compile
+        sync.completions.create(
+            model=smollm2.model, prompt="x", max_tokens=4, extra_body={"guided_json": {"type": "no-such-type"}}
         )
-        assert "Paris" in capital.choices[0].message.content
-        assert capital.choices[0].finish_reason == "stop"  # ends its turn by itself
-        sums = client.chat.completions.create(
-            model=dep.model, messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=30
-        )  # the model's own sampling defaults (temperature 0.2, top_p 0.9)
-        assert "4" in sums.choices[0].message.content

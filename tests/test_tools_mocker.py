@@ -1,7 +1,7 @@
 """Tool calls and structured outputs through the HTTP API with the openai SDK, on the mocker: the frontend app with
 its processor and a mocker worker in this process (the quick loop), and as processes with a processor of its own
 (slow). The mocker answers a constrained request with a valid output (``engines/mocker/structured``), so the same
-checks hold as on SmolLM2 (``test_tools_smollm2_e2e``)."""
+checks hold as on SmolLM2 (``test_smollm2_e2e``)."""
 
 from __future__ import annotations
 
