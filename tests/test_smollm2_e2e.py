@@ -1,11 +1,17 @@
 """The embedded default model, SmolLM2-135M-Instruct on vLLM, through zdyn and the openai SDK: factual answers,
-tool calls and structured outputs, on one deployment (each vLLM start costs the suite about a minute).
+tool calls and structured outputs, and, last, a worker killed mid-stream: the stream completes greedy-identical
+to an undisturbed run (the request migrates with its tokens so far). One deployment of two workers (each vLLM
+start costs the suite about a minute).
 
 "required" and named tool choices, and ``json_schema`` response formats, are enforced by vLLM's guided decoding:
 even this small model answers with calls that parse and fit the tools' parameter schemas.
 """
 
 from __future__ import annotations
+
+import os
+import signal
+from typing import Any
 
 import openai
 import pytest
@@ -14,6 +20,7 @@ from e2e import scratch_env
 from tool_cases import ASK, TIME, WEATHER, check_call
 
 from zdyn.bench.deploy import ZdynSpec, start
+from zdyn.bench.procs import get_json, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +30,9 @@ def smollm2(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smollm2-tools")
     spec = ZdynSpec(
         "agg",
+        workers=2,
         engine="vllm",
-        worker_args=("--enforce-eager", "--max-model-len", "2048"),
+        worker_args=("--enforce-eager", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(256 * 2**20)),
         config={"Frontend": {"tool-call-parser": "smollm2"}},  # tool_choice "auto": SmolLM2's <tool_call> format
         env=scratch_env(tmp),
     )
@@ -98,3 +106,50 @@ async def test_vllm_extras_constrain_and_bad_ones_are_400s(smollm2):
         sync.completions.create(
             model=smollm2.model, prompt="x", max_tokens=4, extra_body={"guided_json": {"type": "no-such-type"}}
         )
+
+
+# A worker killed mid-stream (keep this last: the deployment has one worker fewer afterwards)
+PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
+MAX_TOKENS = 96
+
+
+def stream_story(dep: Any, on_chunk: Any = None) -> tuple[str, int]:
+    chunks = dep.client().chat.completions.create(
+        model=dep.model,
+        messages=PROMPT,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    text, usage, n = "", 0, 0
+    for chunk in chunks:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            n += 1
+            if on_chunk is not None:
+                on_chunk(n)
+        if chunk.usage is not None:
+            usage = chunk.usage.completion_tokens
+    return text, usage
+
+
+def test_a_killed_worker_s_stream_completes_greedy_identical(smollm2: Any) -> None:  # last: it kills a worker
+    dep = smollm2
+    undisturbed, tokens = stream_story(dep)
+    assert tokens == MAX_TOKENS
+    killed: list[str] = []
+
+    def kill_the_busy_worker(n: int) -> None:
+        if n == 24 and not killed:
+            workers = get_json(f"{dep.base_url}/health")[1]["workers"]
+            [busy] = [w["id"] for w in workers if w["in_flight"]]
+            os.killpg(dep.roles()[busy], signal.SIGKILL)
+            killed.append(busy)
+
+    disturbed, tokens = stream_story(dep, kill_the_busy_worker)
+    assert killed and tokens == MAX_TOKENS
+    assert disturbed == undisturbed
+    metrics = scrape(dep.metrics["frontend"])
+    assert metrics.get('zdyn_reissued_requests_total{cause="peer_lost",kind="migration",role="frontend"}') == 1
