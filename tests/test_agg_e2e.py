@@ -9,7 +9,7 @@ import time
 import httpx
 import openai
 import pytest
-from e2e import VLLM_TEST_ARGS, deployment, scratch_env
+from e2e import VLLM_TEST_ARGS, scratch_env
 from helpers import wait_until
 from transformers import AutoTokenizer
 
@@ -24,9 +24,13 @@ LONG_PROMPT = "def fibonacci(n):\n    " + " ".join(f"value_{i} = {i} * n" for i 
 @pytest.fixture(scope="module")
 def agg(tiny_model, tmp_path_factory):
     # The model's whole context (2048), so that a long answer outlasts a hang-up (test_client_disconnect...)
+    # --worker-wait 300: the last test kills the only worker and a request waits for its replacement's start-up
     args = list(VLLM_TEST_ARGS)
     args[args.index("--max-model-len") + 1] = "2048"
-    with deployment(tmp_path_factory.mktemp("agg"), tiny_model, worker_args=args) as dep:
+    tmp = tmp_path_factory.mktemp("agg")
+    spec = ZdynSpec("agg", workers=1, engine="vllm", model=str(tiny_model), worker_args=tuple(args),
+                    env=scratch_env(tmp), config={"Frontend": {"worker-wait": 300}})  # fmt: skip
+    with start(spec, tmp / "logs", timeout_s=240) as dep:
         yield dep
 
 
@@ -218,36 +222,32 @@ def test_metrics_count_requests_and_latencies(agg):
     assert 'status="error_400"' in text
 
 
-def test_a_worker_death_mid_stream_waits_for_a_new_worker_and_the_stream_completes(tiny_model, tmp_path):
+def test_a_worker_death_mid_stream_waits_for_a_new_worker_and_the_stream_completes(agg):
     """kill -9 of the only worker while it streams: its vLLM EngineCore goes too, /health says 503, and the
     request is not lost: it waits (--worker-wait) for the worker started at run time and migrates to it with
-    its tokens so far, so the client gets every token and one usage."""
-    spec = ZdynSpec(
-        "agg", workers=1, engine="vllm", model=str(tiny_model), worker_args=tuple(VLLM_TEST_ARGS),
-        env=scratch_env(tmp_path), config={"Frontend": {"worker-wait": 300}},
-    )  # fmt: skip
-    with start(spec, tmp_path / "logs", timeout_s=240) as dep:
-        body = {"model": dep.model, "prompt": "x", "max_tokens": 200, "stream": True, "ignore_eos": True,
-                "stream_options": {"include_usage": True}}  # fmt: skip
-        killed, usage, errors = False, None, []
-        with httpx.stream("POST", f"{dep.base_url}/v1/completions", json=body, timeout=300) as r:
-            for line in r.iter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                errors += [chunk["error"]] if "error" in chunk else []
-                usage = chunk.get("usage") or usage
-                if not killed:  # streaming has begun: kill the worker process, not its EngineCore
-                    killed = True
-                    os.kill(dep.group.procs["worker0"].pid, signal.SIGKILL)
-                    dep.group.procs["worker0"].wait(5)  # reap it: a zombie would still count in its group
-                    assert_group_exits(dep.group.procs["worker0"].pid)  # its EngineCore did not outlive it
-                    wait_until(lambda: get_json(f"{dep.base_url}/health")[0] == 503, 10, "health still 200")
-                    dep.add_worker()  # joins at run time, nothing restarted
-        assert killed and not errors
-        assert usage is not None and usage["completion_tokens"] == 200
-        reissued = scrape(dep.metrics["frontend"])
-        assert reissued.get('zdyn_reissued_requests_total{cause="peer_lost",kind="migration",role="frontend"}') == 1
+    its tokens so far, so the client gets every token and one usage. (Last in this module: it replaces the worker.)"""
+    dep = agg
+    body = {"model": dep.model, "prompt": "x", "max_tokens": 200, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    killed, usage, errors = False, None, []
+    with httpx.stream("POST", f"{dep.base_url}/v1/completions", json=body, timeout=300) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            errors += [chunk["error"]] if "error" in chunk else []
+            usage = chunk.get("usage") or usage
+            if not killed:  # streaming has begun: kill the worker process, not its EngineCore
+                killed = True
+                os.kill(dep.group.procs["worker0"].pid, signal.SIGKILL)
+                dep.group.procs["worker0"].wait(5)  # reap it: a zombie would still count in its group
+                assert_group_exits(dep.group.procs["worker0"].pid)  # its EngineCore did not outlive it
+                wait_until(lambda: get_json(f"{dep.base_url}/health")[0] == 503, 10, "health still 200")
+                dep.add_worker()  # joins at run time, nothing restarted
+    assert killed and not errors
+    assert usage is not None and usage["completion_tokens"] == 200
+    reissued = scrape(dep.metrics["frontend"])
+    assert reissued.get('zdyn_reissued_requests_total{cause="peer_lost",kind="migration",role="frontend"}') == 1
 
 
 def assert_group_exits(pgid: int, timeout_s: float = 20.0) -> None:
