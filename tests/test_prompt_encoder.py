@@ -26,7 +26,7 @@ def spec(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def encoder(tiny_model) -> PromptEncoder:
-    return PromptEncoder.from_folder(tiny_model, rust(tiny_model))
+    return PromptEncoder(rust(tiny_model))
 
 
 def corpus(tokenizer: Tokenizer) -> list[str]:
@@ -66,7 +66,7 @@ def test_any_text_gives_the_rust_tokenizers_ids(encoder, tiny_model, budget):
 def test_smollm2s_tokenizer_takes_the_fast_path_with_the_same_ids():
     path = ensure_smollm2()
     reference = rust(path)
-    encoder = PromptEncoder.from_folder(path, reference)
+    encoder = PromptEncoder(reference)
     assert encoder.fast is not None
     for text in corpus(reference):
         assert encoder.fast_ids(text) == reference.encode(text, add_special_tokens=False).ids
@@ -108,11 +108,11 @@ def test_other_tokenizer_shapes_use_the_rust_tokenizer(tiny_model, change):
 
 
 def test_no_tiktoken_means_the_rust_tokenizer(tiny_model):
-    assert PromptEncoder.from_folder(tiny_model, rust(tiny_model), fast=False).fast is None
+    assert PromptEncoder(rust(tiny_model), fast=False).fast is None
 
 
 def test_the_first_prompts_and_then_one_in_n_are_verified(tiny_model):
-    encoder = PromptEncoder.from_folder(tiny_model, rust(tiny_model))
+    encoder = PromptEncoder(rust(tiny_model))
     for _ in range(VERIFY_FIRST + 2 * VERIFY_EVERY):
         encoder.encode("a short prompt", False)
     assert encoder.num_fast == VERIFY_FIRST + 2 * VERIFY_EVERY
@@ -134,7 +134,7 @@ class OffByOne:
 
 def test_a_difference_gives_the_rust_ids_and_turns_the_fast_path_off(tiny_model):
     reference = rust(tiny_model)
-    encoder = PromptEncoder.from_folder(tiny_model, reference)
+    encoder = PromptEncoder(reference)
     encoder.fast = OffByOne(encoder.fast)
     assert encoder.encode("hello world", False) == reference.encode("hello world", add_special_tokens=False).ids
     assert encoder.mismatches == 1 and encoder.fast is None

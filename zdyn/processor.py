@@ -73,7 +73,7 @@ class Processor:
         self.selector = selector
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.backend = self.tokenizer.backend_tokenizer  # the fast Rust tokenizer, for decoding
-        self.encoder = PromptEncoder.from_folder(tokenizer_path, self.backend, fast=fast_tokenizer)
+        self.encoder = PromptEncoder(self.backend, fast=fast_tokenizer)
         self.max_model_len = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
         self.sampling_defaults = generation_defaults(tokenizer_path)
         self._token_text: dict[int, str] = {}

@@ -19,12 +19,12 @@ gets Hugging Face's ids, so a difference can cost CPU, never a wrong token.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily
@@ -46,6 +46,7 @@ SELF_TEST = [
 ]
 
 
+@functools.cache
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's map from the printable characters a byte-level vocabulary is written in back to bytes."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -157,7 +158,7 @@ class PromptEncoder:
 
     def __init__(self, backend: Tokenizer, spec: dict[str, Any] | None = None, *, fast: bool = True) -> None:
         self.backend = backend
-        spec = spec or json.loads(backend.to_str())
+        spec = spec or json.loads(backend.to_str())  # the tokenizer as loaded, which tiktoken must equal
         self.fast = tiktoken_encoding(spec) if fast else None
         self._unencodable = unencodable(missing_bytes(spec)) if self.fast is not None else None
         self.num_fast = 0  # prompts encoded by tiktoken
@@ -172,23 +173,15 @@ class PromptEncoder:
         if self.fast is not None:
             log.info("prompts tokenize with tiktoken's byte-level BPE (checked against the Rust tokenizer)")
 
-    @classmethod
-    def from_folder(cls, path: str | Path, backend: Tokenizer, *, fast: bool = True) -> PromptEncoder:
-        file = Path(path) / "tokenizer.json"
-        spec = json.loads(file.read_text()) if file.is_file() else None
-        return cls(backend, spec, fast=fast)
-
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        if self.fast is None:
+        ids = self.fast_ids(text)
+        if ids is None:
             with self._lock:
                 self.num_rust += 1
             return self._slow(text, add_special_tokens)
         with self._lock:
             self.num_fast += 1
             verify = self.num_fast <= VERIFY_FIRST or self.num_fast % VERIFY_EVERY == 0
-        ids = self.fast_ids(text)
-        if ids is None:
-            return self._slow(text, add_special_tokens)
         if add_special_tokens:
             ids = self._prefix + ids + self._suffix
         if verify:
@@ -228,8 +221,8 @@ class PromptEncoder:
         self._prefix, self._suffix = marked[:at], marked[at + len(plain) :]
         added = [t.content for t in self.backend.get_added_tokens_decoder().values()]
         for text in [*SELF_TEST, "".join(SELF_TEST), "".join(f"{t}x {t} \n" for t in added)]:
+            fast = self.fast_ids(text)
             for special in (False, True):
-                fast = self.fast_ids(text)
                 if fast is None or self._prefix * special + fast + self._suffix * special != self._slow(text, special):
                     log.info("prompts tokenize with the Rust tokenizer (tiktoken's BPE differs on %r)", text[:40])
                     return False

@@ -106,17 +106,16 @@ class KvSubscriber:
         if until is not None:
             batches = [b for b in batches if b.seq < until]
         first = batches[0].seq if batches else until
-        if first is not None and first > start and batches and is_snapshot(batches[0]):
-            self.stats["snapshots"] += 1  # the worker's whole cache as of now, then what followed: nothing lost
-            log.info("KV events of %s: started from a snapshot of its %d cached blocks", self.worker,
-                     sum(len(e.block_hashes) for e in batches[0].events if isinstance(e, KvBlockStored)))  # fmt: skip
-            self.router.clear_worker(self.worker)
-            self.tracker.reset(first)
-        elif first is not None and first > start:
-            self.stats["replay_incomplete"] += 1
-            level = logging.WARNING if start > 0 else logging.INFO
-            log.log(level, "KV events of %s: batches %d..%d cannot be replayed; its index entries are rebuilt from "
-                    "seq %d on", self.worker, start, first - 1, first)  # fmt: skip
+        if first is not None and first > start:
+            if batches and is_snapshot(batches[0]):  # the worker's whole cache as of now, then what followed
+                self.stats["snapshots"] += 1
+                blocks = sum(len(e.block_hashes) for e in batches[0].events if isinstance(e, KvBlockStored))
+                log.info("KV events of %s: started from a snapshot of its %d cached blocks", self.worker, blocks)
+            else:
+                self.stats["replay_incomplete"] += 1
+                level = logging.WARNING if start > 0 else logging.INFO
+                log.log(level, "KV events of %s: batches %d..%d cannot be replayed; its index entries are rebuilt "
+                        "from seq %d on", self.worker, start, first - 1, first)  # fmt: skip
             self.router.clear_worker(self.worker)
             self.tracker.reset(first)
         for batch in batches:
