@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 from _pytest.mark import ParameterSet
@@ -16,9 +17,12 @@ from zdyn.transport import Liveness
 FAST = Liveness(interval_s=0.1, misses=3)  # peers are declared dead within ~0.3 s
 
 
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll ``check`` until it holds; TimeoutError(``what``) after ``timeout_s``."""
-    procs.wait_until(check, what, timeout_s, interval_s=0.05)
+T = TypeVar("T")
+
+
+def wait_until(check: Callable[[], T], timeout_s: float, what: str) -> T:
+    """Poll ``check`` until it returns something truthy (returned); TimeoutError(``what``) after ``timeout_s``."""
+    return procs.wait_until(check, what, timeout_s, interval_s=0.05)
 
 
 async def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:

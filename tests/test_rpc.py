@@ -10,7 +10,7 @@ import time
 import pytest
 import zmq
 import zmq.asyncio
-from helpers import FAST
+from helpers import FAST, eventually
 
 from zdyn.errors import RequestError
 from zdyn.protocol import (
@@ -73,6 +73,7 @@ async def test_stream_round_trip(endpoint, ctx):
     )  # concurrent streams stay separate
     assert all(r == [0, 1, 2, 3] for r in results)
     assert peer.num_inflight == 0
+    assert spoke.outcomes == {"finished": 101} and not spoke.cancels
     await stop_pair(hub, spoke, task)
 
 
@@ -116,6 +117,18 @@ async def test_cancel_reaches_the_handler(endpoint, ctx):
     await stream.aclose()  # the client went away
     await asyncio.wait_for(cancelled.wait(), 2)
     assert spoke.num_requests == 0
+    assert spoke.cancels == {"in_flight": 1} and spoke.outcomes == {"cancelled": 1}
+    await stop_pair(hub, spoke, task)
+
+
+async def test_a_cancel_after_the_end_is_counted_and_changes_nothing(endpoint, ctx):
+    hub, spoke, task = await start_pair(endpoint, counting, ctx)
+    peer = hub.live_peers()[0]
+    assert await _collect(hub, peer, "r") == [0, 1, 2, 3]
+    await send(hub._sock, Cancel(request_id="r"), peer.identity)  # crossed the finished stream on the wire
+    await send(hub._sock, Cancel(request_id="never-sent"), peer.identity)
+    await eventually(lambda: spoke.cancels["after_end"] == 2)
+    assert spoke.cancels == {"after_end": 2} and spoke.outcomes == {"finished": 1}
     await stop_pair(hub, spoke, task)
 
 

@@ -190,6 +190,10 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     group.add_argument("--no-kv-events", action="store_true", help="publish no KV-cache events")
     group.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus metrics here (requests, cancels, load, "
+        "the engine's own counts, prefill decisions); 0: none"
+    )  # fmt: skip
+    group.add_argument(
         "--advertise-host",
         help="host name or address other hosts reach this worker at (default: for each hub, this host's address "
         "on the route to that hub)",
@@ -226,7 +230,6 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         help="prefill worker (vLLM): seconds a finished prefill's KV waits for its decode worker to read it "
         "(NixlConnector's kv_lease_duration); a decode worker uses a result only within half of this",
     )
-    disagg.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics (decisions) here")
     disagg.add_argument(
         "--disagg-settings",
         help="YAML file with max-local-prefill-length / max-prefill-queue-size, re-read when it changes",
@@ -344,9 +347,10 @@ async def serve(config: WorkerConfig) -> int:
     if config.metrics_port:
         from zdyn.disagg.decode import DisaggEngine
         from zdyn.disagg.metrics import DisaggCollector
+        from zdyn.roles.worker_metrics import WorkerCollector
 
         disagg = [(w.worker_id, w.engine) for w in workers if isinstance(w.engine, DisaggEngine)]
-        serve_metrics(config.metrics_port, DisaggCollector(disagg))
+        serve_metrics(config.metrics_port, WorkerCollector(workers), DisaggCollector(disagg))
 
     def stop() -> None:
         for worker in workers:

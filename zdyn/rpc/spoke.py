@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,8 +104,6 @@ class Spoke:
             ready = msgspec.structs.replace(
                 ready, instance=ready.instance or secrets.token_hex(8), host=ready.host or host_towards(hubs[0])
             )
-        if not ready.instance:
-            ready = msgspec.structs.replace(ready, instance=secrets.token_hex(8))
         self.ready = ready
         self.handler = handler
         self.load = load or Heartbeat
@@ -118,6 +117,8 @@ class Spoke:
         self.links = [_Link(endpoint) for endpoint in hubs]
         self._running = False
         self.malformed = MalformedCounter(f"{ready.role} {ready.peer_id}")
+        self.outcomes: Counter[str] = Counter()  # requests served by how they ended: finished, failed, cancelled
+        self.cancels: Counter[str] = Counter()  # Cancels heard: in_flight (the request stopped) or after_end
         self._stopped = asyncio.Event()
         self._refusal: str | None = None
         self._beater: asyncio.Task[None] | None = None
@@ -277,6 +278,7 @@ class Spoke:
 
         def cancel(identity: bytes, msg: Cancel) -> None:
             task = link.requests.pop(msg.request_id, None)
+            self.cancels["in_flight" if task is not None else "after_end"] += 1
             if task is not None:
                 log.info("request %s cancelled by %s", msg.request_id, link.endpoint)
                 task.cancel()
@@ -310,18 +312,22 @@ class Spoke:
         return read_messages(link.sock, handlers, self.malformed, on_message=heard)
 
     async def _serve(self, link: _Link, request: Request) -> None:
-        rid = request.request_id
+        rid, outcome = request.request_id, "cancelled"  # by the hub, or because the hub was lost
         try:
             async for delta in self.handler(request):
                 self._emit(link, delta)
+            outcome = "finished"
         except asyncio.CancelledError:
             raise
         except RequestError as e:
+            outcome = "failed"
             self._reply_error(link, e.to_wire(rid))
         except Exception as e:
+            outcome = "failed"
             log.exception("request %s failed", rid)
             self._reply_error(link, RequestError(f"{type(e).__name__}: {e}", 500, "internal_error").to_wire(rid))
         finally:
+            self.outcomes[outcome] += 1
             if link.requests.get(rid) is asyncio.current_task():
                 del link.requests[rid]
             if not self.num_requests:

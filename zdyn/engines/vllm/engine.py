@@ -45,6 +45,7 @@ class VllmEngine:
         self.kv_event_sources: dict[int, tuple[str, str]] = {}  # rank -> where its KV-event publisher is
         self._released = 0
         self.prompt_tokens: Counter[str] = Counter()  # prompt tokens by where their KV came from
+        self.generation_tokens = 0  # tokens vLLM generated (its iteration stats)
         self._llm: Any = None
 
     async def start(self) -> None:
@@ -59,6 +60,7 @@ class VllmEngine:
                 self.rank = engine_index
 
             def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
+                engine.generation_tokens += getattr(iteration_stats, "num_generation_tokens", 0)
                 prompt = getattr(iteration_stats, "prompt_token_stats", None)
                 if prompt is not None and prompt.total:
                     for source in PROMPT_TOKEN_SOURCES:
@@ -115,6 +117,10 @@ class VllmEngine:
         if self._inflight[rank] == 0:  # vLLM reports stats per step, so the last ones go stale when it idles
             return Heartbeat(kv_usage=latest.kv_usage)
         return latest
+
+    def num_unfinished(self) -> int:
+        """Requests vLLM itself still holds (an aborted one leaves at once)."""
+        return int(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0
 
     async def generate(self, request: Generate, rank: int | None = None) -> AsyncIterator[Delta]:
         """Stream ``request``'s deltas; ``rank``: run it on that data-parallel rank (None: vLLM chooses)."""
