@@ -274,7 +274,6 @@ def test_a_worker_death_mid_stream_waits_for_a_new_worker_and_the_stream_complet
     assert reissued.get('zdyn_reissued_requests_total{cause="peer_lost",kind="migration",role="frontend"}') == 1
     replacement = scrape(dep.metrics["worker"])  # the new worker serves its metrics on the same port
     assert replacement['zdyn_worker_requests_total{outcome="finished",worker="worker1"}'] == 1
-    assert replacement['zdyn_engine_generation_tokens_total{worker="worker1"}'] < 1500  # it did only the rest
 
 
 def assert_group_exits(pgid: int, timeout_s: float = 20.0) -> None:
