@@ -186,12 +186,10 @@ def plan(spec: ZdynSpec, ports: Ports, config: Path, bind_host: str = LOOPBACK) 
 
 
 def vllm_scratch_env(folder: Path) -> dict[str, str]:
-    """Keep vLLM's caches and IPC files of a run in ``folder`` (for zdyn's vLLM workers and vLLM's own server)."""
-    env = {
-        "VLLM_CACHE_ROOT": str(folder / "vllm-cache"),
-        "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"),
-        "VLLM_RPC_BASE_PATH": str(folder / "rpc"),
-    }
+    """Keep vLLM's caches and IPC files of a run in ``folder`` (for zdyn's vLLM workers and vLLM's own server).
+    torch's compiled kernels stay in torch's own cache, shared by all runs: a zdyn worker compiles vLLM's logprobs
+    kernel at warm-up, ~10 s the first time and ~2 s from the cache."""
+    env = {"VLLM_CACHE_ROOT": str(folder / "vllm-cache"), "VLLM_RPC_BASE_PATH": str(folder / "rpc")}
     for path in env.values():
         Path(path).mkdir(parents=True, exist_ok=True)
     return env

@@ -100,10 +100,13 @@ class VllmEngine:
 
     async def _warm_up(self, rank: int | None) -> None:
         """One tiny request before serving: vLLM initialises parts of its client lazily, blocking the event
-        loop (and so the worker's heartbeats) for a second or more on the first real request."""
+        loop (and so the worker's heartbeats) for a second or more on the first real request. It asks for
+        logprobs: vLLM compiles its logprobs kernel (torch.compile) on first use, which stalls the whole batch
+        (~10 s on CPU the first time, ~2 s from torch's on-disk cache): better before serving than inside it."""
         started = time.perf_counter()
         warm_up = Generate(request_id=f"zdyn-warm-up-{os.getpid()}-{rank}", token_ids=TokenIds([0, 1, 2]))
         warm_up.sampling.max_tokens = 2
+        warm_up.sampling.logprobs = 1
         async for _ in self.generate(warm_up, rank):
             pass
         log.info(
