@@ -29,6 +29,14 @@ class DisaggCollector(Collector):
                     results.add_metric([worker, kind], n)
             yield decisions
             yield results
+            for name, text in (
+                ("max_local_prefill_length", "Prompts with more uncached tokens prefill remotely (live setting)"),
+                ("max_prefill_queue_size", "Remote prefill while fewer jobs than this wait (live setting)"),
+            ):
+                setting = GaugeMetricFamily(f"zdyn_disagg_{name}", text, labels=["worker"])
+                for worker, engine in self.engines:
+                    setting.add_metric([worker], getattr(engine.policy, name))
+                yield setting
             prompt = CounterMetricFamily(
                 "zdyn_engine_prompt_tokens",
                 "Prompt tokens by where their KV came from (vLLM: computed, local_cache_hit, external_kv_transfer)",
