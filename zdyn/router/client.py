@@ -112,6 +112,7 @@ class RemoteSelector:
     def __init__(self, client: RouterClient) -> None:
         self.client = client
         self.fallback = RoundRobin()
+        self.fallbacks = 0  # requests routed round-robin: the router did not answer, or the client is backing off
 
     async def select(self, request_id: str, token_ids: Sequence[int], peers: list[Peer]) -> Route:
         query = RouteQuery(request_id=request_id, token_ids=as_token_ids(token_ids), candidates=[p.id for p in peers])
@@ -122,6 +123,7 @@ class RemoteSelector:
                 return Route(peer, reply.overlap_blocks, reply.reason)
         route = await self.fallback.select(request_id, token_ids, peers)
         route.reason = "round-robin: router unavailable"
+        self.fallbacks += 1
         return route
 
     def update(self, request_id: str, event: RouteEvent) -> None:

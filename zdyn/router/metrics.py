@@ -67,6 +67,11 @@ class RouterCollector(Collector):
             )
             failures.add_metric([], client.failures)
             yield failures
+            fallbacks = CounterMetricFamily(
+                "zdyn_router_client_fallbacks", "Requests routed round-robin: the router did not answer, or backing off"
+            )
+            fallbacks.add_metric([], self.selector.fallbacks)
+            yield fallbacks
 
 
 def register(registry: CollectorRegistry, selector: Any = None, service: Any = None) -> None:
