@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -12,6 +13,15 @@ import zmq.asyncio
 
 from zdyn.models import build_tiny_llama, cache_dir
 from zdyn.transport import free_tcp_ports
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Collection imported torch, vLLM and transformers: millions of objects the garbage collector would walk on
+    every full collection, a pause of seconds on 2 busy cores, in the middle of an end-to-end test's client.
+    They live for the whole run: exempt them."""
+    gc.collect()
+    gc.freeze()
+
 
 _inproc_names = itertools.count()
 

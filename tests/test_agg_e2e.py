@@ -186,7 +186,8 @@ def test_client_disconnect_aborts_in_vllm(agg):
     """Hanging up mid-stream cancels the request in the worker and vLLM lets it go at once.
 
     On 2 busy cores the whole answer may be written before the hang-up is noticed: then the worker finishes it
-    (and may hear a Cancel after its end). Such an attempt is void and made again.
+    (and may hear a Cancel after its end). Or a starved box misses libzmq heartbeats and the worker, losing its
+    hub, cancels the request itself. Such an attempt is void and made again.
     """
     body = {"model": agg.model, "prompt": "x", "max_tokens": 2000, "stream": True, "ignore_eos": True}
     worker = agg.metrics["worker"]
@@ -197,10 +198,9 @@ def test_client_disconnect_aborts_in_vllm(agg):
                 if line.startswith("data: {"):
                     break  # hang up after the first chunk
         after = wait_until(lambda b=before: ended(worker, b), 30, "the request did not end in the worker")
-        if grew(after, before, WORKER_CANCELLED):
+        if grew(after, before, CANCELLED_IN_FLIGHT):
             break
-    cancels = 'zdyn_worker_cancels_total{when="in_flight",worker="worker0"}'
-    assert grew(after, before, WORKER_CANCELLED) and grew(after, before, cancels)
+    assert grew(after, before, CANCELLED_IN_FLIGHT) and grew(after, before, WORKER_CANCELLED)
     # vLLM itself holds nothing and stopped generating: fewer than the 2,000 tokens asked for, half a second on
     unfinished, generated = (f'{name}{{worker="worker0"}}' for name in UNFINISHED_AND_GENERATED)
     wait_until(lambda: scrape(worker)[unfinished] == 0, 10, "vLLM still holds the request")
@@ -211,6 +211,7 @@ def test_client_disconnect_aborts_in_vllm(agg):
 
 
 WORKER_CANCELLED = 'zdyn_worker_requests_total{outcome="cancelled",worker="worker0"}'
+CANCELLED_IN_FLIGHT = 'zdyn_worker_cancels_total{when="in_flight",worker="worker0"}'
 UNFINISHED_AND_GENERATED = ("zdyn_engine_unfinished_requests", "zdyn_engine_generation_tokens_total")
 
 
@@ -250,8 +251,8 @@ def test_a_worker_death_mid_stream_waits_for_a_new_worker_and_the_stream_complet
     request is not lost: it waits (--worker-wait) for the worker started at run time and migrates to it with
     its tokens so far, so the client gets every token and one usage. (Last in this module: it replaces the worker.)"""
     dep = agg
-    # 1,500 tokens: ~3 s of generation here, so that the kill lands mid-stream on busy cores
-    body = {"model": dep.model, "prompt": "x", "max_tokens": 1500, "stream": True, "ignore_eos": True,
+    # 2,000 tokens: ~4 s of generation here, so that the kill lands mid-stream on busy cores
+    body = {"model": dep.model, "prompt": "x", "max_tokens": 2000, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     killed, usage, errors = False, None, []
     with httpx.stream("POST", f"{dep.base_url}/v1/completions", json=body, timeout=300) as r:
@@ -269,7 +270,7 @@ def test_a_worker_death_mid_stream_waits_for_a_new_worker_and_the_stream_complet
                 wait_until(lambda: get_json(f"{dep.base_url}/health")[0] == 503, 10, "health still 200")
                 dep.add_worker()  # joins at run time, nothing restarted
     assert killed and not errors
-    assert usage is not None and usage["completion_tokens"] == 1500
+    assert usage is not None and usage["completion_tokens"] == 2000
     reissued = scrape(dep.metrics["frontend"])
     assert reissued.get('zdyn_reissued_requests_total{cause="peer_lost",kind="migration",role="frontend"}') == 1
     replacement = scrape(dep.metrics["worker"])  # the new worker serves its metrics on the same port
