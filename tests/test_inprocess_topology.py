@@ -13,7 +13,7 @@ import httpx
 import msgspec
 import pytest
 from frontend_fake import call_asgi, count
-from helpers import eventually
+from helpers import eventually, sample
 
 from zdyn.disagg.decode import DisaggEngine
 from zdyn.disagg.queue_service import PrefillQueueService
@@ -25,6 +25,7 @@ from zdyn.roles import worker as worker_role
 from zdyn.roles.common import CommonConfig
 from zdyn.roles.frontend import FrontendConfig, build_backend
 from zdyn.roles.routing import RoutingConfig
+from zdyn.roles.worker_metrics import WorkerCollector
 from zdyn.router.client import RemoteSelector
 from zdyn.router.service import RouterService
 from zdyn.rpc import Hub
@@ -209,6 +210,12 @@ async def test_a_client_hanging_up_cancels_down_to_the_engines(topology: Topolog
     await eventually(t.idle, timeout_s=3)
     assert count(t.frontend, "zdyn_requests_total", endpoint="completions", status="cancelled") == 1
     assert t.decisions() == {"remote": 1}
+    # the worker's own metrics (zdyn worker --metrics-port): one Cancel heard mid-stream, one request cancelled
+    metrics = WorkerCollector(t.workers)
+    ids = [w.worker_id for w in t.workers]
+    assert sum(sample(metrics, "zdyn_worker_cancels_total", worker=w, when="in_flight") for w in ids) == 1
+    assert sum(sample(metrics, "zdyn_worker_requests_total", worker=w, outcome="cancelled") for w in ids) == 1
+    assert sum(sample(metrics, "zdyn_worker_requests_in_flight", worker=w) for w in ids) == 0
 
     # The deployment still serves afterwards.
     assert (await completion(t, "hello"))["usage"]["completion_tokens"] == 8

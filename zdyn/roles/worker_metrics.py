@@ -19,7 +19,7 @@ class WorkerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
             "zdyn_worker_requests",
-            "Requests served, by how they ended: finished, failed, cancelled (by the hub, or the hub was lost)",
+            "Requests served, by how they ended: finished, failed, cancelled (by the hub, the hub lost, or stopping)",
             labels=["worker", "outcome"],
         )
         cancels = CounterMetricFamily(
