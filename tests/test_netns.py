@@ -48,7 +48,8 @@ def fleet(tiny_model, tmp_path):
         group.start = functools.partial(group.start, env={"ZDYN_KEYS_DIR": str(keys)})  # type: ignore[method-assign]
         group.start("frontend", hosts.argv(0, ["zdyn", "frontend", *model, "--host", "0.0.0.0",
                                                 "--router-endpoint", f"tcp://{a}:5570", *FAST]))  # fmt: skip
-        group.start("router", hosts.argv(0, ["zdyn", "router", "--seed-hubs", f"tcp://{a}:5555", *FAST]))
+        group.start("router", hosts.argv(0, ["zdyn", "router", "--seed-hubs", f"tcp://{a}:5555", "--metrics-port",
+                                             "9102", *FAST]))  # fmt: skip
         group.start("queue", hosts.argv(0, ["zdyn", "prefill-queue", *FAST]))
         for i in range(2):
             argv = ["zdyn", "worker", *model, *MOCKER, *FAST, "--connect", f"tcp://{a}:5555", "--worker-id",
@@ -66,7 +67,8 @@ def fleet(tiny_model, tmp_path):
                                                                                                hosts.ip(2)]  # fmt: skip
 
         wait_until(ready, "2 decode workers and a prefill worker", 60, group)
-        wait_until(lambda: group.log("router").count("router: worker") >= 2, "workers at the router", 30, group)
+        router = f"http://{a}:9102/metrics"
+        wait_until(lambda: scrape(router).get("zdyn_router_workers", 0) >= 2, "workers at the router", 30, group)
         yield hosts, group, base_url, model
         assert group.stop() == []
     assert not hosts.exists()
