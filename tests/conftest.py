@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import itertools
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -12,15 +11,15 @@ import zmq
 import zmq.asyncio
 
 from zdyn.models import build_tiny_llama, cache_dir
+from zdyn.roles.common import freeze_startup_objects
 from zdyn.transport import free_tcp_ports
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Collection imported torch, vLLM and transformers: millions of objects the garbage collector would walk on
     every full collection, a pause of seconds on 2 busy cores, in the middle of an end-to-end test's client.
-    They live for the whole run: exempt them."""
-    gc.collect()
-    gc.freeze()
+    They live for the whole run: exempt them, as every role does once started."""
+    freeze_startup_objects()
 
 
 _inproc_names = itertools.count()

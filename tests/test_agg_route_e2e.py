@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import time
-import urllib.request
 
 import openai
 import pytest
@@ -22,11 +21,6 @@ pytestmark = pytest.mark.slow
 
 BLOCK = 32  # VLLM_TEST_ARGS' --block-size
 PREFIX_BLOCKS = 10
-
-
-def metric(url: str, name: str) -> float:
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
 class Route:
@@ -61,13 +55,12 @@ class Route:
         self.client = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="none", max_retries=0)
 
     def wait_router_workers(self, n: int) -> None:
-        wait_until(lambda: self.router_metric("zdyn_router_workers ") == n, 30, f"router never saw {n} workers")
+        wait_until(lambda: self.router_metric("zdyn_router_workers") == n, 30, f"router never saw {n} workers")
 
     def router_metric(self, name: str) -> float:
-        try:
-            return metric(self.metrics_url, name)
-        except OSError:
-            return -1.0
+        """The sum of the router's samples named ``name...`` (-1 while it does not answer)."""
+        samples = scrape(self.metrics_url)
+        return sum(v for k, v in samples.items() if k.startswith(name)) if samples else -1.0
 
     def complete(self, prompt: list[int]) -> openai.types.Completion:
         return self.client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=4, temperature=0)
